@@ -1,0 +1,43 @@
+# Thin wrappers: the README's two commands are `make lab` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+ARGS   ?=
+# On a machine without an NVIDIA GPU, pin torch to the CPU build (see requirements/constraints-cpu.txt);
+# GPU users get whatever torch their platform's index serves.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS := $(if $(HAS_GPU),,-c requirements/constraints-cpu.txt)
+STAMP := $(VENV)/.peftlab-installed
+
+.PHONY: install lab test bench browser-deps clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/bundled.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(CONSTRAINTS) -e ".[lab,test]"
+	$(PIP) install --quiet --no-deps -r requirements/bundled.txt
+	$(PY) -m peftlab.cli info --brief
+	touch $(STAMP)
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/00_start_here.ipynb $(ARGS)
+
+# Chromium for the browser tests, from Debian's packages (no browser download is possible here).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium not found and cannot install it here: browser tests will skip"; fi; }
+
+test: install browser-deps
+	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(ARGS)
+
+bench: install
+	$(VENV)/bin/peftlab bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

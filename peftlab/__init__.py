@@ -1,0 +1,63 @@
+"""peftlab: learn and prototype parameter-efficient fine-tuning.
+
+    model, tokenizer = peftlab.load_model("smollm2-135m")
+    model = peftlab.adapt(model, "lora", r=8)          # or backend="peft"
+    result = peftlab.train(model, peftlab.load_dataset("chatterbot-qa"), tokenizer=tokenizer)
+    peftlab.save_adapter(model, "my-adapter")
+
+The names below are the public API. Heavy optional dependencies (peft, bitsandbytes, plotly,
+ipywidgets) load only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; loaded on first use so `import peftlab` stays fast
+_EXPORTS = {
+    "adapt": "peftlab.api",
+    "merge": "peftlab.api",
+    "unmerge": "peftlab.api",
+    "set_disabled": "peftlab.api",
+    "delta_weights": "peftlab.api",
+    "list_methods": "peftlab.methods",
+    "METHODS": "peftlab.methods",
+    "load_model": "peftlab.models",
+    "list_models": "peftlab.models",
+    "load_dataset": "peftlab.data",
+    "list_datasets": "peftlab.data",
+    "count_parameters": "peftlab.metrics",
+    "save_adapter": "peftlab.io",
+    "load_adapter": "peftlab.io",
+    "train": "peftlab.train",
+    "TrainResult": "peftlab.train",
+    "PeftlabError": "peftlab.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; no runtime cost
+    from peftlab.api import adapt, delta_weights, merge, set_disabled, unmerge
+    from peftlab.data import list_datasets, load_dataset
+    from peftlab.errors import PeftlabError
+    from peftlab.io import load_adapter, save_adapter
+    from peftlab.methods import METHODS, list_methods
+    from peftlab.metrics import count_parameters
+    from peftlab.models import list_models, load_model
+    from peftlab.train import TrainResult, train

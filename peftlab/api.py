@@ -1,0 +1,174 @@
+"""``peftlab.adapt`` and the whole-model operations around it.
+
+``adapt(model, "lora", r=8)`` adds an adapter to a model and returns it ready to train: only the
+adapter's parameters (and any ``modules_to_save``) require gradients. The ``backend`` picks the
+implementation:
+
+- ``"reference"``: peftlab's from-scratch modules (peftlab/methods/), edited into the model in
+  place; the returned object is the same model, so ``model(...)`` and ``generate`` work as before.
+- ``"peft"``: Hugging Face peft's implementation of the same method, same hyperparameters; the
+  result is a ``peft.PeftModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftlab import inject
+from peftlab.errors import ConfigError, closest
+from peftlab.methods import METHODS, Method, get_method
+from peftlab.methods.base import AdapterConfig
+
+BACKENDS = ("reference", "peft")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What peftlab remembers about one named adapter on a model (reference backend)."""
+
+    method: str
+    config: AdapterConfig
+
+
+def adapt(
+    model: nn.Module,
+    method: str = "lora",
+    *,
+    backend: str = "reference",
+    adapter_name: str = "default",
+    **hyperparameters,
+) -> nn.Module:
+    """Add a ``method`` adapter to ``model`` and freeze everything else.
+
+    Args:
+        model: a transformers model (or any nn.Module with linear layers).
+        method: a registered method name, see ``peftlab.list_methods()``.
+        backend: "reference" (peftlab's own modules) or "peft" (Hugging Face peft).
+        adapter_name: name of this adapter; several can live on one model.
+        **hyperparameters: fields of the method's config, e.g. ``r=16, alpha=32, dropout=0.05,
+            targets=("q_proj", "v_proj")`` or ``targets="all-linear"``.
+
+    Returns:
+        The adapted model: the same object for "reference", a ``peft.PeftModel`` for "peft".
+    """
+    spec = get_method(method)
+    config = make_config(spec, model, **hyperparameters)
+    if backend == "reference":
+        spec.build(model, config, adapter_name)
+        inject.wrap_modules_to_save(model, config.modules_to_save or (), adapter_name)
+        inject.freeze_all_but_adapters(model)
+        records = dict(getattr(model, "peftlab_adapters", {}))
+        records[adapter_name] = AdapterRecord(spec.name, config)
+        model.peftlab_adapters = records
+        model.peftlab_active = adapter_name
+        return model
+    if backend == "peft":
+        from peftlab.production.hf_peft import adapt_with_peft
+
+        return adapt_with_peft(model, spec, config, adapter_name)
+    raise ConfigError(
+        f"Unknown backend {backend!r}.{closest(str(backend), BACKENDS)} Expected one of: "
+        f"{', '.join(BACKENDS)}."
+    )
+
+
+def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters) -> AdapterConfig:
+    """The method's config from keyword arguments, with targets and modules_to_save resolved for
+    ``model``. Unknown keywords are an error that lists the ones the method takes."""
+    accepted = spec.config.field_names()
+    for key in hyperparameters:
+        if key not in accepted:
+            raise ConfigError(
+                f"Method {spec.name!r} does not take the hyperparameter {key!r}.{closest(key, accepted)} "
+                f"Expected some of: {', '.join(accepted)}."
+            )
+    targets = hyperparameters.get("targets")
+    if isinstance(targets, (list, set)):
+        hyperparameters["targets"] = tuple(targets)
+    if isinstance(hyperparameters.get("modules_to_save"), (list, set)):
+        hyperparameters["modules_to_save"] = tuple(hyperparameters["modules_to_save"])
+    config = spec.config(**hyperparameters)
+    if model is None:
+        return config
+    if config.targets is None:
+        config = dataclasses.replace(config, targets=spec.targets_for(model))
+    if config.modules_to_save is None:
+        config = dataclasses.replace(config, modules_to_save=default_modules_to_save(model))
+    return config
+
+
+def default_modules_to_save(model: nn.Module) -> tuple[str, ...]:
+    """A sequence-classification model's new head must train with the adapter (peft does the
+    same for task_type SEQ_CLS): its weights are random, not pretrained."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return tuple(n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module))
+    return ()
+
+
+def records(model: nn.Module) -> dict[str, AdapterRecord]:
+    """{adapter name: AdapterRecord} of the reference adapters on ``model``."""
+    return dict(getattr(model, "peftlab_adapters", {}))
+
+
+def active_record(model: nn.Module) -> tuple[str, AdapterRecord]:
+    recs = records(model)
+    if not recs:
+        raise ConfigError(
+            "This model has no peftlab adapter. Expected a model returned by peftlab.adapt(...) "
+            "or peftlab.load_adapter(...). Try peftlab.adapt(model, 'lora') first."
+        )
+    name = getattr(model, "peftlab_active", next(iter(recs)))
+    return name, recs[name]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights; outputs stay the same."""
+    if _is_peft(model):
+        model.merge_adapter()
+        return model
+    return inject.merge(model)
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`."""
+    if _is_peft(model):
+        model.unmerge_adapter()
+        return model
+    return inject.unmerge(model)
+
+
+def set_disabled(model: nn.Module, disabled: bool = True) -> None:
+    """Turn the adapters off (the model is then exactly the base model) or back on."""
+    if _is_peft(model):
+        (model.base_model.disable_adapter_layers if disabled else model.base_model.enable_adapter_layers)()
+        return
+    inject.set_disabled(model, disabled)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def delta_weights(model: nn.Module, adapter_name: str | None = None) -> dict[str, "object"]:
+    """{layer name: ΔW} for every adapted layer of a reference-backend model."""
+    return {
+        name: layer.delta_weight(adapter_name)
+        for name, layer in inject.adapted_layers(model).items()
+        if layer.adapters[adapter_name or layer.active[0]].mergeable
+    }
+
+
+__all__ = [
+    "adapt",
+    "make_config",
+    "merge",
+    "unmerge",
+    "set_disabled",
+    "delta_weights",
+    "records",
+    "active_record",
+    "METHODS",
+]

@@ -1,0 +1,368 @@
+"""The one shared injector: find target layers, wrap them, freeze the rest, merge and unmerge.
+
+Every weight-space method (LoRA, DoRA, LoHa, ...) is written as an :class:`Adapter`: a small
+module that, given a layer's input ``x`` and the frozen base layer's output, returns the adapted
+output. The injector does the rest, the same way for every method and every model:
+
+    model.layers.0.self_attn.q_proj            nn.Linear (frozen)
+                     │ inject(...)
+                     ▼
+    model.layers.0.self_attn.q_proj            AdaptedLayer
+        ├── base_layer                         nn.Linear (frozen, untouched)
+        └── adapters["default"]                e.g. LoRA: lora_A (r, d_in), lora_B (d_out, r)
+
+    AdaptedLayer.forward(x) = adapter(x, base_layer, base_layer(x))  for each active adapter
+
+Several named adapters can sit on one layer; ``active`` says which run. Merging adds each
+adapter's ``delta_weight()`` into the base weight, so a merged model runs at base speed.
+Nothing here knows any particular model: targets are found by module name and type.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftlab.errors import ConfigError
+
+# HF transformers' GPT-2 style `Conv1D` stores its weight as (d_in, d_out); matched by name so
+# that this module does not import transformers.
+_CONV1D = "Conv1D"
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at base layers
+# --------------------------------------------------------------------------------------------
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt subclass it) or HF's Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == _CONV1D
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like or embedding layer, in logical (not packed) units."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == _CONV1D:
+        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
+        return d_in, d_out
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    raise ConfigError(
+        f"{type(module).__name__} is not a layer peftlab can adapt. Expected nn.Linear, "
+        "nn.Embedding or transformers' Conv1D. Try targets that name linear layers, or 'all-linear'."
+    )
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """True for bitsandbytes' 4-bit parameters (packed uint8 storage plus a quant_state)."""
+    return getattr(weight, "quant_state", None) is not None
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The base layer's weight as a float tensor in its own layout, dequantising 4-bit weights."""
+    weight = module.weight
+    if is_quantized(weight):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters and the wrapper that carries them
+# --------------------------------------------------------------------------------------------
+class Adapter(nn.Module):
+    """One adapter on one base layer. Methods subclass this.
+
+    ``forward(x, base, result)`` returns the adapted output given the base layer's output
+    ``result``. ``delta_weight(base)`` returns the effective change of the base weight, in the
+    base weight's own shape and layout, so that merging is ``W += delta_weight``.
+    """
+
+    mergeable: ClassVar[bool] = True
+    # True when delta_weight depends on the base weight itself (DoRA, OFT): unmerging must then
+    # subtract the delta that was added, not a fresh one computed from the merged weight.
+    delta_uses_base: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no weight-space delta.")
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen base layer plus named adapters; runs the active ones, skipping merged ones."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._merged_deltas: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()  # "disabled" must mean the base model, so take merged updates out
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active:
+            if name not in self.merged:
+                result = self.adapters[name](x, self.base_layer, result)
+        return result
+
+    def delta_weight(self, name: str | None = None) -> Tensor:
+        """ΔW of one adapter (default: the first active one), same shape as base_layer.weight."""
+        name = name or self.active[0]
+        return self.adapters[name].delta_weight(self.base_layer)
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        for name in names if names is not None else self.active:
+            if name in self.merged:
+                continue
+            adapter = self.adapters[name]
+            if not adapter.mergeable:
+                raise ConfigError(
+                    f"{type(adapter).__name__} cannot be merged into the base weight: its update "
+                    "is not a fixed change of that weight. Keep it unmerged."
+                )
+            delta = adapter.delta_weight(self.base_layer)
+            _add_to_weight(self.base_layer, delta)
+            if adapter.delta_uses_base:
+                self._merged_deltas[name] = delta
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            delta = self._merged_deltas.pop(name, None)
+            if delta is None:
+                delta = self.adapters[name].delta_weight(self.base_layer)
+            _add_to_weight(self.base_layer, -delta)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _add_to_weight(module: nn.Module, delta: Tensor) -> None:
+    weight = module.weight
+    if is_quantized(weight):
+        raise ConfigError(
+            "Merging into a 4-bit (NF4) base weight would re-quantise it and lose precision. "
+            "Expected a full-precision base. Try loading the base without quantization, loading "
+            "the adapter there, then merging."
+        )
+    weight.data += delta.to(weight.dtype)
+
+
+class TrainableCopy(nn.Module):
+    """A whole module trained alongside an adapter (e.g. a classifier head): peft's
+    ``modules_to_save``. The original stays untouched, so disabling gives back the base model."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        import copy
+
+        self.copies[name] = copy.deepcopy(self.original_module)
+        self.copies[name].requires_grad_(True)
+        self.active = [name]
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or not self.active:
+            return self.original_module(*args, **kwargs)
+        return self.copies[self.active[0]](*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding targets
+# --------------------------------------------------------------------------------------------
+Targets = str | Sequence[str]
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the modules that produce the model's outputs (LM head, classifier)."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+    return names
+
+
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that could be a target: skips the insides of already adapted layers."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, (AdaptedLayer, TrainableCopy)):
+            skip.append(name)
+        if name:
+            out[name] = module
+    return out
+
+
+def matches(name: str, targets: Targets) -> bool:
+    """peft's matching rule: a string is a full regex; a list matches a name or a name suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(
+    model: nn.Module,
+    targets: Targets,
+    accept: Callable[[nn.Module], bool] = lambda m: is_linear(m) or isinstance(m, nn.Embedding),
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Names of the modules a method should adapt.
+
+    ``targets`` is ``"all-linear"`` (every linear layer except the output head), a regex string,
+    or a list of module names / name suffixes. Raises :class:`ConfigError` listing the available
+    names when nothing matches, or when a match is the output head or an unsupported type.
+    """
+    modules = candidate_modules(model)
+    heads = output_head_names(model) | set(exclude)
+    if targets == "all-linear":
+        found = [n for n, m in modules.items() if is_linear(m) and n not in heads
+                 and not any(n.startswith(h + ".") for h in heads)]
+    else:
+        found = [n for n in modules if matches(n, targets)]
+        for name in found:
+            if name in heads:
+                raise ConfigError(
+                    f"Target {name!r} is the model's output head. Adapting it is rarely intended "
+                    "and peft refuses it too. Expected attention/MLP layers; try 'all-linear' or "
+                    "names such as 'q_proj', 'v_proj'. To train the head fully, pass "
+                    f"modules_to_save=[{name.rsplit('.', 1)[-1]!r}]."
+                )
+            if not accept(modules[name]):
+                raise ConfigError(
+                    f"Target {name!r} is a {type(modules[name]).__name__}, which this method cannot "
+                    "adapt. Expected a linear layer (nn.Linear, Conv1D) or, for some methods, an "
+                    "nn.Embedding. Try a more specific pattern."
+                )
+    if not found:
+        raise ConfigError(
+            f"Targets {targets!r} matched no module. Expected names (or name suffixes) of linear "
+            f"layers such as: {_summarise_linear_names(modules)}. Try one of these, or 'all-linear'."
+        )
+    return found
+
+
+def _summarise_linear_names(modules: dict[str, nn.Module]) -> str:
+    """Distinct last name parts of linear layers, e.g. 'q_proj, k_proj, ...' (the useful ones)."""
+    seen: dict[str, None] = {}
+    for name, module in modules.items():
+        if is_linear(module) or isinstance(module, nn.Embedding):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return ", ".join(seen) or "(none: the model has no linear layers)"
+
+
+# --------------------------------------------------------------------------------------------
+# Injecting, freezing, and whole-model operations
+# --------------------------------------------------------------------------------------------
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(
+    model: nn.Module,
+    names: Iterable[str],
+    make_adapter: Callable[[str, nn.Module], Adapter],
+    adapter_name: str = "default",
+) -> list[AdaptedLayer]:
+    """Wrap each named module in an AdaptedLayer (once) and add ``make_adapter(name, base)``."""
+    layers = []
+    for name in names:
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
+        if adapter_name in layer.adapters:
+            raise ConfigError(
+                f"Layer {name!r} already has an adapter named {adapter_name!r}. Expected a new "
+                "name; try adapter_name='other', or delete the old adapter first."
+            )
+        adapter = make_adapter(name, layer.base_layer)
+        weight = getattr(layer.base_layer, "weight", None)
+        if weight is not None and not is_quantized(weight) and weight.is_floating_point():
+            adapter.to(device=weight.device)
+        else:
+            adapter.to(device=next(layer.base_layer.parameters()).device)
+        layer.adapters[adapter_name] = adapter
+        layer.active = [adapter_name]
+        if layer is not module:
+            _set_module(model, name, layer)
+        layers.append(layer)
+    return layers
+
+
+def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
+    """Give each named module a trainable copy for this adapter (peft's modules_to_save)."""
+    for name in names:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+        wrapper.add(adapter_name)
+        if wrapper is not module:
+            _set_module(model, name, wrapper)
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """requires_grad only for parameters inside adapters and trainable copies."""
+    for name, param in model.named_parameters():
+        param.requires_grad = ".adapters." in name or ".copies." in name
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """{module name: AdaptedLayer} for every adapted layer in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every active adapter into its base weight (outputs unchanged, base speed)."""
+    for layer in adapted_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged adapters back out of the base weights."""
+    for layer in adapted_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def set_disabled(model: nn.Module, disabled: bool) -> None:
+    """Switch every adapter off (the model is then exactly the base model) or back on."""
+    for module in model.modules():
+        if isinstance(module, (AdaptedLayer, TrainableCopy)):
+            module.disabled = disabled
+
+
+def set_active(model: nn.Module, adapter_name: str) -> None:
+    """Make one named adapter the active one on every layer that has it."""
+    for module in model.modules():
+        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+            if module.merged:
+                module.unmerge()
+            module.active = [adapter_name]
+        elif isinstance(module, TrainableCopy) and adapter_name in module.copies:
+            module.active = [adapter_name]

@@ -1,0 +1,100 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models.
+
+Hu et al., 2021, https://arxiv.org/abs/2106.09685 (rsLoRA scaling: Kalajdzievski, 2023,
+https://arxiv.org/abs/2312.03732).
+
+The pretrained weight W0 (d_out x d_in) stays frozen; the update is a product of two thin
+matrices, so only r (d_in + d_out) numbers train per layer:
+
+        x ──┬──────────── W0 ─────────────┐
+            │                             (+) ──▶ h = W0 x + (alpha / r) · B A x
+            └─ dropout ─ A (r x d_in) ─ B (d_out x r) ─ · alpha/r ┘
+
+A starts Kaiming-uniform and B at zero, so B A = 0 and the adapted model starts exactly at the
+pretrained one (paper, section 4.1). ``scaling = alpha / r`` keeps the update's size roughly
+independent of r when alpha is fixed; rsLoRA uses ``alpha / sqrt(r)``, which keeps learning
+stable at large ranks.
+
+For an embedding layer the input is token ids, so ``A x`` becomes a row lookup in A's
+transpose; for transformers' GPT-2 ``Conv1D`` the base weight is stored transposed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftlab.inject import Adapter, layer_dims
+from peftlab.methods.base import AdapterConfig, check_rank, check_range
+
+
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    r: int = 8  # rank of the update B A
+    alpha: float = 8.0  # scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)
+    dropout: float = 0.0  # dropout on the adapter's input only; the base path never drops
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    init: str = "kaiming"  # "kaiming" (A Kaiming-uniform, B = 0) or "gaussian" (A ~ N(0, 1/r))
+
+    def __post_init__(self) -> None:
+        check_rank(self.r)
+        check_range("alpha", self.alpha, low=0.0, low_open=True)
+        check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if self.init not in ("kaiming", "gaussian", "loftq"):
+            from peftlab.errors import ConfigError
+
+            raise ConfigError(
+                f"LoRA init={self.init!r} is not known. Expected 'kaiming', 'gaussian' or 'loftq'."
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRA(Adapter):
+    """h = W0 x + scaling · B A dropout(x), for nn.Linear, Conv1D and nn.Embedding bases."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
+        super().__init__()
+        d_in, d_out = layer_dims(base)
+        check_rank(config.r, d_in, d_out)
+        self.r, self.scaling = config.r, config.scaling
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.lora_A = nn.Parameter(torch.empty(config.r, d_in))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(d_out, config.r))  # (d_out, r)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters(config.init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        if self.is_embedding:  # peft's choice for embeddings: A = 0, B ~ N(0, 1)
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:  # same as nn.Linear's default init, applied to A alone
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        if self.is_embedding:  # x holds token ids: "A x" is a lookup of rows of A^T
+            update = F.embedding(x, self.lora_A.T) @ self.lora_B.T  # (..., d_out)
+            return (result + update * self.scaling).to(result.dtype)
+        x = self.dropout(x.to(self.lora_A.dtype))
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., r) -> (..., d_out)
+        return (result + update * self.scaling).to(result.dtype)  # add in the adapter's precision
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in)
+        return delta.T if (self.transposed or self.is_embedding) else delta
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(left, right) with ΔW = left @ right in (d_out, d_in) layout: for spectra via QR."""
+        return self.lora_B * self.scaling, self.lora_A
