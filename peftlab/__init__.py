@@ -30,6 +30,13 @@ _EXPORTS = {
     "load_dataset": "peftlab.data",
     "list_datasets": "peftlab.data",
     "count_parameters": "peftlab.metrics",
+    "spectrum": "peftlab.spectra",
+    "effective_rank": "peftlab.spectra",
+    "stable_rank": "peftlab.spectra",
+    "energy_share": "peftlab.spectra",
+    "subspace_similarity": "peftlab.spectra",
+    "amplification": "peftlab.spectra",
+    "SpectrumHistory": "peftlab.spectra",
     "save_adapter": "peftlab.io",
     "load_adapter": "peftlab.io",
     "train": "peftlab.train",
@@ -60,4 +67,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; no runtime cost
     from peftlab.methods import METHODS, list_methods
     from peftlab.metrics import count_parameters
     from peftlab.models import list_models, load_model
+    from peftlab.spectra import (
+        SpectrumHistory,
+        amplification,
+        effective_rank,
+        energy_share,
+        spectrum,
+        stable_rank,
+        subspace_similarity,
+    )
     from peftlab.train import TrainResult, train

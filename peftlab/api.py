@@ -8,6 +8,8 @@ implementation:
   place; the returned object is the same model, so ``model(...)`` and ``generate`` work as before.
 - ``"peft"``: Hugging Face peft's implementation of the same method, same hyperparameters; the
   result is a ``peft.PeftModel``.
+- ``"fused"``: the reference modules with peftlab's hand-written autograd kernels for LoRA and DoRA
+  (and a chunked fused cross-entropy in ``model(..., labels=...)``), peftlab/production/fused.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from peftlab.errors import ConfigError, closest
 from peftlab.methods import METHODS, Method, get_method
 from peftlab.methods.base import AdapterConfig
 
-BACKENDS = ("reference", "peft")
+BACKENDS = ("reference", "peft", "fused")
 
 
 @dataclass(frozen=True)
@@ -46,20 +48,30 @@ def adapt(
     Args:
         model: a transformers model (or any nn.Module with linear layers).
         method: a registered method name, see ``peftlab.list_methods()``.
-        backend: "reference" (peftlab's own modules) or "peft" (Hugging Face peft).
+        backend: "reference" (peftlab's own modules), "peft" (Hugging Face peft) or "fused"
+            (the reference modules run by fused kernels; lora and dora only).
         adapter_name: name of this adapter; several can live on one model.
         **hyperparameters: fields of the method's config, e.g. ``r=16, alpha=32, dropout=0.05,
             targets=("q_proj", "v_proj")`` or ``targets="all-linear"``.
 
     Returns:
-        The adapted model: the same object for "reference", a ``peft.PeftModel`` for "peft".
+        The adapted model: the same object for "reference" and "fused", a ``peft.PeftModel``
+        for "peft".
     """
     spec = get_method(method)
     config = make_config(spec, model, **hyperparameters)
+    if backend == "fused":
+        from peftlab.production import fused
+
+        fused.check_fusable_method(spec.name)
+        model = adapt(model, spec.name, backend="reference", adapter_name=adapter_name,
+                      **hyperparameters)
+        return fused.fuse(model)
     if backend == "reference":
         spec.build(model, config, adapter_name)
         inject.wrap_modules_to_save(model, config.modules_to_save or (), adapter_name)
-        inject.freeze_all_but_adapters(model)
+        inject.set_active(model, adapter_name)  # the new adapter is the one that runs and trains
+        inject.freeze_all_but_adapters(model, adapter_name)
         records = dict(getattr(model, "peftlab_adapters", {}))
         records[adapter_name] = AdapterRecord(spec.name, config)
         model.peftlab_adapters = records
@@ -97,6 +109,8 @@ def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters)
         config = dataclasses.replace(config, targets=spec.targets_for(model))
     if config.modules_to_save is None:
         config = dataclasses.replace(config, modules_to_save=default_modules_to_save(model))
+    if spec.resolve is not None:  # model-dependent defaults and early checks (IA3, LLaMA-Adapter)
+        config = spec.resolve(model, config)
     return config
 
 

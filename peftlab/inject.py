@@ -80,10 +80,14 @@ class Adapter(nn.Module):
 
     ``forward(x, base, result)`` returns the adapted output given the base layer's output
     ``result``. ``delta_weight(base)`` returns the effective change of the base weight, in the
-    base weight's own shape and layout, so that merging is ``W += delta_weight``.
+    base weight's own shape and layout, so that merging is ``W += delta_weight``; an adapter that
+    also changes the base bias (IA3 scaling an output, BitFit) returns that change from
+    ``delta_bias(base)``, so that merging also does ``b += delta_bias``.
     """
 
     mergeable: ClassVar[bool] = True
+    # why merge refuses an adapter with mergeable = False (shown to the user)
+    unmergeable_reason: ClassVar[str] = "its update is not a fixed change of that weight"
     # True when delta_weight depends on the base weight itself (DoRA, OFT): unmerging must then
     # subtract the delta that was added, not a fresh one computed from the merged weight.
     delta_uses_base: ClassVar[bool] = False
@@ -93,6 +97,10 @@ class Adapter(nn.Module):
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no weight-space delta.")
+
+    def delta_bias(self, base: nn.Module) -> Tensor | None:
+        """The change of the base layer's bias that merging adds; None: the bias stays as it is."""
+        return None
 
 
 class AdaptedLayer(nn.Module):
@@ -106,6 +114,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._merged_deltas: dict[str, Tensor] = {}
+        self._merged_bias_deltas: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled and self.merged:
@@ -131,13 +140,18 @@ class AdaptedLayer(nn.Module):
             adapter = self.adapters[name]
             if not adapter.mergeable:
                 raise ConfigError(
-                    f"{type(adapter).__name__} cannot be merged into the base weight: its update "
-                    "is not a fixed change of that weight. Keep it unmerged."
+                    f"{type(adapter).__name__} cannot be merged into the base weight: "
+                    f"{adapter.unmergeable_reason}. Keep it unmerged."
                 )
             delta = adapter.delta_weight(self.base_layer)
+            bias_delta = adapter.delta_bias(self.base_layer)  # both from the unmerged base
             _add_to_weight(self.base_layer, delta)
+            if bias_delta is not None:
+                self.base_layer.bias.data += bias_delta.to(self.base_layer.bias.dtype)
             if adapter.delta_uses_base:
                 self._merged_deltas[name] = delta
+                if bias_delta is not None:
+                    self._merged_bias_deltas[name] = bias_delta
             self.merged.append(name)
 
     @torch.no_grad()
@@ -145,9 +159,13 @@ class AdaptedLayer(nn.Module):
         while self.merged:
             name = self.merged.pop()
             delta = self._merged_deltas.pop(name, None)
+            bias_delta = self._merged_bias_deltas.pop(name, None)
             if delta is None:
                 delta = self.adapters[name].delta_weight(self.base_layer)
+                bias_delta = self.adapters[name].delta_bias(self.base_layer)
             _add_to_weight(self.base_layer, -delta)
+            if bias_delta is not None:
+                self.base_layer.bias.data -= bias_delta.to(self.base_layer.bias.dtype)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
@@ -155,7 +173,8 @@ class AdaptedLayer(nn.Module):
 
 def _add_to_weight(module: nn.Module, delta: Tensor) -> None:
     weight = module.weight
-    if is_quantized(weight):
+    # peftlab's own Linear4bitRef says so itself: its `weight` is a fresh dequantised copy
+    if is_quantized(weight) or getattr(module, "is_quantized", False):
         raise ConfigError(
             "Merging into a 4-bit (NF4) base weight would re-quantise it and lose precision. "
             "Expected a full-precision base. Try loading the base without quantization, loading "
@@ -238,7 +257,9 @@ def find_targets(
     or a list of module names / name suffixes. Raises :class:`ConfigError` listing the available
     names when nothing matches, or when a match is the output head or an unsupported type.
     """
-    modules = candidate_modules(model)
+    # a layer that already carries an adapter is judged by its base layer, so that a second
+    # named adapter can go on the same layers
+    modules = {n: m.base_layer if isinstance(m, AdaptedLayer) else m for n, m in candidate_modules(model).items()}
     heads = output_head_names(model) | set(exclude)
     if targets == "all-linear":
         found = [n for n, m in modules.items() if is_linear(m) and n not in heads
@@ -325,10 +346,12 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: s
             _set_module(model, name, wrapper)
 
 
-def freeze_all_but_adapters(model: nn.Module) -> None:
-    """requires_grad only for parameters inside adapters and trainable copies."""
+def freeze_all_but_adapters(model: nn.Module, adapter_name: str | None = None) -> None:
+    """requires_grad only for the parameters of one adapter (default: every adapter) and of its
+    trainable copies; the base model and other adapters stay frozen."""
+    tag = "" if adapter_name is None else adapter_name + "."
     for name, param in model.named_parameters():
-        param.requires_grad = ".adapters." in name or ".copies." in name
+        param.requires_grad = f".adapters.{tag}" in name or f".copies.{tag}" in name
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
@@ -338,9 +361,29 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active adapter into its base weight (outputs unchanged, base speed)."""
-    for layer in adapted_layers(model).values():
+    layers = adapted_layers(model)
+    tied = _tied_parameter_ids(model)
+    for name, layer in layers.items():
+        weight = getattr(layer.base_layer, "weight", None)
+        if layer.active and weight is not None and id(weight) in tied:
+            raise ConfigError(
+                f"Cannot merge into {name!r}: its weight is tied to another module (typically the "
+                "input embedding shared with the output head), so merging would change both. "
+                "Expected an untied weight. Keep the adapter unmerged, or untie first (e.g. "
+                "model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone()))."
+            )
+    for layer in layers.values():
         layer.merge()
     return model
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters owned by more than one module (tied weights)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -358,11 +401,12 @@ def set_disabled(model: nn.Module, disabled: bool) -> None:
 
 
 def set_active(model: nn.Module, adapter_name: str) -> None:
-    """Make one named adapter the active one on every layer that has it."""
+    """Make one named adapter the only active one, model-wide (as peft's ``set_adapter``):
+    layers that lack it run their base layer alone."""
     for module in model.modules():
-        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+        if isinstance(module, AdaptedLayer):
             if module.merged:
                 module.unmerge()
-            module.active = [adapter_name]
-        elif isinstance(module, TrainableCopy) and adapter_name in module.copies:
-            module.active = [adapter_name]
+            module.active = [adapter_name] if adapter_name in module.adapters else []
+        elif isinstance(module, TrainableCopy):
+            module.active = [adapter_name] if adapter_name in module.copies else []

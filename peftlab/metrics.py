@@ -71,6 +71,16 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if param.requires_grad:
             row["trainable"] += n
             trainable += n
+    for module in model.modules():
+        # peftlab's reference 4-bit layer keeps its frozen weight as packed buffers, not a
+        # parameter: count the logical weight it stands for
+        # (hasattr: transformers' PreTrainedModel also has an `is_quantized` flag, True for bnb models)
+        if (getattr(module, "is_quantized", False) and hasattr(module, "in_features")
+                and not isinstance(getattr(module, "weight", None), nn.Parameter)):
+            n = module.in_features * module.out_features
+            row = by_type.setdefault(type(module).__name__, Counter())
+            row["total"] += n
+            total += n
     return ParameterCount(
         trainable, total, {k: {"trainable": v["trainable"], "total": v["total"]} for k, v in by_type.items()}
     )

@@ -13,8 +13,23 @@ from torch import nn
 
 from peftlab.errors import UnknownNameError, closest
 from peftlab.inject import Adapter, find_targets, inject
+from peftlab.methods.adalora import AdaLoRAConfig, build_adalora
 from peftlab.methods.base import AdapterConfig
-from peftlab.methods.lora import LoRA, LoRAConfig
+from peftlab.methods.bitfit import BitFitConfig, bitfit_parameter_count, build_bitfit
+from peftlab.methods.bottleneck import BOTTLENECK_TARGETS, Bottleneck, BottleneckConfig, bottleneck_parameter_count
+from peftlab.methods.boft import BOFT, BOFTConfig, boft_parameter_count
+from peftlab.methods.dora import DoRA, DoRAConfig
+from peftlab.methods.ia3 import IA3_TARGETS, IA3Config, build_ia3, ia3_parameter_count, resolve_ia3
+from peftlab.methods.llama_adapter import (ATTENTION_TARGETS, LlamaAdapterConfig, build_llama_adapter,
+                                          llama_adapter_parameter_count, resolve_llama_adapter)
+from peftlab.methods.loha import LoHa, LoHaConfig
+from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
+from peftlab.methods.lora import LoftQConfig, LoRA, LoRAConfig
+from peftlab.methods.oft import OFT, OFTConfig, oft_parameter_count
+from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning
+from peftlab.methods.prefix_tuning import PrefixTuningConfig, build_prefix_tuning
+from peftlab.methods.prompt_tuning import PromptTuningConfig, build_prompt_tuning
+from peftlab.methods.vera import VeRAConfig, build_vera
 
 # Where each method goes by default, by `model.config.model_type` (peft's defaults for LoRA).
 ATTENTION_QV = {
@@ -48,6 +63,12 @@ class Method:
     mergeable: bool
     peft_type: str | None  # the peft method it bridges to, None where peft lacks it
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=lambda: ATTENTION_QV)
+    # resolve(model, config) -> config: fills model-dependent defaults after the targets (IA3's
+    # feed-forward modules, LLaMA-Adapter's layer count) and refuses unsupported models early
+    resolve: Callable[[nn.Module, AdapterConfig], AdapterConfig] | None = None
+    # parameter_count(model, config): the closed-form trainable count, for methods whose count
+    # is not per layer (params_per_layer None)
+    parameter_count: Callable[[nn.Module, AdapterConfig], int] | None = None
 
     def targets_for(self, model: nn.Module) -> str | tuple[str, ...]:
         """This method's default targets for the model's architecture ("all-linear" if unknown)."""
@@ -78,6 +99,199 @@ METHODS: dict[str, Method] = {
         params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out),
         mergeable=True,
         peft_type="LORA",
+    ),
+    "oft": Method(
+        name="oft",
+        config=OFTConfig,
+        build=layer_method(OFT),
+        family="orthogonal",
+        description="Rotate each layer's inputs by a learned block-diagonal orthogonal R: W' = R W0.",
+        paper="Qiu et al. 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning, https://arxiv.org/abs/2306.07280",
+        formula="(d_in / b) · b(b-1)/2 per adapted layer, b = block size (b(b-1)/2 with block_share)",
+        params_per_layer=oft_parameter_count,
+        mergeable=True,
+        peft_type="OFT",
+    ),
+    "boft": Method(
+        name="boft",
+        config=BOFTConfig,
+        build=layer_method(BOFT),
+        family="orthogonal",
+        description="Orthogonal finetuning with a dense R built from m sparse butterfly factors, plus an output scale.",
+        paper="Liu et al. 2023, Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization, https://arxiv.org/abs/2311.06243",
+        formula="m · d_in · b + d_out per adapted layer (m butterfly factors of d_in / b blocks of b x b, scale s)",
+        params_per_layer=boft_parameter_count,
+        mergeable=True,
+        peft_type="BOFT",
+    ),
+    "dora": Method(
+        name="dora",
+        config=DoRAConfig,
+        build=layer_method(DoRA),
+        family="reparameterisation",
+        description="Split each weight into magnitude m and direction; train m and a LoRA update of the direction.",
+        paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, https://arxiv.org/abs/2402.09353",
+        formula="r · (d_in + d_out) + d_out per adapted layer (LoRA's A, B plus one magnitude per output)",
+        params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out) + d_out,
+        mergeable=True,
+        peft_type="LORA",  # peft: LoraConfig(use_dora=True)
+    ),
+    "loha": Method(
+        name="loha",
+        config=LoHaConfig,
+        build=layer_method(LoHa),
+        family="reparameterisation",
+        description="Update each weight by the Hadamard product of two low-rank products: rank up to r².",
+        paper="Hyeon-Woo et al. 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning, https://arxiv.org/abs/2108.06098",
+        formula="2 · r · (d_in + d_out) per adapted layer",
+        params_per_layer=lambda d_in, d_out, c: 2 * c.r * (d_in + d_out),
+        mergeable=True,
+        peft_type="LOHA",
+    ),
+    "lokr": Method(
+        name="lokr",
+        config=LoKrConfig,
+        build=layer_method(LoKr),
+        family="reparameterisation",
+        description="Update each weight by a Kronecker product W1 ⊗ W2 of a small and a (low-rank) larger matrix.",
+        paper="Edalati et al. 2022, KronA: Parameter-Efficient Tuning with Kronecker Adapter, https://arxiv.org/abs/2212.10650",
+        formula="a·c + b·d per adapted layer, d_out = a·b, d_in = c·d (a factor is r·(rows + cols) where low-rank)",
+        params_per_layer=lokr_parameter_count,
+        mergeable=True,
+        peft_type="LOKR",
+    ),
+    "vera": Method(
+        name="vera",
+        config=VeRAConfig,
+        build=build_vera,
+        family="reparameterisation",
+        description="Share one frozen random pair A, B across layers; train only two scaling vectors per layer.",
+        paper="Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation, https://arxiv.org/abs/2310.11454",
+        formula="d_out + r per adapted layer (the shared random A, B are frozen)",
+        params_per_layer=lambda d_in, d_out, c: d_out + c.r,
+        mergeable=True,
+        peft_type="VERA",
+        default_targets={**ATTENTION_QV, "phi": ("q_proj", "v_proj")},  # peft adds phi for VeRA
+    ),
+    "adalora": Method(
+        name="adalora",
+        config=AdaLoRAConfig,
+        build=build_adalora,
+        family="adaptive",
+        description="LoRA in SVD form P Λ Q; prunes the least important singular values so the rank budget moves to the layers that need it.",
+        paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, https://arxiv.org/abs/2303.10512",
+        formula="init_r · (d_in + d_out + 1) per adapted layer (P, Q and the init_r values Λ; pruning zeroes values, the tensors keep their size)",
+        params_per_layer=lambda d_in, d_out, c: c.init_r * (d_in + d_out + 1),
+        mergeable=True,
+        peft_type="ADALORA",
+    ),
+    "loftq": Method(
+        name="loftq",
+        config=LoftQConfig,
+        build=layer_method(LoRA),
+        family="reparameterisation",
+        description="LoRA whose start is chosen with the NF4 base: alternate quantising W - B A and an SVD of W - Q, so Q + B A ≈ W.",
+        paper="Li et al. 2023, LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models, https://arxiv.org/abs/2310.08659",
+        formula="r · (d_in + d_out) per adapted layer (as LoRA; the base weight becomes its NF4 version)",
+        params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out),
+        mergeable=True,
+        peft_type="LORA",  # peft: LoraConfig(init_lora_weights="loftq", loftq_config=...)
+    ),
+    "prompt_tuning": Method(
+        name="prompt_tuning",
+        config=PromptTuningConfig,
+        build=build_prompt_tuning,
+        family="soft prompt",
+        description="Learn n virtual-token embeddings read before every input; the model stays frozen.",
+        paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, https://arxiv.org/abs/2104.08691",
+        formula="n · d_model in all (n virtual tokens)",
+        params_per_layer=None,
+        mergeable=False,
+        peft_type="PROMPT_TUNING",
+        default_targets={},
+    ),
+    "prefix_tuning": Method(
+        name="prefix_tuning",
+        config=PrefixTuningConfig,
+        build=build_prefix_tuning,
+        family="soft prompt",
+        description="Learn n key/value vectors put before every attention layer's own (optionally through an MLP).",
+        paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, https://arxiv.org/abs/2101.00190",
+        formula="n · 2 · layers · d_kv in all (d_kv = kv heads · head dim); with prefix_projection: n·d_kv + (d_kv·k + k) + (k + 1)·2·layers·d_kv",
+        params_per_layer=None,
+        mergeable=False,
+        peft_type="PREFIX_TUNING",
+        default_targets={},
+    ),
+    "p_tuning": Method(
+        name="p_tuning",
+        config=PTuningConfig,
+        build=build_p_tuning,
+        family="soft prompt",
+        description="Virtual-token embeddings produced by a small trained encoder (MLP or LSTM) from free inputs.",
+        paper="Liu et al. 2021, GPT Understands, Too, https://arxiv.org/abs/2103.10385",
+        formula="n · d_model + the encoder (MLP: d·k + k + k·k + k + k·d + d, k = encoder_hidden_size)",
+        params_per_layer=None,
+        mergeable=False,
+        peft_type="P_TUNING",
+        default_targets={},
+    ),
+    "ia3": Method(
+        name="ia3",
+        config=IA3Config,
+        build=build_ia3,
+        family="rescaling",
+        description="Learn one vector per layer that rescales keys, values (outputs) and the feed-forward inner activation (input): l ⊙ h.",
+        paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning, https://arxiv.org/abs/2205.05638",
+        formula="d_out per output-scaled layer (k, v), d_in per feed-forward layer (input-scaled)",
+        params_per_layer=None,  # d_in or d_out, depending on whether the layer is feed-forward
+        mergeable=True,
+        peft_type="IA3",
+        default_targets=IA3_TARGETS,
+        resolve=resolve_ia3,
+        parameter_count=ia3_parameter_count,
+    ),
+    "bitfit": Method(
+        name="bitfit",
+        config=BitFitConfig,
+        build=build_bitfit,
+        family="selective",
+        description="Train only the bias terms (optionally the norm weights too); every weight matrix stays frozen.",
+        paper="Ben Zaken et al. 2021, BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models, https://arxiv.org/abs/2106.10199",
+        formula="the sum of the selected biases' sizes (d_out per linear layer, d per LayerNorm; + d per norm weight with include_norms)",
+        params_per_layer=None,  # a bias per module, and modules are not only linear layers
+        mergeable=True,
+        peft_type=None,  # production path: peftlab.production.merged.bitfit (plain requires_grad)
+        default_targets={},  # BitFitConfig's own default, targets=".*": every module's bias
+        parameter_count=bitfit_parameter_count,
+    ),
+    "bottleneck": Method(
+        name="bottleneck",
+        config=BottleneckConfig,
+        build=layer_method(Bottleneck),
+        family="additive",
+        description="A small down-f-up MLP after (kind='houlsby') or beside (kind='parallel') the attention and feed-forward output projections.",
+        paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, https://arxiv.org/abs/1902.00751; He et al. 2021, Towards a Unified View of Parameter-Efficient Transfer Learning, https://arxiv.org/abs/2110.04366",
+        formula="2 · r · d_out + r + d_out per layer (houlsby); r · (d_in + d_out) + r + d_out (parallel); r = d_out // reduction_factor unless given",
+        params_per_layer=bottleneck_parameter_count,
+        mergeable=False,
+        peft_type=None,  # production path: peftlab.production.merged.fuse_bottleneck
+        default_targets=BOTTLENECK_TARGETS,
+    ),
+    "llama_adapter": Method(
+        name="llama_adapter",
+        config=LlamaAdapterConfig,
+        build=build_llama_adapter,
+        family="additive",
+        description="Learnable prompts that the top layers' attention also attends to, through a gate that starts at zero.",
+        paper="Zhang et al. 2023, LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention, https://arxiv.org/abs/2303.16199",
+        formula="adapter_layers · (adapter_len · d_model + 1): K prompt vectors and one gate per adapted layer",
+        params_per_layer=None,  # per attention module, not per linear layer
+        mergeable=False,
+        peft_type="ADAPTION_PROMPT",
+        default_targets=ATTENTION_TARGETS,
+        resolve=resolve_llama_adapter,
+        parameter_count=llama_adapter_parameter_count,
     ),
 }
 

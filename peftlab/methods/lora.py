@@ -38,7 +38,9 @@ class LoRAConfig(AdapterConfig):
     alpha: float = 8.0  # scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)
     dropout: float = 0.0  # dropout on the adapter's input only; the base path never drops
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    init: str = "kaiming"  # "kaiming" (A Kaiming-uniform, B = 0) or "gaussian" (A ~ N(0, 1/r))
+    # "kaiming" (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)) or "loftq" (see
+    # peftlab/quant/loftq.py: the base weight becomes NF4-quantised, B A carries the error)
+    init: str = "kaiming"
 
     def __post_init__(self) -> None:
         check_rank(self.r)
@@ -56,6 +58,27 @@ class LoRAConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+@dataclass(frozen=True)
+class LoftQConfig(LoRAConfig):
+    """LoRA initialised by LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659)."""
+
+    init: str = "loftq"
+    loftq_bits: int = 4  # bits of the quantised base (NF4: only 4)
+    loftq_iter: int = 1  # alternating quantise / SVD rounds (peft's default: 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from peftlab.errors import ConfigError
+
+        if self.init != "loftq":
+            raise ConfigError(f"The loftq method is LoRA with init='loftq'; got init={self.init!r}. "
+                              "Expected init='loftq'; for another init use method 'lora'.")
+        if self.loftq_bits != 4:
+            raise ConfigError(f"loftq_bits={self.loftq_bits!r} is not supported. Expected 4 (NF4).")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter={self.loftq_iter!r} is invalid. Expected a positive integer.")
+
+
 class LoRA(Adapter):
     """h = W0 x + scaling · B A dropout(x), for nn.Linear, Conv1D and nn.Embedding bases."""
 
@@ -70,6 +93,10 @@ class LoRA(Adapter):
         self.lora_B = nn.Parameter(torch.empty(d_out, config.r))  # (d_out, r)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters(config.init)
+        if config.init == "loftq":  # LoftQ also replaces the base weight W by its NF4 version Q
+            from peftlab.quant.loftq import loftq_init_lora
+
+            loftq_init_lora(base, self, getattr(config, "loftq_bits", 4), getattr(config, "loftq_iter", 1))
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:

@@ -33,12 +33,76 @@ PREFIX = "base_model.model."
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
-# peftlab field -> peft field, per method; fields not listed keep their name.
-_RENAMES: dict[str, dict[str, str]] = {
+# peftlab field -> peft field, per method; fields not listed keep their name; None: a peftlab
+# field peft has no counterpart for (left out of the peft config).
+_RENAMES: dict[str, dict[str, str | None]] = {
     "lora": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+    "oft": {"block_size": "oft_block_size", "dropout": "module_dropout"},
+    "boft": {"block_size": "boft_block_size", "block_num": "boft_block_num",
+             "n_butterfly_factor": "boft_n_butterfly_factor", "dropout": "boft_dropout"},
+    "dora": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+    "vera": {"dropout": "vera_dropout"},
+    "adalora": {"alpha": "lora_alpha", "dropout": "lora_dropout"},
+    # "outer.inner": a field of a peft sub-config (LoraConfig(loftq_config={"loftq_bits": 4, ...}))
+    "loftq": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
+              "loftq_bits": "loftq_config.loftq_bits", "loftq_iter": "loftq_config.loftq_iter"},
+    # soft prompts adapt no layer (no target_modules); a tokenizer object is not config data
+    "prompt_tuning": {"targets": None, "tokenizer": None},
+    "prefix_tuning": {"targets": None},
+    "p_tuning": {"targets": None},
 }
+# peft config values that tell apart methods sharing one peft type: DoRA is peft's LoRA with
+# use_dora=True. to_peft_config sets them; from_peft_config picks the method whose values match.
+_PEFT_MARKERS: dict[str, dict[str, object]] = {"dora": {"use_dora": True},
+                                               "loftq": {"init_lora_weights": "loftq"}}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "loftq": "loftq"}
 _PEFT_TO_INIT = {True: "kaiming", "gaussian": "gaussian", "loftq": "loftq"}
+
+
+def _ia3_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
+    """IA3: peft wants ``feedforward_modules`` as a subset of ``target_modules`` (its check, and
+    what a saved adapter_config.json is read back with), so both become exact names together."""
+    from peftlab.inject import is_linear, matches
+
+    targets, kwargs = config.targets, {}
+    if model is not None:
+        targets = find_targets(model, targets, accept=is_linear, exclude=config.modules_to_save or ())
+        if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
+            kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
+    feedforward = config.feedforward_modules or ()
+    if not isinstance(targets, str):  # the targets that scale their input, by the same rule as ours
+        feedforward = [t for t in targets if matches(t, feedforward)] if feedforward else []
+    elif not isinstance(feedforward, str):
+        feedforward = list(feedforward)
+    return {**kwargs, "target_modules": targets if isinstance(targets, str) else list(targets),
+            "feedforward_modules": feedforward, "init_ia3_weights": config.init_ia3_weights,
+            "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None}
+
+
+def _llama_adapter_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
+    """AdaptionPrompt: target_modules is ONE attribute name ("self_attn") that peft looks for in
+    every decoder layer, taking the top ``adapter_layers`` of them."""
+    targets = config.targets if isinstance(config.targets, str) else config.targets[0]
+    if config.modules_to_save:
+        raise ConfigError(
+            f"peft's AdaptionPrompt cannot train whole modules beside the prompts (modules_to_save="
+            f"{config.modules_to_save!r}). Expected modules_to_save=(); train those with another adapter."
+        )
+    return {"target_modules": targets.rsplit(".", 1)[-1], "adapter_len": config.adapter_len,
+            "adapter_layers": config.adapter_layers}
+
+
+def _llama_adapter_from_peft(kwargs: dict) -> dict:
+    if isinstance(kwargs.get("targets"), str):  # peft's attribute name is a suffix, ours a regex
+        kwargs["targets"] = (kwargs["targets"],)
+    return kwargs
+
+
+# Methods whose peft config is not a field-by-field rename: (config, model or None) -> peft
+# kwargs, used instead of the renaming loop; and the way back, (our kwargs) -> our kwargs.
+_PEFT_KWARGS: dict[str, Callable[[AdapterConfig, nn.Module | None], dict]] = {
+    "ia3": _ia3_peft_kwargs, "llama_adapter": _llama_adapter_peft_kwargs}
+_FROM_PEFT_KWARGS: dict[str, Callable[[dict], dict]] = {"llama_adapter": _llama_adapter_from_peft}
 
 
 def task_type(model: nn.Module) -> str | None:
@@ -54,6 +118,7 @@ def task_type(model: nn.Module) -> str | None:
 def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None = None, **extra):
     """The peft config equivalent to a peftlab ``config`` (targets resolved to exact names when
     a model is given, so both paths adapt exactly the same layers)."""
+    import_peft()
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     if spec.peft_type is None:
@@ -62,21 +127,33 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
             "method peft implements; try backend='reference'."
         )
     renames = _RENAMES.get(spec.name, {})
-    kwargs = {}
-    for field in dataclasses.fields(config):
+    own = _PEFT_KWARGS.get(spec.name)  # a method whose peft config is more than renamed fields
+    kwargs = own(config, model) if own else {}
+    for field in () if own else dataclasses.fields(config):
         value = getattr(config, field.name)
+        if field.name in renames and renames[field.name] is None:
+            continue
         if field.name == "targets":
             if model is not None:
                 value = find_targets(model, value, exclude=config.modules_to_save or ())
+                if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in value):
+                    kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
             kwargs["target_modules"] = value if isinstance(value, str) else list(value)
         elif field.name == "modules_to_save":
             kwargs["modules_to_save"] = list(value) if value else None
         elif field.name == "init":
             kwargs[renames["init"]] = _INIT_TO_PEFT[value]
         else:
-            kwargs[renames.get(field.name, field.name)] = value
+            outer, _, inner = renames.get(field.name, field.name).partition(".")
+            if inner:  # a sub-config field
+                kwargs.setdefault(outer, {})[inner] = value
+            else:
+                kwargs[outer] = value
+    if kwargs.get("init_lora_weights") == "loftq":  # peft requires its LoftQ settings: its defaults
+        kwargs["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1, **kwargs.get("loftq_config", {})}
     if model is not None and task_type(model):
         kwargs["task_type"] = task_type(model)
+    kwargs.update(_PEFT_MARKERS.get(spec.name, {}))
     kwargs.update(extra)
     return PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type](**kwargs)
 
@@ -85,7 +162,10 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
     """(peftlab method name, peftlab config) for a peft config object or its dict."""
     as_dict = peft_config if isinstance(peft_config, dict) else peft_config.to_dict()
     peft_type = str(as_dict.get("peft_type", "")).split(".")[-1].upper()
-    method_name = next((n for n, m in _methods().items() if m.peft_type == peft_type), None)
+    same_type = [n for n, m in _methods().items() if m.peft_type == peft_type]
+    same_type.sort(key=lambda n: -len(_PEFT_MARKERS.get(n, {})))  # most specific first
+    method_name = next((n for n in same_type if all(as_dict.get(k) == v for k, v in
+                                                    _PEFT_MARKERS.get(n, {}).items())), None)
     if method_name is None:
         raise ConfigError(
             f"peft adapter type {peft_type!r} has no peftlab reference implementation yet. "
@@ -94,7 +174,9 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
     spec = get_method(method_name)
     inverse = {v: k for k, v in _RENAMES.get(method_name, {}).items()}
     kwargs = {}
-    for key, value in as_dict.items():
+    nested = {f"{k}.{i}": v for k, d in as_dict.items() if isinstance(d, dict) for i, v in d.items()
+              if f"{k}.{i}" in inverse}  # sub-config fields we rename, e.g. loftq_config.loftq_iter
+    for key, value in {**as_dict, **nested}.items():
         ours = inverse.get(key, key)
         if key == "target_modules":
             ours, value = "targets", value if isinstance(value, str) else tuple(sorted(value))
@@ -104,6 +186,8 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
             value = _PEFT_TO_INIT.get(value, "kaiming")
         if ours in spec.config.field_names():
             kwargs[ours] = value
+    if method_name in _FROM_PEFT_KWARGS:
+        kwargs = _FROM_PEFT_KWARGS[method_name](kwargs)
     return method_name, spec.config(**kwargs)
 
 
@@ -113,11 +197,27 @@ def _methods() -> dict[str, Method]:
     return METHODS
 
 
-def adapt_with_peft(model: nn.Module, spec: Method, config: AdapterConfig, adapter_name: str):
-    """``peft.get_peft_model`` with the peft config equivalent to ``config``."""
+def import_peft():
+    """``import peft``, without the log line bitsandbytes (which peft imports) prints on CPUs
+    about an optional 'kernels-community' package that peftlab does not need."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import peft
 
-    return peft.get_peft_model(model, to_peft_config(spec, config, model), adapter_name=adapter_name)
+    return peft
+
+
+def adapt_with_peft(model: nn.Module, spec: Method, config: AdapterConfig, adapter_name: str):
+    """``peft.get_peft_model`` with the peft config equivalent to ``config``."""
+    peft = import_peft()
+
+    peft_model = peft.get_peft_model(model, to_peft_config(spec, config, model), adapter_name=adapter_name)
+    if spec.name == "adalora":  # peftlab.train's loss/step hooks (peft's own need labels and a manual call)
+        from peftlab.methods.adalora import attach_peft_hooks
+
+        attach_peft_hooks(peft_model)
+    return peft_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +230,58 @@ def _lora_names(adapter: nn.Module) -> dict[str, str]:
 
 
 # method -> (adapter module -> {peftlab parameter name: peft name template})
-PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_names}
+PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_names,
+    "oft": lambda adapter: {"oft_R": "oft_R.{name}.weight"},  # peft: OFTRotationModule.weight
+    "boft": lambda adapter: {"boft_R": "boft_R.{name}", "boft_s": "boft_s.{name}"},  # ParameterDicts
+    "dora": lambda adapter: {"lora_A": "lora_A.{name}.weight", "lora_B": "lora_B.{name}.weight",
+                             "magnitude": "lora_magnitude_vector.{name}.weight"},
+    # LyCORIS methods and VeRA keep ParameterDicts: "<param>.<adapter name>"
+    "loha": lambda adapter: {n: n + ".{name}" for n, _ in adapter.named_parameters()},
+    "lokr": lambda adapter: {n: n + ".{name}" for n, _ in adapter.named_parameters()},
+    "vera": lambda adapter: {n: n + ".{name}" for n, _ in adapter.named_parameters()},
+    # AdaLoRA keeps ParameterDicts; its ranknum is a constant (init_r), which peft does not save
+    "adalora": lambda adapter: {"lora_A": "lora_A.{name}", "lora_E": "lora_E.{name}", "lora_B": "lora_B.{name}"},
+    "loftq": _lora_names,
+    # soft prompts: peft keeps their modules on the PeftModel itself, as prompt_encoder.<name>
+    "prompt_tuning": lambda adapter: {n: "prompt_encoder.{name}." + n for n, _ in adapter.named_parameters()},
+    "prefix_tuning": lambda adapter: {n: "prompt_encoder.{name}." + n for n, _ in adapter.named_parameters()},
+    "p_tuning": lambda adapter: {n: "prompt_encoder.{name}." + n for n, _ in adapter.named_parameters()},
+    "ia3": lambda adapter: {"ia3_l": "ia3_l.{name}"},  # a ParameterDict: (d_out, 1) or (1, d_in)
+    # peft's AdaptedAttention holds the prompt and gate directly, without the adapter name
+    "llama_adapter": lambda adapter: {"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"},
+    # not in peft (files in peftlab's PEFT-like format): BitFit's tensors keep the base model's
+    # own names, e.g. base_model.model.<layer>.bias; a bottleneck's are <layer>.bottleneck_up.weight
+    "bitfit": lambda adapter: {t: t for t in adapter.tensors},
+    "bottleneck": lambda adapter: {f"{p}.{t}": f"bottleneck_{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")},
+}
+# peft's "prompt learning" types: their modules hang off the PeftModel (prompt_encoder.<name>),
+# the transformers model sits directly at base_model (no tuner wrapper, so modules_to_save live
+# under "base_model.", not PREFIX), and the file holds the prompt they compute, "prompt_embeddings".
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
+
+
+def _vera_shared(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str, Tensor]:
+    from peftlab.api import records
+    from peftlab.methods.vera import shared_projection
+
+    if on_disk and not records(model)[adapter_name].config.save_projection:
+        return {}  # peft saves the random A, B only with save_projection=True
+    projection = shared_projection(model, adapter_name)
+    return {f"base_model.vera_A.{adapter_name}": projection.vera_A,
+            f"base_model.vera_B.{adapter_name}": projection.vera_B}
+
+
+# method -> (model, adapter name, on_disk) -> {peft in-memory name: tensor} for frozen tensors
+# all layers share (VeRA's random A, B): peft keeps them once, as buffers of its base model.
+SHARED_TENSORS: dict[str, Callable[[nn.Module, str, bool], dict[str, Tensor]]] = {"vera": _vera_shared}
+
+
+def shared_tensors(model: nn.Module, adapter_name: str = "default", on_disk: bool = False) -> dict[str, Tensor]:
+    """The reference model's shared tensors of one adapter under peft's in-memory names."""
+    from peftlab.api import records
+
+    hook = SHARED_TENSORS.get(records(model)[adapter_name].method)
+    return hook(model, adapter_name, on_disk) if hook else {}
 
 
 def reference_to_peft_names(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
@@ -139,26 +290,32 @@ def reference_to_peft_names(model: nn.Module, adapter_name: str = "default") -> 
     from peftlab.api import records
 
     method = records(model)[adapter_name].method
+    prompt_learning = get_method(method).peft_type in PROMPT_LEARNING
+    prefix = "base_model." if prompt_learning else PREFIX
     mapping = {}
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
             adapter = module.adapters[adapter_name]
             for ours, template in PARAM_NAMES[method](adapter).items():
+                theirs = template.format(name=adapter_name)
                 mapping[f"{path}.adapters.{adapter_name}.{ours}"] = (
-                    PREFIX + path + "." + template.format(name=adapter_name)
+                    theirs if prompt_learning else PREFIX + path + "." + theirs
                 )
         elif isinstance(module, TrainableCopy) and adapter_name in module.copies:
             for pname, _ in module.copies[adapter_name].named_parameters():
                 mapping[f"{path}.copies.{adapter_name}.{pname}"] = (
-                    f"{PREFIX}{path}.modules_to_save.{adapter_name}.{pname}"
+                    f"{prefix}{path}.modules_to_save.{adapter_name}.{pname}"
                 )
     return mapping
 
 
 def saved_name(peft_name: str, adapter_name: str = "default") -> str:
     """peft's on-disk key for an in-memory parameter name: the adapter name is dropped."""
+    if peft_name == f"prompt_encoder.{adapter_name}.embedding.weight":
+        return "prompt_embeddings"  # a soft prompt's table (see reference_state_dict)
     return (
-        peft_name.replace(f".modules_to_save.{adapter_name}.", ".")
+        peft_name.replace(f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector")
+        .replace(f".modules_to_save.{adapter_name}.", ".")
         .replace(f".{adapter_name}.", ".")
         .removesuffix(f".{adapter_name}")
     )
@@ -166,11 +323,21 @@ def saved_name(peft_name: str, adapter_name: str = "default") -> str:
 
 def reference_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under peft's on-disk names, ready for adapter_model.safetensors."""
+    from peftlab.api import records
+
     params = dict(model.named_parameters())
-    return {
-        saved_name(theirs, adapter_name): params[ours].detach()
-        for ours, theirs in reference_to_peft_names(model, adapter_name).items()
-    }
+    names = reference_to_peft_names(model, adapter_name)
+    state = {}
+    if get_method(records(model)[adapter_name].method).peft_type in PROMPT_LEARNING:
+        # peft saves the prompt a soft prompt computes, not the encoder that computes it
+        from peftlab.methods.soft_prompt import soft_prompt_of
+
+        state["prompt_embeddings"] = soft_prompt_of(model, adapter_name).prompt().detach()
+        names = {ours: theirs for ours, theirs in names.items() if not theirs.startswith("prompt_encoder.")}
+    state.update({saved_name(theirs, adapter_name): params[ours].detach() for ours, theirs in names.items()})
+    for theirs, tensor in shared_tensors(model, adapter_name, on_disk=True).items():
+        state[saved_name(theirs, adapter_name)] = tensor.detach()
+    return state
 
 
 @torch.no_grad()
@@ -182,6 +349,8 @@ def load_reference_state_dict(
 
     params = dict(model.named_parameters())
     names = reference_to_peft_names(model, adapter_name)
+    for theirs, tensor in shared_tensors(model, adapter_name, on_disk=True).items():
+        params[theirs], names[theirs] = tensor, theirs  # shared buffers (VeRA) load like parameters
     missing = [saved_name(t, adapter_name) for t in names.values() if saved_name(t, adapter_name) not in state]
     if missing:
         raise AdapterFileError(
@@ -208,6 +377,8 @@ def copy_reference_to_peft(reference: nn.Module, peft_model: nn.Module, adapter_
     theirs = dict(peft_model.named_parameters())
     for ours, name in reference_to_peft_names(reference, adapter_name).items():
         theirs[name].copy_(reference.get_parameter(ours))
+    for name, tensor in shared_tensors(reference, adapter_name).items():
+        peft_model.get_buffer(name).copy_(tensor)
 
 
 @torch.no_grad()
@@ -216,3 +387,5 @@ def copy_peft_to_reference(peft_model: nn.Module, reference: nn.Module, adapter_
     theirs = dict(peft_model.named_parameters())
     for ours, name in reference_to_peft_names(reference, adapter_name).items():
         reference.get_parameter(ours).copy_(theirs[name])
+    for name, tensor in shared_tensors(reference, adapter_name).items():
+        tensor.copy_(peft_model.get_buffer(name))

@@ -1,0 +1,621 @@
+"""Adapters on disk, in Hugging Face peft's format, written atomically.
+
+A saved adapter is a folder of two files, exactly as ``peft.PeftModel.save_pretrained`` writes
+them, so an adapter trained with peftlab loads in peft (and on the Hub) and the reverse:
+
+    my-adapter/
+    ├── adapter_config.json         peft's config fields: peft_type, task_type, r, lora_alpha,
+    │                               target_modules, modules_to_save, base_model_name_or_path, ...
+    └── adapter_model.safetensors   base_model.model.<module path>.lora_A.weight   (r, d_in)
+                                    base_model.model.<module path>.lora_B.weight   (d_out, r)
+                                    base_model.model.classifier.weight             (modules_to_save)
+
+The adapter's *name* ("default", "other", ...) is not part of the keys: one folder holds one
+adapter, and the name is chosen again when loading.
+
+Methods peft lacks (BitFit, bottleneck adapters) are saved the same way, in a PEFT-like format:
+the same two files, keys under ``base_model.model.``, and an adapter_config.json whose
+``peft_type`` is ``PEFTLAB_<METHOD>`` (e.g. ``PEFTLAB_BITFIT``) with peftlab's own config fields;
+peft cannot load those, peftlab's reference backend can.
+
+Writes are atomic. Both files go into a temporary folder next to the destination, are flushed to
+disk (fsync), and only then is the folder swapped into place with one rename; so a crash, a full
+disk or a SIGKILL at any moment leaves either the old complete adapter or the new complete one,
+never a mix. :func:`atomic_dir` does this for any folder (training checkpoints, model caches).
+
+References:
+- peft's save format: https://huggingface.co/docs/peft/developer_guides/checkpoint
+- safetensors: https://huggingface.co/docs/safetensors
+- rename(2) is atomic within one file system; renameat2(2) with RENAME_EXCHANGE swaps two
+  existing paths in one step: https://man7.org/linux/man-pages/man2/rename.2.html
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.errors import AdapterFileError, ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older peft releases pickled the tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic folders
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder's new content in a temporary folder, then swap it into ``path`` at once.
+
+        with atomic_dir("runs/ckpt") as tmp:     # tmp: runs/.ckpt.tmp-<pid>-<random>/
+            (tmp / "state.pt").write_bytes(...)  # write everything here
+        # on leaving: fsync every file and tmp, then swap tmp into runs/ckpt
+
+    If the block raises, the temporary folder is deleted and ``path`` is untouched. If the
+    process dies inside the block, only a hidden ``.<name>.tmp-<pid>-*`` folder is left; the next
+    ``atomic_dir`` for the same path removes it. The folder is replaced as a whole: files in the
+    old one that the block does not write again are gone afterwards.
+    """
+    dest = Path(path).expanduser().resolve()  # a symlink: replace the folder it points to
+    if dest.exists() and not dest.is_dir():
+        raise AdapterFileError(
+            f"{dest} is a file, so a folder cannot be written there. Expected a folder path "
+            "(new or existing). Try another path, e.g. its name without an extension."
+        )
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _recover_interrupted(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
+    except PermissionError as err:
+        raise _permission_error(dest, err) from err
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, dest)
+    except PermissionError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _permission_error(dest, err) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _permission_error(dest: Path, err: OSError) -> AdapterFileError:
+    return AdapterFileError(
+        f"Cannot write {dest}: permission denied ({err.strerror or err}). Expected a folder you can "
+        "write to (peftlab writes a temporary folder next to it, then renames it into place). "
+        "Try a path in your home or working directory."
+    )
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file, then every folder, to disk: a rename is only as durable as its content."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms (Windows) cannot open folders; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the system or file system cannot do it; the caller then falls back to
+    two renames."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    if not ok and ctypes.get_errno() not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: fall back
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(b))
+    return ok
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    if not dest.exists():
+        os.rename(tmp, dest)  # atomic: dest appears complete or not at all
+    elif _exchange(tmp, dest):  # atomic: dest holds the old folder, then the new one
+        shutil.rmtree(tmp)  # tmp now holds the old content
+    else:
+        # Two renames. Between them dest is absent, but both complete versions exist on disk;
+        # _recover_interrupted puts the old one back if a crash lands exactly there.
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+        shutil.rmtree(old)
+    _fsync_dir(dest.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _recover_interrupted(dest: Path) -> None:
+    """Tidy up after a writer of ``dest`` that died: delete its temporary folders, and if it died
+    between the two renames of the fallback swap, put the old complete folder back."""
+    for kind in ("tmp", "old"):
+        for leftover in sorted(dest.parent.glob(f".{dest.name}.{kind}-*")):
+            try:
+                pid = int(leftover.name[len(f".{dest.name}.{kind}-"):].split("-", 1)[0])
+            except ValueError:
+                continue
+            if _pid_alive(pid) and pid != os.getpid():
+                continue  # another process is writing right now: not ours to touch
+            if kind == "old" and not dest.exists():
+                os.rename(leftover, dest)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write one adapter of ``model`` to the folder ``path`` in peft's format, atomically.
+
+    Args:
+        model: a model adapted with ``peftlab.adapt`` (either backend) or a ``peft.PeftModel``.
+        path: the folder to write; created if missing, replaced as a whole if it exists.
+        adapter_name: which adapter to save when the model has several; default the active one.
+
+    Returns:
+        The folder's path. ``peft.PeftModel.from_pretrained(base, path)`` and
+        :func:`load_adapter` both read it.
+    """
+    _check_replaceable(Path(path))
+    if _is_peft(model):
+        name = adapter_name or model.active_adapter
+        if name not in model.peft_config:
+            raise ConfigError(
+                f"The model has no adapter named {name!r}. Expected one of: "
+                f"{', '.join(model.peft_config)}. Try adapter_name={next(iter(model.peft_config))!r}."
+            )
+        with atomic_dir(path) as tmp:
+            _write_peft(model, tmp, name)
+    else:
+        name, spec, config = _reference_adapter(model, adapter_name)
+        peft_config = _peft_config_for(model, spec, config, name)  # fails early, before any write
+        with atomic_dir(path) as tmp:
+            _write_reference(model, tmp, name, peft_config)
+    return Path(path)
+
+
+_ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "README.md"}
+
+
+def _check_replaceable(folder: Path) -> None:
+    """The save replaces the folder as a whole: refuse a folder that holds anything else."""
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if p.name not in _ADAPTER_FILES)
+        if others:
+            raise AdapterFileError(
+                f"{folder} already exists and holds other things than an adapter ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); saving would replace the whole folder. Expected "
+                "a new folder or one holding a saved adapter. Try a subfolder, e.g. "
+                f"{str(folder / 'my-adapter')!r}."
+            )
+
+
+def _reference_adapter(model: nn.Module, adapter_name: str | None):
+    from peftlab.api import active_record, records
+    from peftlab.methods import get_method
+
+    if adapter_name is None:
+        name, record = active_record(model)
+    else:
+        recs = records(model)
+        if adapter_name not in recs:
+            raise ConfigError(
+                f"The model has no adapter named {adapter_name!r}. Expected one of: "
+                f"{', '.join(recs) or '(none)'}. Try one of these, or peftlab.adapt(...) first."
+            )
+        name, record = adapter_name, recs[adapter_name]
+    spec = get_method(record.method)  # methods peft lacks are written in peftlab's PEFT-like format
+    return name, spec, record.config
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The base model's hub id or folder, as transformers remembers it (None when built from a config)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
+    """The peft config that describes this reference adapter exactly: targets as full module
+    paths (so peft adapts the very same layers), plus the fields peft fills in when saving."""
+    from peftlab.inject import adapted_layers
+    from peftlab.production.hf_peft import task_type, to_peft_config
+
+    layers = {n: m for n, m in adapted_layers(model).items() if adapter_name in m.adapters}
+    if layers:
+        config = dataclasses.replace(config, targets=tuple(layers))
+    extra: dict = {"base_model_name_or_path": base_model_name(model), "inference_mode": True}
+    if task_type(model):
+        extra["task_type"] = task_type(model)
+    if spec.peft_type is None:  # peft lacks the method: peftlab's own fields, under a peftlab type
+        return {"peft_type": PEFTLAB_TYPE_PREFIX + spec.name.upper(), **extra, **_json_fields(config)}
+    if any(type(m.base_layer).__name__ == "Conv1D" for m in layers.values()):
+        extra["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W transposed; peft wants to be told
+    return to_peft_config(spec, config, None, **extra)
+
+
+PEFTLAB_TYPE_PREFIX = "PEFTLAB_"  # peft_type of adapters whose method peft lacks: PEFTLAB_BITFIT
+
+
+def _json_fields(config) -> dict:
+    """A peftlab config's fields as JSON values (tuples become lists)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def _peftlab_config(raw: dict, folder: Path):
+    """(method, config) from a PEFTLAB_<METHOD> adapter_config.json (lists back to tuples)."""
+    from peftlab.methods import METHODS
+
+    method = str(raw["peft_type"])[len(PEFTLAB_TYPE_PREFIX):].lower()
+    if method not in METHODS:
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME} names the peftlab method {method!r}, which this peftlab does not "
+            f"have. Expected one of: {', '.join(m for m, s in METHODS.items() if s.peft_type is None)}."
+        )
+    spec = METHODS[method]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in spec.config.field_names()}
+    try:
+        return method, spec.config(**kwargs)
+    except (TypeError, ConfigError) as err:
+        raise AdapterFileError(f"{folder / CONFIG_NAME} has an invalid field: {err}") from err
+
+
+def _write_reference(model: nn.Module, folder: Path, adapter_name: str, peft_config) -> None:
+    from safetensors.torch import save_file
+
+    from peftlab.production.hf_peft import reference_state_dict
+
+    # safetensors refuses tensors that share memory, and wants them contiguous and on the CPU
+    tensors = reference_state_dict(model, adapter_name)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    if isinstance(peft_config, dict):  # a method peft lacks: peftlab's PEFT-like config
+        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    auto_mapping = None
+    if peft_config.task_type is None:  # what peft records so AutoPeftModel can rebuild the base
+        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    peft_config.save_pretrained(str(folder), auto_mapping_dict=auto_mapping)
+
+
+def _write_peft(model: nn.Module, folder: Path, adapter_name: str) -> None:
+    """peft's own writer; it puts a non-default adapter in a subfolder, so lift its files up."""
+    scratch = folder / "_peft"
+    model.save_pretrained(str(scratch), selected_adapters=[adapter_name])
+    source = scratch / adapter_name if adapter_name != "default" else scratch
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
+        if (source / name).exists():
+            os.replace(source / name, folder / name)
+        elif (scratch / name).exists():
+            os.replace(scratch / name, folder / name)
+    shutil.rmtree(scratch)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+# Fields of a peft LoraConfig whose non-default values change what the adapter computes in ways
+# peftlab's reference LoRA does not reproduce: loading such a file must fail, not drift silently.
+_LORA_FEATURES_NOT_IN_REFERENCE = {
+    "use_dora": (False, "DoRA (use_dora=true)"),
+    "rank_pattern": ({}, "per-layer ranks (rank_pattern)"),
+    "alpha_pattern": ({}, "per-layer alphas (alpha_pattern)"),
+    "layers_to_transform": (None, "a subset of layers (layers_to_transform)"),
+    "exclude_modules": (None, "excluded modules (exclude_modules)"),
+    "bias": ("none", "trained biases (bias)"),
+    "lora_bias": (False, "a bias on lora_B (lora_bias=true)"),
+    "use_qalora": (False, "QA-LoRA (use_qalora=true)"),
+    "layer_replication": (None, "layer replication"),
+    "trainable_token_indices": (None, "trainable tokens (trainable_token_indices)"),
+    "target_parameters": (None, "parameter targets (target_parameters)"),
+    "alora_invocation_tokens": (None, "activated LoRA (alora_invocation_tokens)"),
+}
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    backend: str = "reference",
+) -> nn.Module:
+    """Apply a saved adapter (written by peftlab or by peft) to ``model``.
+
+    Args:
+        model: the base model the adapter was trained on (or a model already carrying adapters:
+            the loaded one is added under ``adapter_name`` and becomes active).
+        path: a folder holding adapter_config.json and adapter_model.safetensors.
+        adapter_name: the name the loaded adapter gets.
+        backend: "reference" (peftlab's modules; the same model object comes back) or "peft"
+            (``peft.PeftModel.from_pretrained``; a PeftModel comes back).
+
+    Returns:
+        The adapted model, its adapter trainable (as after ``peftlab.adapt``).
+
+    Raises:
+        AdapterFileError: missing or corrupt files, a method or option peftlab lacks, or an
+            adapter trained on a base model with other layers or shapes. On any error the model
+            is left as it was.
+    """
+    folder = adapter_folder(path)
+    raw_config = read_adapter_config(folder)
+    if str(raw_config["peft_type"]).startswith(PEFTLAB_TYPE_PREFIX) and (backend == "peft" or _is_peft(model)):
+        raise AdapterFileError(
+            f"{folder} holds a {raw_config['peft_type']} adapter, a method peft does not have, so peft "
+            "cannot load it. Expected backend='reference' on a plain transformers model; try "
+            "peftlab.load_adapter(model, path)."
+        )
+    if backend == "peft" or _is_peft(model):  # a PeftModel takes further adapters through peft
+        return _load_with_peft(model, folder, adapter_name)
+    if backend != "reference":
+        raise ConfigError(f"Unknown backend {backend!r}. Expected 'reference' or 'peft'.")
+    method, config = _reference_config(raw_config, folder)
+    state = read_adapter_weights(folder)
+    hyperparameters = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    hyperparameters["modules_to_save"] = _resolve_modules_to_save(model, config.modules_to_save or ())
+    trained_on = raw_config.get("base_model_name_or_path")
+    hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
+
+    from peftlab.api import adapt, records
+
+    if adapter_name in records(model):
+        raise ConfigError(
+            f"The model already has an adapter named {adapter_name!r}. Expected a new name; try "
+            f"load_adapter(model, path, adapter_name='other')."
+        )
+    undo = _Snapshot(model)
+    try:
+        adapt(model, method, adapter_name=adapter_name, **hyperparameters)
+        _load_state(model, state, adapter_name, hint)
+    except ConfigError as err:
+        undo.restore(adapter_name)
+        raise AdapterFileError(
+            f"The adapter in {folder} does not fit this model: {err}{hint} Expected the base model "
+            "it was trained on; load that one."
+        ) from err
+    except BaseException:
+        undo.restore(adapter_name)
+        raise
+    return model
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a folder holding an adapter; clear errors otherwise."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        hint = (
+            f"Try its folder, {str(folder.parent)!r}."
+            if folder.name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+            else "Try the folder that save_adapter wrote."
+        )
+        raise AdapterFileError(
+            f"{folder} is a file. Expected a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}. {hint}"
+        )
+    if not folder.is_dir():
+        leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+        note = f" A save to it was interrupted; the previous adapter is in {leftovers[0]}." if leftovers else ""
+        raise AdapterFileError(
+            f"Adapter folder {folder} does not exist.{note} Expected a folder written by "
+            "peftlab.save_adapter or peft's save_pretrained. Check the path (offline, hub ids "
+            "cannot be downloaded)."
+        )
+    if not (folder / CONFIG_NAME).is_file():
+        raise AdapterFileError(
+            f"{folder} has no {CONFIG_NAME}. Expected a folder holding {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}, as peftlab.save_adapter and peft write them. Try the folder that "
+            "holds both (for several peft adapters, a subfolder per adapter name)."
+        )
+    if not (folder / WEIGHTS_NAME).is_file() and not (folder / LEGACY_WEIGHTS_NAME).is_file():
+        raise AdapterFileError(
+            f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the adapter's weights are missing. "
+            "Expected both files; the save was probably incomplete or the file was not copied. "
+            "Save the adapter again, or copy the whole folder."
+        )
+    return folder
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json as a dict, with a clear error when it is not valid JSON."""
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME} is not valid JSON ({err}). Expected the config file peft or "
+            "peftlab.save_adapter writes. The file is corrupt or truncated: save the adapter again."
+        ) from err
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME} has no 'peft_type' field. Expected a peft adapter config "
+            "(e.g. {\"peft_type\": \"LORA\", \"r\": 8, ...}). Check that this is an adapter folder."
+        )
+    return raw
+
+
+def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of adapter_model.safetensors (or an older peft's adapter_model.bin)."""
+    file = folder / WEIGHTS_NAME
+    try:
+        if file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(file)
+        file = folder / LEGACY_WEIGHTS_NAME
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors raises its own error type for truncated headers/data
+        raise AdapterFileError(
+            f"{file} cannot be read ({type(err).__name__}: {err}). Expected a complete "
+            f"{file.suffix[1:]} file; it is truncated or corrupt (an interrupted copy or download?). "
+            "Save or copy the adapter again."
+        ) from err
+
+
+def _reference_config(raw: dict, folder: Path):
+    from peftlab.production.hf_peft import from_peft_config
+
+    if str(raw.get("peft_type")).startswith(PEFTLAB_TYPE_PREFIX):  # a method peft lacks
+        return _peftlab_config(raw, folder)
+    try:
+        method, config = from_peft_config(raw)
+    except ConfigError as err:
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME} describes an adapter peftlab cannot rebuild: {err} "
+            "Try load_adapter(..., backend='peft') to load it with peft itself."
+        ) from err
+    except TypeError as err:  # a field of the right name with a value of the wrong type
+        raise AdapterFileError(f"{folder / CONFIG_NAME} has an invalid field: {err}.") from err
+    if str(raw.get("peft_type")).split(".")[-1].upper() == "LORA":  # lora and its variants (dora)
+        from peftlab.production import hf_peft
+
+        handled = getattr(hf_peft, "_PEFT_MARKERS", {}).get(method, {})  # e.g. dora: use_dora=True
+        for key, (default, what) in _LORA_FEATURES_NOT_IN_REFERENCE.items():
+            if key in handled:
+                continue
+            value = raw.get(key, default)
+            if value != default and (value or default):  # {} vs None etc. both mean "off"
+                raise AdapterFileError(
+                    f"{folder / CONFIG_NAME} uses {what} = {value!r}, which peftlab's reference "
+                    f"{method} does not implement, so it would compute something else. Expected a "
+                    "LoRA adapter without it. Try load_adapter(..., backend='peft')."
+                )
+    return method, config
+
+
+def _resolve_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Full module paths for peft's modules_to_save entries (names or name suffixes). Entries
+    that match nothing are dropped, as peft does: for SEQ_CLS it lists both 'classifier' and
+    'score', and a model has only one of them."""
+    from peftlab.inject import candidate_modules, matches
+
+    found: dict[str, None] = {}
+    for entry in names:
+        for module_name in candidate_modules(model):
+            if matches(module_name, [entry]):
+                found.setdefault(module_name, None)
+    return tuple(found)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, hint: str) -> None:
+    from peftlab.production.hf_peft import (PREFIX, load_reference_state_dict, reference_to_peft_names,
+                                            saved_name, shared_tensors)
+
+    expected = {saved_name(n, adapter_name) for n in reference_to_peft_names(model, adapter_name).values()}
+    # tensors all layers share (VeRA's random A, B, when saved) belong to the adapter too
+    expected |= {saved_name(n, adapter_name) for n in shared_tensors(model, adapter_name, on_disk=True)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    base_weights = {}  # full base tensors peft saves beside the adapter when embeddings were resized
+    for key in sorted(set(state) - expected):
+        ours = key.removeprefix(PREFIX)
+        if key.startswith(PREFIX) and ours in params and params[ours].shape == state[key].shape:
+            base_weights[ours] = state[key]
+            continue
+        raise AdapterFileError(
+            f"The adapter file holds a tensor this model's adapter has no place for: {key!r}.{hint} "
+            "Expected exactly the tensors of the adapter's target layers; the file comes from a "
+            "different method or base model. Check adapter_config.json, or load it with backend='peft'."
+        )
+    try:
+        load_reference_state_dict(model, state, adapter_name)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{err}{hint}") from err
+    with torch.no_grad():
+        for ours, tensor in base_weights.items():
+            params[ours].copy_(tensor.to(params[ours].dtype))
+
+
+def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Module:
+    from peftlab.production.hf_peft import import_peft
+
+    peft = import_peft()
+    if _is_peft(model):
+        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=True)
+        model.set_adapter(adapter_name)
+        return model
+    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=True)
+
+
+class _Snapshot:
+    """Enough of a model's adapter state to take a failed load back out again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from peftlab.inject import AdaptedLayer, TrainableCopy
+
+        self.model = model
+        self.requires_grad = {p: p.requires_grad for p in model.parameters()}
+        # wrapper -> (its active list, the adapter names it held) before the load
+        self.wrappers = {
+            id(m): (list(m.active), set(m.adapters if isinstance(m, AdaptedLayer) else m.copies))
+            for m in model.modules()
+            if isinstance(m, (AdaptedLayer, TrainableCopy))
+        }
+        self.attrs = {k: model.__dict__[k] for k in ("peftlab_adapters", "peftlab_active") if k in model.__dict__}
+
+    def restore(self, adapter_name: str) -> None:
+        from peftlab.inject import AdaptedLayer, TrainableCopy, _set_module
+
+        for path, module in list(self.model.named_modules()):
+            if not isinstance(module, (AdaptedLayer, TrainableCopy)):
+                continue
+            if id(module) not in self.wrappers:  # wrapped by this load: put the original back
+                original = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
+                _set_module(self.model, path, original)
+                continue
+            active, held = self.wrappers[id(module)]
+            container = module.adapters if isinstance(module, AdaptedLayer) else module.copies
+            if adapter_name in container and adapter_name not in held:
+                del container[adapter_name]
+            module.active = active
+        for param, flag in self.requires_grad.items():
+            param.requires_grad = flag
+        for key in ("peftlab_adapters", "peftlab_active"):
+            self.model.__dict__.pop(key, None)
+        self.model.__dict__.update(self.attrs)

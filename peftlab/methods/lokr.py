@@ -1,0 +1,169 @@
+"""LoKr: Low-rank Kronecker product adaptation.
+
+Edalati et al., 2022, KronA: Parameter-Efficient Tuning with Kronecker Adapter,
+https://arxiv.org/abs/2212.10650; as LoKr in LyCORIS (Yeh et al., 2024,
+https://arxiv.org/abs/2309.14859).
+
+The update is the Kronecker product of a small matrix and a larger one:
+
+        ΔW = (alpha / r) · W1 ⊗ W2      W1: (a, c)   W2: (b, d)   d_out = a·b,  d_in = c·d
+
+        ΔW = s · ┌ W1[0,0]·W2   W1[0,1]·W2  ... ┐     every block of ΔW is W2, scaled by one
+                 │ W1[1,0]·W2   W1[1,1]·W2  ... │     entry of W1
+                 └     ...          ...         ┘
+
+        x ──┬────────────── W0 ─────────────┐
+            │                              (+) ──▶ h = W0 x + ΔW x
+            └──── ΔW = s · W1 ⊗ W2 ─────────┘
+
+``factorization`` splits d_out and d_in into two factors each, near the square root (or one of
+them equal to ``decompose_factor``). W2 becomes a low-rank product W2a W2b (r columns) when
+r < max(b, d) / 2, and W1 too when ``decompose_both``; otherwise they train as full matrices.
+rank(A ⊗ B) = rank(A) rank(B), so a few hundred numbers can make a full-rank update.
+
+Init (peft): W1 (or W1a) = 0, the other factors Kaiming-uniform, so ΔW = 0 at start.
+The singular values of W1 ⊗ W2 are all products σ_i(W1) σ_j(W2), so ``singular_values`` gets
+ΔW's spectrum from two tiny SVDs. ``rank_dropout`` and ``module_dropout`` as in LoHa (peft's
+LoKr divides by the kept fraction only with ``rank_dropout_scale``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftlab.errors import ConfigError
+from peftlab.inject import Adapter, layer_dims
+from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.loha import drop_rows, skip_module
+
+
+@dataclass(frozen=True)
+class LoKrConfig(AdapterConfig):
+    r: int = 8  # rank of the low-rank Kronecker factors (used where r < half their size)
+    alpha: float = 8.0  # scale numerator: scaling = alpha / r
+    rank_dropout: float = 0.0  # probability of dropping each output row of ΔW in training
+    module_dropout: float = 0.0  # probability of skipping the whole adapter for a training step
+    rank_dropout_scale: bool = False  # divide kept rows by the fraction kept (like dropout does)
+    decompose_both: bool = False  # also make the small factor W1 a low-rank product
+    decompose_factor: int = -1  # a factor of each dim to split at; -1: near the square root
+
+    def __post_init__(self) -> None:
+        check_rank(self.r)
+        check_range("alpha", self.alpha, low=0.0, low_open=True)
+        check_range("rank_dropout", self.rank_dropout, low=0.0, high=1.0, high_open=True)
+        check_range("module_dropout", self.module_dropout, low=0.0, high=1.0, high_open=True)
+        factor = self.decompose_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
+            raise ConfigError(
+                f"decompose_factor={self.decompose_factor!r} is invalid. Expected -1 (split near "
+                "the square root) or a positive integer such as 4 or 8."
+            )
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension and m <= n: m = factor if it divides dimension, otherwise
+    the divisor pair with the smallest sum that keeps m <= factor (-1: no limit, near sqrt)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = next(k for k in range(m + 1, dimension + 1) if dimension % k == 0)
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > limit:
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
+
+
+Shape = tuple[int, int]
+
+
+def lokr_shapes(d_in: int, d_out: int, config: LoKrConfig) -> tuple[Shape, Shape, bool, bool]:
+    """((a, c), (b, d), W1 full?, W2 full?): W1 is (a, c), W2 is (b, d), as peft chooses."""
+    c, d = factorization(d_in, config.decompose_factor)
+    a, b = factorization(d_out, config.decompose_factor)
+    w1_full = not (config.decompose_both and config.r < max(a, c) / 2)
+    w2_full = not (config.r < max(b, d) / 2)
+    return (a, c), (b, d), w1_full, w2_full
+
+
+def lokr_parameter_count(d_in: int, d_out: int, config: LoKrConfig) -> int:
+    """Trainable numbers of one layer: each factor is rows·cols when full, r·(rows + cols) if not."""
+    (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in, d_out, config)
+    w1 = a * c if w1_full else config.r * (a + c)
+    w2 = b * d if w2_full else config.r * (b + d)
+    return w1 + w2
+
+
+def kaiming(*shape: int) -> nn.Parameter:
+    """A parameter initialised like nn.Linear's weight (Kaiming-uniform, a = sqrt(5))."""
+    return nn.Parameter(nn.init.kaiming_uniform_(torch.empty(*shape), a=math.sqrt(5)))
+
+
+class LoKr(Adapter):
+    """h = W0 x + s · (W1 ⊗ W2) x, for nn.Linear and Conv1D bases."""
+
+    def __init__(self, base: nn.Module, config: LoKrConfig) -> None:
+        super().__init__()
+        if isinstance(base, nn.Embedding):
+            raise ConfigError(
+                "LoKr adapts linear layers, not embeddings (peft neither). Expected targets that "
+                "name nn.Linear layers; try 'all-linear'."
+            )
+        d_in, d_out = layer_dims(base)
+        (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in, d_out, config)
+        r = config.r
+        self.scaling = config.alpha / r
+        self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
+        self.rank_dropout_scale = config.rank_dropout_scale
+        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        if w1_full:
+            self.lokr_w1 = nn.Parameter(torch.zeros(a, c))  # zero, so ΔW = 0 at start
+        else:
+            self.lokr_w1_a = nn.Parameter(torch.zeros(a, r))  # (a, r)
+            self.lokr_w1_b = kaiming(r, c)  # (r, c)
+        if w2_full:
+            self.lokr_w2 = kaiming(b, d)  # (b, d)
+        else:
+            self.lokr_w2_a, self.lokr_w2_b = kaiming(b, r), kaiming(r, d)  # (b, r), (r, d)
+
+    def kron_factors(self) -> tuple[Tensor, Tensor]:
+        """(W1 (a, c), W2 (b, d)), multiplying out the low-rank ones."""
+        w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
+        return w1, w2
+
+    def update(self) -> Tensor:
+        """ΔW in (d_out, d_in) layout: s · W1 ⊗ W2."""
+        w1, w2 = self.kron_factors()
+        return torch.kron(w1, w2) * self.scaling
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        # h = W0 x + ΔW x,  ΔW = s · W1 ⊗ W2
+        if skip_module(self, self.module_dropout):
+            return result
+        delta = self.update()  # (d_out, d_in)
+        if self.training and self.rank_dropout > 0:
+            delta = drop_rows(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
+        update = F.linear(x.to(delta.dtype), delta)  # (..., d_out)
+        return (result + update).to(result.dtype)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        delta = self.update()
+        return delta.T if self.transposed else delta
+
+    @torch.no_grad()
+    def singular_values(self) -> Tensor:
+        """ΔW's singular values, descending, min(d_out, d_in) of them: σ(W1 ⊗ W2) = {|s| σ_i(W1) σ_j(W2)}
+        plus zeros, from SVDs of the two small factors instead of the whole ΔW."""
+        w1, w2 = self.kron_factors()
+        products = torch.outer(torch.linalg.svdvals(w1.float()), torch.linalg.svdvals(w2.float()))
+        values = (products.flatten() * abs(self.scaling)).sort(descending=True).values
+        size = min(w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+        return torch.cat([values, values.new_zeros(size - values.numel())])

@@ -1,0 +1,186 @@
+"""OFT: Orthogonal Finetuning (Controlling Text-to-Image Diffusion by Orthogonal Finetuning).
+
+Qiu et al., 2023, https://arxiv.org/abs/2306.07280 (peft's current form: Qiu et al., 2025,
+"Orthogonal Finetuning Made Scalable", https://arxiv.org/abs/2506.19847).
+
+OFT keeps the angles between a layer's neurons (its hyperspherical energy) by turning all of them
+with one learned orthogonal matrix R. In the paper's (d_in x d_out) layout, W' = R W0. R is
+block-diagonal, n blocks of size b (n · b = d_in), each block a Cayley transform of a skew-
+symmetric matrix Q, which is orthogonal by construction:
+
+        R_i = (I - Q_i)(I + Q_i)^-1,     Q_i = -Q_i^T     (b(b-1)/2 free numbers per block)
+
+            ┌ R_1          ┐            x ── x R ──▶ W0 ──▶ h = W0 R^T x + b
+        R = │     ...      │            (each input row is rotated block by block, then
+            └         R_n  ┘             the frozen layer runs; the bias is not rotated)
+
+In nn.Linear's (d_out x d_in) layout the merged weight is W0 R^T. Q starts at zero, so R = I and
+the model starts exactly at the pretrained one. Options (all as in peft 0.21):
+
+- ``use_cayley_neumann``: replace the inverse by a truncated series, R ≈ I + 2Q + 2Q² + ... + Q^k
+  (cheap, nearly orthogonal for small Q). That series is the Cayley transform of -Q, i.e. R^T of
+  the exact form; peft uses exactly these two conventions and so do we, to share weights.
+- ``coft`` (constrained OFT): before each use, Q is pulled back into a Frobenius ball of radius
+  eps / sqrt(#blocks) around 0, which keeps R close to I (paper, section 4).
+- ``block_share``: one block R_1 repeated n times (b(b-1)/2 parameters in all).
+- ``dropout``: multiplicative dropout; in training a random share of the blocks is set to I.
+  (peft 0.21.2 builds this layer but never calls it; peftlab applies it as documented.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftlab.errors import ConfigError
+from peftlab.inject import Adapter, dense_weight, is_linear, layer_dims
+from peftlab.methods.base import AdapterConfig, check_range
+
+
+@dataclass(frozen=True)
+class OFTConfig(AdapterConfig):
+    # Give block_size or r, not both (r · block_size = d_in). Stored as peft does: 0 = derived.
+    block_size: int | None = None  # size b of each orthogonal block; default 32 when r is not set
+    r: int | None = None  # number of blocks per layer, n = d_in / b
+    dropout: float = 0.0  # multiplicative dropout: chance of a block being set to I in training
+    coft: bool = False  # constrained OFT: keep R within eps of the identity
+    eps: float = 6e-5  # COFT's radius (only used when coft=True)
+    block_share: bool = False  # one block shared by all n positions
+    use_cayley_neumann: bool = True  # truncated series instead of the exact inverse (peft's default)
+    num_cayley_neumann_terms: int = 5  # series length; the series ends at Q^max(terms-1, 3)
+
+    def __post_init__(self) -> None:
+        if self.block_size and self.r:
+            raise ConfigError(
+                f"OFT got both block_size={self.block_size} and r={self.r}, but r · block_size "
+                "must equal the layer's input size. Expected one of them; try block_size=32 alone."
+            )
+        object.__setattr__(self, "block_size", self.block_size or (0 if self.r else 32))
+        object.__setattr__(self, "r", self.r or 0)  # normalised to peft's convention (frozen)
+        for name in ("block_size", "r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"OFT {name}={value!r} is invalid. Expected a positive integer.")
+        check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_range("eps", self.eps, low=0.0, low_open=True)
+        check_range("num_cayley_neumann_terms", self.num_cayley_neumann_terms, low=1)
+
+
+def oft_parameter_count(d_in: int, d_out: int, config: OFTConfig) -> int:
+    """Trainable numbers on one layer: D · b(b-1)/2, D = d_in / b blocks (D = 1 with block_share)."""
+    b = config.block_size or d_in // config.r
+    return (1 if config.block_share else d_in // b) * b * (b - 1) // 2
+
+
+def divisors(n: int, at_least: int = 2) -> list[int]:
+    return [k for k in range(at_least, n + 1) if n % k == 0]
+
+
+def linear_weight(base: nn.Module) -> Tensor:
+    """The frozen weight in nn.Linear's (d_out, d_in) layout (Conv1D transposed, 4-bit dequantised)."""
+    weight = dense_weight(base)
+    return weight.T if type(base).__name__ == "Conv1D" else weight
+
+
+def block_dropout(blocks: Tensor, p: float) -> Tensor:
+    """Multiplicative dropout on (D, b, b) blocks: int(p · D) random blocks become the identity."""
+    n_blocks, b, _ = blocks.shape
+    if n_blocks == 1:  # a shared block is never dropped (peft does the same)
+        return blocks
+    n_dropped = int(p * n_blocks)
+    mask = torch.cat([torch.ones(n_dropped), torch.zeros(n_blocks - n_dropped)])
+    mask = mask[torch.randperm(n_blocks)].view(n_blocks, 1, 1).to(blocks)
+    return (1 - mask) * blocks + mask * torch.eye(b, dtype=blocks.dtype, device=blocks.device)
+
+
+def reject_embedding(base: nn.Module, method: str) -> None:
+    if not is_linear(base):
+        raise ConfigError(
+            f"peftlab's {method} adapts linear layers, not {type(base).__name__}. Expected targets "
+            "that name linear layers; try the defaults, 'all-linear', or names such as 'q_proj'."
+        )
+
+
+class OFT(Adapter):
+    """h = W0 (R^T x) + b with R block-diagonal orthogonal; merged: W' = W0 R^T."""
+
+    delta_uses_base = True  # ΔW = W0 R^T - W0 depends on W0
+
+    def __init__(self, base: nn.Module, config: OFTConfig) -> None:
+        super().__init__()
+        reject_embedding(base, "OFT")
+        d_in, _ = layer_dims(base)
+        b = config.block_size or (d_in // config.r if d_in % config.r == 0 else 0)
+        if b < 2 or d_in % b:
+            given = f"r={config.r}" if config.r else f"block_size={config.block_size}"
+            raise ConfigError(
+                f"OFT {given} does not fit a layer with d_in={d_in}: blocks must tile the input "
+                f"exactly and hold at least 2 features. Expected block_size in {divisors(d_in)} "
+                f"(or r = {d_in} / block_size). Try block_size=32 or other targets."
+            )
+        self.block_size, self.n_blocks = b, d_in // b
+        self.transposed = type(base).__name__ == "Conv1D"
+        self.coft, self.eps, self.p = config.coft, config.eps, config.dropout
+        self.neumann_terms = config.num_cayley_neumann_terms if config.use_cayley_neumann else 0
+        # One row of b(b-1)/2 numbers per block: the strict upper triangle of Q_i.
+        self.oft_R = nn.Parameter(torch.zeros(1 if config.block_share else self.n_blocks, b * (b - 1) // 2))
+        rows, cols = torch.triu_indices(b, b, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def skew(self, vec: Tensor) -> Tensor:
+        """(D, b(b-1)/2) upper-triangle vectors -> (D, b, b) skew-symmetric Q = U - U^T."""
+        upper = vec.new_zeros(vec.shape[0], self.block_size, self.block_size)
+        upper[:, self.rows, self.cols] = vec
+        return upper - upper.transpose(-2, -1)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """COFT: scale each block's Q back onto the ball ||Q||_F <= eps / sqrt(D) (in place)."""
+        radius = self.eps / math.sqrt(self.oft_R.shape[0])
+        norm = torch.linalg.matrix_norm(self.skew(self.oft_R)).unsqueeze(-1)  # (D, 1)
+        self.oft_R.mul_(torch.where(norm <= radius, 1.0, radius / norm.clamp_min(1e-30)))
+
+    def blocks(self) -> Tensor:
+        """The n orthogonal blocks R_i, (n, b, b)."""
+        if self.coft:
+            self.project()
+        Q = self.skew(self.oft_R)
+        eye = torch.eye(self.block_size, dtype=Q.dtype, device=Q.device).expand_as(Q)
+        if not self.neumann_terms:  # exact Cayley: R = (I - Q)(I + Q)^-1
+            R = torch.linalg.solve(eye + Q, eye - Q, left=False)
+        else:  # (I + Q)(I - Q)^-1 = (I + Q)(I + Q + Q² + ...) = I + 2Q + 2Q² + ..., cut off
+            terms, power = self.neumann_terms, Q
+            R = eye + 2 * Q if terms >= 2 else eye
+            if terms >= 3:  # peft's cut-off: ends at Q^max(terms-1, 3) with weight 1, e.g.
+                # 5 terms: I + 2Q + 2Q² + 2Q³ + Q⁴
+                for _ in range(2, max(terms - 1, 3)):
+                    power = power @ Q
+                    R = R + 2 * power
+                R = R + power @ Q
+        if self.training and self.p > 0:
+            R = block_dropout(R, self.p)
+        return R.expand(self.n_blocks, -1, -1)  # block_share: the one block at every position
+
+    def rotation(self) -> Tensor:
+        """The full (d_in, d_in) block-diagonal R."""
+        return torch.block_diag(*self.blocks())
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        # h = W0 (x R) + b  (x a row, so x R is R^T x)  =  (W0 x + b) + W0 (x R - x),
+        # and the base layer has already computed W0 x + b.
+        R = self.blocks()  # (n, b, b)
+        xb = x.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
+        x_rot = torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in): each block x_i R_i
+        change = F.linear(x_rot - x.to(R.dtype), linear_weight(base).to(R.dtype))  # (..., d_out)
+        return (result + change).to(result.dtype)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        W0 = linear_weight(base)  # (d_out, d_in)
+        R = self.rotation().to(W0.dtype)
+        delta = W0 @ R.T - W0  # W' = W0 R^T  (the paper's R W0, transposed)
+        return delta.T if self.transposed else delta

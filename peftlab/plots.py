@@ -1,0 +1,439 @@
+"""Figures: pure functions from plain data to a ``plotly.graph_objects.Figure``.
+
+Every figure in peftlab — in the library, the notebooks and the widgets — comes from a function
+here. Each takes plain data (numbers, lists, dicts, numpy arrays or torch tensors), returns a new
+Figure and touches nothing else, so it can be tested without a kernel, shown with ``fig.show()``,
+or poured into a live ``go.FigureWidget`` by a widget:
+
+    fig = peftlab.plots.loss_curve(result.losses)
+    widget = go.FigureWidget(fig)                     # in a dashboard, then on each redraw:
+    with widget.batch_update():
+        widget.data[0].y = new_losses
+
+All figures share one look (``_style``): the same template, the colour-blind-safe Okabe-Ito
+palette (Okabe & Ito, 2008, https://jfly.uni-koeln.de/color/), titles, axis labels with units,
+and hover text. plotly is imported inside the functions, so ``import peftlab`` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # plotly is optional and imported lazily
+    import plotly.graph_objects as go
+
+# Okabe-Ito: distinguishable with every common colour-vision deficiency
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+COLORSCALE = "Viridis"  # perceptually uniform; used by every heatmap
+TEMPLATE = "plotly_white"
+MIB = 2**20
+
+
+def _array(x: Any) -> np.ndarray:
+    """numpy float array from a list, numpy array or torch tensor (any device or dtype)."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _style(fig: go.Figure, title: str, x_title: str, y_title: str, **layout: Any) -> go.Figure:
+    """The one look every peftlab figure shares."""
+    fig.update_layout(
+        template=TEMPLATE,
+        colorway=list(PALETTE),
+        title={"text": title, "x": 0.02, "xanchor": "left"},
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        font={"size": 13},
+        margin={"l": 70, "r": 30, "t": 60, "b": 60},
+        hovermode="closest",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        **layout,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def ema(values: Any, smoothing: float = 0.9) -> np.ndarray:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing slider):
+    s_t = β s_(t-1) + (1 - β) x_t, shown as s_t / (1 - β^t) so early points are not pulled to 0."""
+    if not 0.0 <= smoothing < 1.0:
+        from peftlab.errors import ConfigError
+
+        raise ConfigError(f"smoothing={smoothing!r} is out of range. Expected a number in [0, 1), e.g. 0.9.")
+    x = _array(values)
+    out = np.empty_like(x)
+    s = 0.0
+    for t, v in enumerate(x, start=1):
+        s = smoothing * s + (1 - smoothing) * v
+        out[t - 1] = s / (1 - smoothing**t)
+    return out
+
+
+def loss_curve(
+    losses: Sequence[float] | Sequence[Mapping[str, Any]] | Any,
+    steps: Sequence[int] | None = None,
+    smoothing: float = 0.9,
+    eval_losses: Sequence[float] | None = None,
+    eval_steps: Sequence[int] | None = None,
+    title: str = "Training loss",
+) -> go.Figure:
+    """Raw training loss (faint) and its bias-corrected EMA (bold), optionally eval loss.
+
+    Args:
+        losses: one loss per step, or the training records (dicts with "loss" and "step").
+        steps: x values; default 1, 2, ... (or the records' "step").
+        smoothing: EMA factor β in [0, 1); 0 shows the raw curve twice.
+        eval_losses, eval_steps: evaluation points drawn as markers.
+    """
+    import plotly.graph_objects as go
+
+    if len(losses) and isinstance(losses[0], Mapping):
+        records = [r for r in losses if r.get("loss") is not None]
+        steps = [r.get("step", i + 1) for i, r in enumerate(records)] if steps is None else steps
+        losses = [r["loss"] for r in records]
+    y = _array(losses)
+    x = np.arange(1, len(y) + 1) if steps is None else _array(steps)
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=y, mode="lines", name="loss", opacity=0.35,
+                    line={"color": PALETTE[0], "width": 1},
+                    hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>")
+    fig.add_scatter(x=x, y=ema(y, smoothing), mode="lines", name=f"EMA (β={smoothing:g})",
+                    line={"color": PALETTE[0], "width": 2.5},
+                    hovertemplate="step %{x}<br>smoothed loss %{y:.4f}<extra></extra>")
+    if eval_losses is not None:
+        ey = _array(eval_losses)
+        ex = np.arange(1, len(ey) + 1) if eval_steps is None else _array(eval_steps)
+        fig.add_scatter(x=ex, y=ey, mode="lines+markers", name="eval loss",
+                        line={"color": PALETTE[3], "width": 2}, marker={"size": 7},
+                        hovertemplate="step %{x}<br>eval loss %{y:.4f}<extra></extra>")
+    return _style(fig, title, "optimizer step", "loss (cross-entropy, nats)")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and parameters
+# --------------------------------------------------------------------------------------------
+def memory_ledger(
+    estimated: Mapping[str, float],
+    measured: Mapping[str, float] | None = None,
+    title: str = "Memory ledger",
+) -> go.Figure:
+    """Stacked bars of memory by category (weights, gradients, optimizer state, activations, ...),
+    the estimate next to the measurement. Inputs are {category: bytes}; shown in MiB."""
+    import plotly.graph_objects as go
+
+    columns = {"estimated": dict(estimated)}
+    if measured is not None:
+        columns["measured"] = dict(measured)
+    categories = list(dict.fromkeys([*estimated, *(measured or {})]))
+    names = list(columns)
+    fig = go.Figure()
+    for k, category in enumerate(categories):
+        raw = [float(columns[n].get(category, 0.0)) for n in names]
+        fig.add_bar(
+            x=names, y=[b / MIB for b in raw], name=category, customdata=raw,
+            marker_color=PALETTE[k % len(PALETTE)],
+            hovertemplate=f"{category}<br>%{{y:,.1f}} MiB (%{{customdata:,.0f}} bytes)<extra>%{{x}}</extra>",
+        )
+    for n in names:  # the total above each bar
+        total = sum(float(v) for v in columns[n].values()) / MIB
+        fig.add_annotation(x=n, y=total, text=f"{total:,.1f} MiB", showarrow=False, yshift=12)
+    return _style(fig, title, "", "memory (MiB)", barmode="stack")
+
+
+def parameter_budget(
+    data: Mapping[str, Mapping[str, int]] | Sequence[Mapping[str, Any]] | Any,
+    log: bool = False,
+    title: str = "Trainable-parameter budget",
+) -> go.Figure:
+    """Where the parameters are, and which of them train.
+
+    Args:
+        data: either ``peftlab.count_parameters(model).by_type`` ({layer type: {"trainable",
+            "total"}}, a ParameterCount also works): one bar per type, trainable stacked on frozen;
+            or a list of rows {"method" (or "name"), "trainable", optional "layer_type"}: one bar
+            per method, stacked by layer type (compare methods' budgets).
+        log: logarithmic y axis (frozen base weights dwarf adapters by 100-1000x).
+    """
+    import plotly.graph_objects as go
+
+    data = getattr(data, "by_type", data)
+    fig = go.Figure()
+    if isinstance(data, Mapping):
+        types = list(data)
+        trainable = [int(data[t].get("trainable", 0)) for t in types]
+        frozen = [int(data[t].get("total", 0)) - tr for t, tr in zip(types, trainable)]
+        total = sum(trainable) + sum(frozen)
+        for k, (name, values) in enumerate((("trainable", trainable), ("frozen", frozen))):
+            share = [100 * v / total if total else 0.0 for v in values]
+            fig.add_bar(x=types, y=values, name=name, customdata=share, marker_color=PALETTE[[3, 5][k]],
+                        hovertemplate=f"%{{x}}<br>{name}: %{{y:,}} "
+                                      "(%{customdata:.3f}% of all)<extra></extra>")
+        x_title = "module type"
+    else:
+        rows = list(data)
+        methods = list(dict.fromkeys(r.get("method", r.get("name")) for r in rows))
+        groups = list(dict.fromkeys(r.get("layer_type", "trainable") for r in rows))
+        for k, group in enumerate(groups):
+            y = [sum(int(r["trainable"]) for r in rows
+                     if r.get("method", r.get("name")) == m and r.get("layer_type", "trainable") == group)
+                 for m in methods]
+            fig.add_bar(x=methods, y=y, name=str(group), marker_color=PALETTE[k % len(PALETTE)],
+                        hovertemplate=f"%{{x}}<br>{group}: %{{y:,}} trainable<extra></extra>")
+        x_title = "method"
+    return _style(fig, title, x_title, "parameters (count)", barmode="stack",
+                  yaxis_type="log" if log else "linear")
+
+
+# --------------------------------------------------------------------------------------------
+# Spectra of ΔW
+# --------------------------------------------------------------------------------------------
+def _padded(rows: Sequence[Any]) -> np.ndarray:
+    """Stack 1-D arrays of different lengths into a NaN-padded 2-D array."""
+    arrays = [_array(r).ravel() for r in rows]
+    width = max((len(a) for a in arrays), default=0)
+    out = np.full((len(arrays), width), np.nan)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out
+
+
+def spectra_heatmap(
+    spectra: Mapping[str, Any],
+    max_index: int | None = None,
+    log: bool = True,
+    title: str = "Singular values of ΔW per layer",
+) -> go.Figure:
+    """Layers (rows) x singular index (columns), colour = σ on a log10 scale.
+
+    Args:
+        spectra: {layer: 1-D singular values}, e.g. ``peftlab.spectrum(model)``.
+        max_index: show only the first ``max_index`` singular values.
+        log: colour by log10 σ (zeros become blank); the hover shows σ itself.
+    """
+    import plotly.graph_objects as go
+
+    layers = list(spectra)
+    values = _padded([spectra[k] for k in layers])
+    if max_index is not None:
+        values = values[:, :max_index]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(values > 0, np.log10(values), np.nan) if log else values
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(1, values.shape[1] + 1), y=layers, customdata=values,
+        colorscale=COLORSCALE, colorbar={"title": "log10 σ" if log else "σ"},
+        hovertemplate="%{y}<br>σ_%{x} = %{customdata:.4g}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed")  # first layer on top, as in the model
+    return _style(fig, title, "singular value index i", "layer",
+                  height=max(300, 60 + 22 * len(layers)))
+
+
+def spectrum_evolution(
+    steps: Sequence[int] | Any,
+    values: Any,
+    layer: str | None = None,
+    top: int = 8,
+    log: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """The top singular values of one layer's ΔW over training: one line per σ_i.
+
+    Args:
+        steps: the capture steps, shape (T,).
+        values: (T, k) array for one layer, or {layer: (T, k)} as from
+            ``SpectrumHistory.as_arrays()`` (then ``layer`` picks one; default the first).
+        top: how many singular values to draw.
+    """
+    import plotly.graph_objects as go
+
+    if isinstance(values, Mapping):
+        layer = layer if layer is not None else next(iter(values))
+        values = values[layer]
+    grid = _array(values)
+    x = _array(steps)
+    fig = go.Figure()
+    for i in range(min(top, grid.shape[1])):
+        fig.add_scatter(x=x, y=grid[:, i], mode="lines+markers", name=f"σ{i + 1}",
+                        line={"color": PALETTE[i % len(PALETTE)]}, marker={"size": 5},
+                        hovertemplate=f"step %{{x}}<br>σ{i + 1} = %{{y:.4g}}<extra></extra>")
+    title = title or ("Spectrum of ΔW over training" + (f": {layer}" if layer else ""))
+    return _style(fig, title, "optimizer step", "singular value σ_i", yaxis_type="log" if log else "linear")
+
+
+def subspace_similarity_heatmap(
+    grid: Any,
+    label_a: str = "adapter A",
+    label_b: str = "adapter B",
+    title: str = "Subspace similarity φ(i, j)",
+) -> go.Figure:
+    """φ(i, j) from ``peftlab.subspace_similarity`` as a heatmap (LoRA paper, Figure 3): 1 where
+    the top-i directions of A contain the top-j of B (or vice versa), 0 where orthogonal."""
+    import plotly.graph_objects as go
+
+    z = _array(grid)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(1, z.shape[1] + 1), y=np.arange(1, z.shape[0] + 1),
+        zmin=0.0, zmax=1.0, colorscale=COLORSCALE, colorbar={"title": "φ"},
+        hovertemplate="i = %{y}, j = %{x}<br>φ = %{z:.3f}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed")
+    return _style(fig, title, f"j: top-j singular vectors of {label_b}",
+                  f"i: top-i singular vectors of {label_a}")
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: AdaLoRA ranks, DoRA magnitude/direction
+# --------------------------------------------------------------------------------------------
+def rank_allocation(
+    ranks: Mapping[str, Any] | Any,
+    steps: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+    title: str = "AdaLoRA rank allocation",
+) -> go.Figure:
+    """Rank each layer holds: a bar chart from {layer: rank}, or a steps x layers heatmap from
+    {layer: [rank per step]} or a (steps, layers) array (with ``layers`` and ``steps``)."""
+    import plotly.graph_objects as go
+
+    if isinstance(ranks, Mapping):
+        layers = list(ranks)
+        first = _array(ranks[layers[0]])
+        if first.ndim == 0:  # {layer: rank}: one bar per layer
+            y = [float(_array(ranks[k])) for k in layers]
+            fig = go.Figure(go.Bar(x=layers, y=y, marker_color=PALETTE[0],
+                                   hovertemplate="%{x}<br>rank %{y:.0f}<extra></extra>"))
+            return _style(fig, title, "layer", "rank (singular values kept)")
+        grid = np.stack([_array(ranks[k]) for k in layers], axis=1)  # (steps, layers)
+    else:
+        grid = _array(ranks)
+        if grid.ndim == 1:
+            grid = grid[None, :]
+        layers = list(layers) if layers is not None else [f"layer {i}" for i in range(grid.shape[1])]
+    y = _array(steps) if steps is not None else np.arange(grid.shape[0])
+    fig = go.Figure(go.Heatmap(
+        z=grid, x=layers, y=y, colorscale=COLORSCALE, colorbar={"title": "rank"},
+        hovertemplate="%{x}<br>step %{y}: rank %{z:.0f}<extra></extra>",
+    ))
+    return _style(fig, title, "layer", "optimizer step")
+
+
+def dora_changes(
+    steps: Sequence[int] | Any,
+    magnitude: Any,
+    direction: Any,
+    layers: Sequence[str] | None = None,
+    title: str = "DoRA: magnitude vs direction change",
+) -> go.Figure:
+    """ΔM (magnitude change) against ΔD (direction change) per checkpoint, as DoRA's Figure 2.
+
+    Args:
+        steps: checkpoint steps, shape (T,).
+        magnitude: ΔM_t = mean |m_t - m_0|, shape (T,) or (T, layers).
+        direction: ΔD_t = mean (1 - cos(W_t, W_0)) over columns, same shape.
+        layers: names of the layer columns.
+    Liu et al. 2024, https://arxiv.org/abs/2402.09353: full fine-tuning and DoRA show a negative
+    slope (large direction changes with small magnitude changes), LoRA a positive one.
+    """
+    import plotly.graph_objects as go
+
+    m, d, s = _array(magnitude), _array(direction), _array(steps)
+    if m.ndim == 1:
+        m, d = m[:, None], d[:, None]
+    layers = list(layers) if layers is not None else (["ΔW"] if m.shape[1] == 1 else
+                                                     [f"layer {i}" for i in range(m.shape[1])])
+    fig = go.Figure()
+    symbols = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "hexagon")
+    for k, name in enumerate(layers):
+        fig.add_scatter(
+            x=d[:, k], y=m[:, k], mode="markers", name=name, customdata=s,
+            marker={"color": s, "colorscale": COLORSCALE, "cmin": s.min(), "cmax": s.max(),  # one scale
+                    "size": 9, "symbol": symbols[k % len(symbols)],
+                    "showscale": k == 0, "colorbar": {"title": "step"}},
+            hovertemplate=f"{name}<br>step %{{customdata}}<br>"
+                          "ΔD %{x:.4g}<br>ΔM %{y:.4g}<extra></extra>",
+        )
+    return _style(fig, title, "ΔD: direction change (1 - cosine)", "ΔM: magnitude change (mean |Δm|)")
+
+
+# --------------------------------------------------------------------------------------------
+# Quantisation and benchmarks
+# --------------------------------------------------------------------------------------------
+def quantization_errors(
+    errors: Mapping[str, Any],
+    bins: int = 80,
+    title: str = "Quantisation error",
+) -> go.Figure:
+    """Histograms of the error (dequantised - original) of several formats on shared bins.
+
+    Args:
+        errors: {format name: error values}, e.g. {"NF4": ..., "FP4": ..., "int4": ...}; any
+            shape, flattened. Binned here with numpy, so millions of errors stay a small figure.
+        bins: number of shared bins.
+    The legend carries each format's RMSE, the number to compare.
+    """
+    import plotly.graph_objects as go
+
+    arrays = {name: _array(e).ravel() for name, e in errors.items()}
+    everything = np.concatenate([a for a in arrays.values() if a.size]) if arrays else np.zeros(1)
+    lo, hi = float(everything.min()), float(everything.max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-12, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    for k, (name, a) in enumerate(arrays.items()):
+        counts, _ = np.histogram(a, bins=edges)
+        share = 100 * counts / max(a.size, 1)
+        rmse = float(np.sqrt(np.mean(a**2))) if a.size else float("nan")
+        fig.add_scatter(
+            x=centers, y=share, mode="lines", line_shape="hvh", name=f"{name} (RMSE {rmse:.3g})",
+            line={"color": PALETTE[k % len(PALETTE)], "width": 2}, customdata=counts,
+            hovertemplate=f"{name}<br>error %{{x:.3g}}<br>"
+                          "%{y:.2f}% of weights (%{customdata:,})<extra></extra>",
+        )
+    return _style(fig, title, "error (dequantised - original weight)", "share of weights (%)")
+
+
+def benchmark_bars(rows: Sequence[Mapping[str, Any]], title: str = "Benchmark") -> go.Figure:
+    """Step time and peak memory per configuration, side by side.
+
+    Args:
+        rows: [{"name": ..., "step_time_s": ..., "peak_mb": ...}, ...]; a missing peak_mb is
+            left blank.
+    """
+    from plotly.subplots import make_subplots
+
+    names = [str(r["name"]) for r in rows]
+    times = [float(r["step_time_s"]) for r in rows]
+    peaks = [float(r["peak_mb"]) if r.get("peak_mb") is not None else np.nan for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("step time", "peak memory"))
+    fig.add_bar(x=names, y=times, name="step time", marker_color=PALETTE[0], row=1, col=1,
+                text=[f"{t:.3g} s" for t in times], textposition="outside",
+                hovertemplate="%{x}<br>%{y:.3f} s per step<extra></extra>")
+    fig.add_bar(x=names, y=peaks, name="peak memory", marker_color=PALETTE[1], row=1, col=2,
+                text=["" if np.isnan(p) else f"{p:,.0f} MB" for p in peaks], textposition="outside",
+                hovertemplate="%{x}<br>peak %{y:,.0f} MB<extra></extra>")
+    _style(fig, title, "", "", showlegend=False)
+    fig.update_yaxes(title_text="seconds per step (s)", row=1, col=1)
+    fig.update_yaxes(title_text="peak memory (MB)", row=1, col=2)
+    return fig
+
+
+__all__ = [
+    "COLORSCALE",
+    "PALETTE",
+    "benchmark_bars",
+    "dora_changes",
+    "ema",
+    "loss_curve",
+    "memory_ledger",
+    "parameter_budget",
+    "quantization_errors",
+    "rank_allocation",
+    "spectra_heatmap",
+    "spectrum_evolution",
+    "subspace_similarity_heatmap",
+]

@@ -1,0 +1,646 @@
+"""peftlab's fused production path: LoRA, DoRA and the language-model loss as hand-written
+``torch.autograd.Function``s (``peftlab.adapt(model, "lora", backend="fused")``).
+
+The idea is Unsloth's (https://github.com/unslothai/unsloth, "manual autograd"): autograd is
+general, so a LoRA layer written as ``base(x) + (x Aᵀ) Bᵀ · s`` builds several graph nodes, keeps
+intermediates and runs a few extra kernels per layer. Writing forward AND backward by hand, for the
+one case that matters (frozen W, trainable A and B), gives
+
+    forward   y  = x Wᵀ + b  (+)=  s · (x Aᵀ) Bᵀ          one matmul, then addmm_ into it
+    backward  dx = dy W + s · (dy B) A                   W never gets a gradient
+              dA = s · (dy B)ᵀ x        (r, d_in)
+              dB = s · dyᵀ (x Aᵀ)       (d_out, r)         x Aᵀ is r wide: saved, not recomputed
+
+Saved for backward: x (needed for dA anyway) and x Aᵀ (r columns). A 4-bit base (bitsandbytes
+``Linear4bit`` or peftlab's ``Linear4bitRef``) is dequantised in forward and again in backward,
+so no dense copy of W outlives either pass (QLoRA, Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314). DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353) is
+the same with the output scaled by f = m / ||W + s·BA||_c (a constant to autograd, section 4.3):
+
+    y = f ⊙ z + b,  z = x Wᵀ + s (x Aᵀ) Bᵀ;   g = f ⊙ dy;  dm = Σ_tokens (dy ⊙ z) / ||W + s·BA||_c
+    dx = g W + s (g B) A,   dA = s (g B)ᵀ x,   dB = s gᵀ (x Aᵀ)
+
+The loss. A causal LM's last step turns (tokens, hidden) into (tokens, vocabulary) logits: for
+SmolLM2 and 4 x 128 tokens that is 512 x 49,152 floats (100 MB), then its softmax and its gradient
+as big again. ``linear_cross_entropy`` walks the tokens in chunks and, inside the forward loop,
+forms each chunk's logits, its loss AND its gradient (softmax - one-hot), turns that into
+d(hidden) = dlogits · W_head right away, and drops the chunk: no full logits tensor, and no second
+pass over the 49k-wide head in backward (Liger Kernel's "fused linear cross-entropy",
+https://arxiv.org/abs/2410.10989). Since the loss is a scalar, backward only multiplies the stored
+d(hidden) by the incoming gradient.
+
+Installed by :func:`fuse`: each ``AdaptedLayer`` becomes a :class:`FusedAdaptedLayer` (same
+parameters, same names, so saving, loading, merging, the peft weight bridge and spectra work
+unchanged), and the model's ``forward`` is wrapped so that ``model(input_ids=..., labels=...)``
+-- what transformers' Trainer and TRL call -- computes its loss the fused way. With labels,
+``outputs.logits`` is then ``None`` (the point is never to build them); without labels the model
+returns full logits as usual. :func:`remove_fused_loss` gives the logits back.
+
+Anything the fused layer does not cover falls back to the reference forward, layer by layer:
+several active adapters, merged or disabled adapters, LoRA on embeddings, trainable base weights,
+autocast, forward hooks on the base layer, base layers of other types. Results agree with the
+reference path to float32 rounding (tests use atol 1e-5); with dropout the same random mask is
+drawn (dropout runs outside the Function, through the adapter's own ``nn.Dropout``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftlab.errors import ConfigError
+from peftlab.inject import AdaptedLayer, adapted_layers, is_quantized
+from peftlab.methods.dora import DoRA
+from peftlab.methods.lora import LoRA
+
+# methods whose adapters have a fused kernel here (others would gain nothing from backend="fused")
+FUSED_METHODS = ("lora", "dora")
+IGNORE_INDEX = -100  # transformers' and PyTorch's label value for "no target here"
+# fp32 logits per loss chunk: 8M floats = 32 MB (plus as much again inside logsumexp)
+DEFAULT_CHUNK_ELEMENTS = 2**23
+
+
+# --------------------------------------------------------------------------------------------
+# The base layer, seen as "give me W (d_out, d_in) in the compute dtype"
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BasePlan:
+    """How the fused Function reaches a frozen base layer."""
+
+    weight: Callable[[], Tensor]  # () -> W, (d_out, d_in) in `dtype`: a view, or a fresh dequant
+    bias: Tensor | None  # (d_out,) in `dtype`, or None
+    dtype: torch.dtype  # compute dtype of the matmuls
+    out_dtype: torch.dtype  # dtype the base layer returns
+
+
+def base_plan(base: nn.Module, x: Tensor) -> BasePlan | None:
+    """A :class:`BasePlan` for ``base`` and input ``x``, or None where the fused path does not
+    apply (then the reference forward runs): unknown layer types, trainable base weights, hooks."""
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return None  # someone (accelerate, a user) expects the base forward to run
+    bias = getattr(base, "bias", None)
+    if bias is not None and bias.requires_grad:
+        return None
+    kind = type(base).__name__
+    if getattr(base, "is_quantized", False) and hasattr(base, "packed"):  # peftlab Linear4bitRef
+        from peftlab.quant.nf4 import dequantize_4bit
+
+        dtype = base.compute_dtype or x.dtype
+        return BasePlan(lambda: dequantize_4bit(base.packed, base.state, dtype), _cast(bias, dtype),
+                        dtype, x.dtype)
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    if is_quantized(weight) and hasattr(base, "compute_type_is_set"):  # bitsandbytes Linear4bit
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            return None  # repacked for an inference-only CPU kernel: let bitsandbytes handle it
+        import bitsandbytes.functional as bnbf
+
+        if not base.compute_type_is_set:  # bitsandbytes' own rule, on the first forward
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        dtype = base.compute_dtype or x.dtype
+        return BasePlan(lambda: bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype),
+                        _cast(bias, dtype), dtype, x.dtype)
+    if weight.requires_grad or not weight.is_floating_point() or x.dtype != weight.dtype:
+        return None  # a trained base, or a dtype mix the base itself would refuse
+    if type(base) is nn.Linear:
+        return BasePlan(lambda: weight, bias, weight.dtype, weight.dtype)
+    if kind == "Conv1D":  # transformers' GPT-2 layer stores W as (d_in, d_out)
+        return BasePlan(lambda: weight.T, bias, weight.dtype, weight.dtype)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+class LoRAFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s (x_d Aᵀ) Bᵀ with a hand-written backward; x_d = dropout(x) or x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_drop: Tensor | None, weight_fn: Callable[[], Tensor],
+                bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, d_in)
+        xd = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
+        weight = weight_fn()  # (d_out, d_in)
+        out = F.linear(x2, weight, bias)  # (N, d_out)
+        xa = xd @ lora_A.T  # (N, r)
+        out.addmm_(xa, lora_B.T, alpha=scaling)  # += s · (x A^T) B^T, in place
+        ctx.weight_fn, ctx.scaling, ctx.x_shape = weight_fn, scaling, shape
+        ctx.has_drop = x_drop is not None
+        ctx.save_for_backward(xd, xa, lora_A, lora_B)  # x itself is not needed: dx = dy W
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xd, xa, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        g = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        gB = g @ lora_B  # (N, r): dy B, shared by dx and dA
+        dx = dxd = dA = dB = None
+        if need_A:
+            dA = (gB.T @ xd).mul_(s)  # (r, d_in)
+        if need_B:
+            dB = (g.T @ xa).mul_(s)  # (d_out, r)
+        if need_x:
+            dx = g @ ctx.weight_fn()  # (N, d_in); a 4-bit W is dequantised again here
+            if not ctx.has_drop:
+                dx.addmm_(gB, lora_A, alpha=s)
+            dx = dx.view(ctx.x_shape)
+        if ctx.has_drop and need_xd:  # the LoRA branch saw dropout(x): its gradient goes there
+            dxd = (gB @ lora_A).mul_(s).view(ctx.x_shape)
+        return dx, dxd, None, None, dA, dB, None
+
+
+# --------------------------------------------------------------------------------------------
+# DoRA
+# --------------------------------------------------------------------------------------------
+class DoRAFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + (f-1) ⊙ (x_d Wᵀ) + f ⊙ s (x_d Aᵀ) Bᵀ,  f = m / ||W + s·BA||_c (constant).
+
+    Without dropout (x_d = x) this is y = f ⊙ z + b with z = x Wᵀ + s (x Aᵀ) Bᵀ: one big matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_drop: Tensor | None, weight_fn: Callable[[], Tensor],
+                bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                scaling: float) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, d_in)
+        weight = weight_fn()  # (d_out, d_in)
+        # ||W + s·BA||_c per output unit, in fp32 like the reference (paper, section 4.3: no grad)
+        norm = torch.linalg.vector_norm(
+            torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling), dim=1)
+        factor = (magnitude.float() / norm).to(x.dtype)  # (d_out,)
+        if x_drop is None:
+            xd = x2
+            xa = x2 @ lora_A.T  # (N, r)
+            z = (x2 @ weight.T).addmm_(xa, lora_B.T, alpha=scaling)  # (N, d_out)
+            out = z * factor
+            if bias is not None:
+                out += bias
+        else:  # the base sees x, the adapted direction sees dropout(x): two big matmuls
+            xd = x_drop.reshape(-1, shape[-1])
+            xa = xd @ lora_A.T
+            update = (xa @ lora_B.T).mul_(scaling)  # (N, d_out)
+            zb = xd @ weight.T  # W dropout(x)
+            out = F.linear(x2, weight, bias).addcmul_(zb, factor - 1).addcmul_(update, factor)
+            z = zb.add_(update)
+        ctx.weight_fn, ctx.scaling, ctx.x_shape = weight_fn, scaling, shape
+        ctx.has_drop, ctx.magnitude_dtype = x_drop is not None, magnitude.dtype
+        ctx.save_for_backward(xd, xa, z, lora_A, lora_B, factor, norm)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xd, xa, z, lora_A, lora_B, factor, norm = ctx.saved_tensors
+        need_x, need_xd, _, _, need_A, need_B, need_m, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        g = dy2 * factor  # gradient reaching z
+        gB = g @ lora_B  # (N, r)
+        dx = dxd = dA = dB = dm = None
+        if need_m:  # y depends on m through f = m / norm only
+            dm = ((dy2 * z).sum(0, dtype=torch.float32) / norm).to(ctx.magnitude_dtype)
+        if need_A:
+            dA = (gB.T @ xd).mul_(s)
+        if need_B:
+            dB = (g.T @ xa).mul_(s)
+        need_w = need_x or (ctx.has_drop and need_xd)
+        weight = ctx.weight_fn() if need_w else None
+        if not ctx.has_drop:
+            if need_x:
+                dx = (g @ weight).addmm_(gB, lora_A, alpha=s).view(ctx.x_shape)
+        else:
+            dy_w = dy2 @ weight  # through the base path x W^T
+            if need_xd:  # (f-1) ⊙ W x_d  and  f ⊙ s B A x_d
+                dxd = (g @ weight).sub_(dy_w).addmm_(gB, lora_A, alpha=s).view(ctx.x_shape)
+            if need_x:
+                dx = dy_w.view(ctx.x_shape)
+        return dx, dxd, None, None, dA, dB, dm, None
+
+
+# --------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------
+class FusedAdaptedLayer(AdaptedLayer):
+    """An ``AdaptedLayer`` whose forward runs :class:`LoRAFunction` / :class:`DoRAFunction` when
+    it can, and the reference forward otherwise. Same parameters and names as the reference."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapter = self._fusable_adapter(x, args, kwargs)
+        plan = base_plan(self.base_layer, x) if adapter is not None else None
+        if plan is None:
+            return super().forward(x, *args, **kwargs)
+        dtype = plan.dtype
+        x_c = x.to(dtype)
+        dropout = adapter.dropout
+        # dropout runs here, through the adapter's own module, so it draws the same mask as the
+        # reference (same random calls in the same order); the Function gets both x and dropout(x)
+        x_drop = dropout(x_c) if self.training and isinstance(dropout, nn.Dropout) else None
+        lora_A, lora_B = adapter.lora_A.to(dtype), adapter.lora_B.to(dtype)
+        if isinstance(adapter, DoRA):
+            out = DoRAFunction.apply(x_c, x_drop, plan.weight, plan.bias, lora_A, lora_B,
+                                     adapter.magnitude, adapter.scaling)
+        else:
+            out = LoRAFunction.apply(x_c, x_drop, plan.weight, plan.bias, lora_A, lora_B,
+                                     adapter.scaling)
+        return out.to(plan.out_dtype)
+
+    def _fusable_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRA | DoRA | None:
+        if args or kwargs or self.disabled or len(self.active) != 1 or self.merged:
+            return None
+        if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+            return None
+        adapter = self.adapters[self.active[0]]
+        if isinstance(adapter, DoRA) or (isinstance(adapter, LoRA) and not adapter.is_embedding):
+            return adapter
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """scale · Σ_i CE(h_i Wᵀ + b, t_i) over rows i, logits built a chunk of rows at a time.
+
+    The gradients are formed inside the forward loop (the loss is a scalar, so backward only
+    rescales them): d(logits) = scale · (softmax - one-hot), dh = d(logits) W, dW = d(logits)ᵀ h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                scale: Tensor, chunk_rows: int) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n, chunk_rows):
+            h = hidden[start:start + chunk_rows]  # (c, H)
+            t = targets[start:start + chunk_rows]  # (c,)
+            logits = F.linear(h, weight, bias).float()  # (c, V): upcast as transformers does
+            lse = torch.logsumexp(logits, dim=1)  # (c,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
+                grad[torch.arange(t.numel(), device=t.device), t] -= 1.0  # minus one-hot
+                grad = grad.mul_(scale).to(weight.dtype)
+                if need_h:
+                    torch.mm(grad, weight, out=dh[start:start + chunk_rows])  # (c, H)
+                if need_w:
+                    dw.addmm_(grad.T.float(), h.float())
+                if need_b:
+                    db += grad.sum(0, dtype=torch.float32)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(dh, dw, db)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        dh, dw, db = ctx.saved_tensors
+        dh = None if dh is None else dh * grad_loss.to(dh.dtype)
+        dw = None if dw is None else (dw * grad_loss).to(ctx.dtypes[0])
+        db = None if db is None else (db * grad_loss).to(ctx.dtypes[1])
+        return dh, dw, db, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Tensor | int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, targets)`` without the full logits tensor.
+
+    Args:
+        hidden: (..., H) final hidden states, one row per target.
+        weight: (V, H) output embedding (the LM head); bias (V,) if it has one.
+        targets: (...) token ids; ``ignore_index`` rows are skipped entirely (no matmul).
+        num_items_in_batch: as in transformers' loss: divide the summed loss by this instead of
+            by the number of targets (gradient accumulation over micro-batches).
+        chunk_size: rows per chunk; default ~8M logits per chunk (e.g. 170 rows for 49k vocab).
+
+    Returns:
+        The mean (or summed / num_items_in_batch) loss, a float32 scalar.
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1).to(flat_h.device)
+    if flat_t.numel() != flat_h.shape[0]:
+        raise ConfigError(
+            f"linear_cross_entropy got {flat_h.shape[0]} hidden rows but {flat_t.numel()} "
+            "targets. Expected one target per row; check the label shift."
+        )
+    keep = (flat_t != ignore_index).nonzero().squeeze(1)
+    rows, kept = flat_h.index_select(0, keep), flat_t.index_select(0, keep)  # only real targets
+    if num_items_in_batch is None:
+        denominator = torch.tensor(float(keep.numel()), device=flat_h.device)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=flat_h.device).float()
+    scale = 1.0 / denominator  # 0 targets: inf scale, nan loss -- as F.cross_entropy's mean
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    if not torch.is_grad_enabled():  # evaluation: loss only, no gradient work in the loop
+        rows, weight, bias = rows.detach(), weight.detach(), None if bias is None else bias.detach()
+    return LinearCrossEntropyFunction.apply(rows, weight, bias, kept, scale, chunk)
+
+
+def causal_lm_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Next-token targets for every position, as transformers' ``ForCausalLMLoss`` makes them:
+    position t predicts labels[t + 1]; the last position has no target."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Hooking the fused loss into model(input_ids=..., labels=...)
+# --------------------------------------------------------------------------------------------
+# config fields of models whose logits are transformed after the head; the fused loss would be
+# wrong there, so those models keep transformers' own loss
+_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+
+
+def install_fused_loss(model: nn.Module, chunk_size: int | None = None) -> nn.Module:
+    """Make ``model(..., labels=...)`` compute its loss with :func:`linear_cross_entropy`.
+
+    The model's forward runs as always, with the LM head swapped for a stand-in that only keeps
+    its input (the final hidden states) and returns an empty logits tensor; the loss is then the
+    chunked fused cross-entropy over the real head. ``outputs.logits`` is ``None`` when labels are
+    given. Calls without labels, with ``logits_to_keep``, or with ``return_dict=False`` run the
+    original forward unchanged.
+    """
+    if not _loss_can_fuse(model):
+        raise ConfigError(
+            f"{type(model).__name__} has no plain linear LM head whose output is the logits, so "
+            "the fused loss cannot replace its loss. Expected a causal LM (e.g. LlamaForCausalLM) "
+            "with an nn.Linear head and no logit soft-capping; try fuse(model, loss=False)."
+        )
+    if getattr(model, "_peftlab_unfused_forward", None) is None:
+        model._peftlab_unfused_forward = model.forward
+        model.forward = types.MethodType(_fused_loss_forward, model)
+    model._peftlab_loss_chunk = chunk_size
+    return model
+
+
+def remove_fused_loss(model: nn.Module) -> nn.Module:
+    """Undo :func:`install_fused_loss`: the model computes full logits and its own loss again."""
+    original = model.__dict__.pop("_peftlab_unfused_forward", None)
+    if original is not None:
+        if original == getattr(type(model), "forward").__get__(model):
+            model.__dict__.pop("forward", None)  # back to the class's own method
+        else:
+            model.forward = original  # someone else's wrapper was there first: restore it
+    return model
+
+
+def has_fused_loss(model: nn.Module) -> bool:
+    return getattr(model, "_peftlab_unfused_forward", None) is not None
+
+
+def _loss_can_fuse(model: nn.Module) -> bool:
+    if not type(model).__name__.endswith("ForCausalLM"):
+        return False
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    config = getattr(model, "config", None)
+    if any(getattr(config, f, None) for f in _POST_HEAD_FIELDS):
+        return False
+    if type(head) is not nn.Linear or "forward" in head.__dict__:
+        return False  # an adapted, quantized or otherwise wrapped head keeps the ordinary path
+    return not (head._forward_hooks or head._forward_pre_hooks)
+
+
+def _fused_loss_forward(self: nn.Module, *args, **kwargs):
+    """The wrapped forward (bound to the model): fused loss when labels are given."""
+    original = self._peftlab_unfused_forward
+    labels = kwargs.get("labels")
+    if (labels is None or kwargs.get("return_dict") is False or kwargs.get("logits_to_keep")
+            or not _loss_can_fuse(self)):
+        return original(*args, **kwargs)
+    ignore_index = kwargs.get("ignore_index", IGNORE_INDEX)
+    shift_labels = kwargs.get("shift_labels")
+    num_items = kwargs.get("num_items_in_batch")
+    head = self.get_output_embeddings()
+    captured: list[Tensor] = []
+
+    def keep_hidden(hidden: Tensor) -> Tensor:  # the stand-in head: no (tokens x vocab) matmul
+        captured.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    head.forward = keep_hidden  # an instance attribute shadows the class's forward
+    try:
+        outputs = original(*args, **{**kwargs, "labels": None})
+    finally:
+        del head.forward
+    hidden = captured[-1]  # (B, T, H)
+    targets = shift_labels if shift_labels is not None else causal_lm_targets(labels, ignore_index)
+    loss = linear_cross_entropy(hidden, head.weight, targets.to(hidden.device), head.bias,
+                                ignore_index=ignore_index, num_items_in_batch=num_items,
+                                chunk_size=self._peftlab_loss_chunk)
+    fields = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
+    return type(outputs)(loss=loss, logits=None, **fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-model switches
+# --------------------------------------------------------------------------------------------
+def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> nn.Module:
+    """Switch a reference-adapted model to the fused path, in place; returns the model.
+
+    Every ``AdaptedLayer`` becomes a :class:`FusedAdaptedLayer` (LoRA and DoRA adapters run the
+    fused Functions, anything else the reference forward). With ``loss=True`` and a causal LM,
+    ``model(..., labels=...)`` also uses the fused cross-entropy (``outputs.logits`` is then None).
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        raise ConfigError(
+            "This model has no peftlab adapter to fuse. Expected a model from "
+            "peftlab.adapt(model, 'lora'); try peftlab.adapt(model, 'lora', backend='fused')."
+        )
+    for layer in layers.values():
+        if type(layer) is AdaptedLayer:
+            layer.__class__ = FusedAdaptedLayer  # same state, new forward
+    if loss and _loss_can_fuse(model):
+        install_fused_loss(model, chunk_size)
+    model.peftlab_backend = "fused"
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Back to the reference forward everywhere (the parameters are the same objects)."""
+    for layer in adapted_layers(model).values():
+        if type(layer) is FusedAdaptedLayer:
+            layer.__class__ = AdaptedLayer
+    remove_fused_loss(model)
+    model.peftlab_backend = "reference"
+    return model
+
+
+def check_fusable_method(method: str) -> None:
+    if method not in FUSED_METHODS:
+        raise ConfigError(
+            f"backend='fused' has kernels for {', '.join(FUSED_METHODS)}, not {method!r}. "
+            "Expected one of those; try backend='reference' (or 'peft') for this method."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# A micro benchmark: one training step, several implementations, interleaved
+# --------------------------------------------------------------------------------------------
+VARIANTS = ("floor", "peft", "reference", "fused")
+
+
+def bench_fused_step(
+    model_name: str = "smollm2-135m",
+    variants: Sequence[str] = VARIANTS,
+    batch: int = 4,
+    seq_len: int = 128,
+    r: int = 16,
+    rounds: int = 5,
+    quantization: str | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Time one training step (forward with labels, backward, AdamW step) per implementation.
+
+    Variants: "floor" (the frozen base model, forward + backward to its input embeddings: the
+    least any adapter can cost), "peft" (Hugging Face peft LoRA), "reference" (peftlab's reference
+    LoRA), "fused" (backend="fused"), "fused-layers" (fused layers, transformers' own loss).
+    All get r=``r``, alpha=2r, all-linear targets and the same random tokens. The variants take
+    turns, round after round (A B C D A B C D ...), after one warm-up step each, so that a machine
+    shared with other work slows all of them alike; the median is reported.
+
+    Memory: "peak_mb" is the peak above what was resident just before the step (activations,
+    gradients, temporaries; CUDA: allocated bytes; CPU: peak RSS, Linux only), "resident_mb" what
+    was resident before it. On CPU, run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment so
+    that freed tensors go back to the system and the next variant's peak is not hidden.
+
+    Returns:
+        {variant: {"median_s", "min_s", "peak_mb", "resident_mb", "loss"}}.
+    """
+    from peftlab.api import adapt
+    from peftlab.models import load_model
+    from peftlab.train import peak_memory_mb, reset_peak_memory
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    unknown = set(variants) - set(VARIANTS) - {"fused-layers"}
+    if unknown:
+        raise ConfigError(f"Unknown variants {sorted(unknown)}. Expected some of "
+                          f"{', '.join(VARIANTS + ('fused-layers',))}.")
+    steps: dict[str, Callable[[], float]] = {}
+    models = {}
+    for name in variants:
+        model, _ = load_model(model_name, quantization=quantization)
+        model.train()
+        if name == "floor":
+            for p in model.parameters():
+                p.requires_grad_(False)
+        else:
+            backend = {"peft": "peft", "reference": "reference"}.get(name, "fused")
+            model = adapt(model, "lora", backend=backend, r=r, alpha=2.0 * r, targets="all-linear")
+            if name == "fused-layers":
+                remove_fused_loss(model)
+        models[name] = model
+        steps[name] = _make_step(model, name == "floor", batch, seq_len, seed)
+
+    device = next(models[variants[0]].parameters()).device
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    peaks: dict[str, float] = {n: 0.0 for n in variants}
+    resident: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for name in variants:  # warm-up: first-step allocations and lazy initialisation
+        losses[name] = steps[name]()
+    for _ in range(rounds):
+        for name in variants:
+            _sync(device)
+            resident[name] = _current_memory_mb(device)
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], peak_memory_mb(device) - resident[name])
+    return {
+        name: {"median_s": float(torch.tensor(times[name]).median()), "min_s": min(times[name]),
+               "peak_mb": peaks[name], "resident_mb": resident[name], "loss": losses[name]}
+        for name in variants
+    }
+
+
+def _make_step(model: nn.Module, floor: bool, batch: int, seq_len: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        if floor:  # the frozen model's own step: gradient down to its input embeddings only
+            embeds = embed(input_ids).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, labels=input_ids)
+        else:
+            out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _current_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+__all__ = [
+    "FUSED_METHODS",
+    "BasePlan",
+    "base_plan",
+    "LoRAFunction",
+    "DoRAFunction",
+    "FusedAdaptedLayer",
+    "LinearCrossEntropyFunction",
+    "linear_cross_entropy",
+    "causal_lm_targets",
+    "install_fused_loss",
+    "remove_fused_loss",
+    "has_fused_loss",
+    "fuse",
+    "unfuse",
+    "check_fusable_method",
+    "bench_fused_step",
+]

@@ -1,0 +1,325 @@
+"""The fused backend (peftlab/production/fused.py) against the reference path.
+
+Tolerance: float32 throughout, outputs and gradients must agree to atol 1e-5 (rtol 1e-4 for the
+few large-magnitude tensors). Every test randomises the adapter weights first (B = 0 at init would
+let a wrong LoRA branch pass), so that a wrong backward cannot agree by accident.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftlab
+from peftlab.errors import ConfigError
+from peftlab.inject import adapted_layers
+from peftlab.production import fused
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial adapter weights (B != 0, magnitude away from ||W||)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen) * 0.1
+                p.add_(noise.to(p.device, p.dtype))
+
+
+def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a is not None and b is not None, what
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+def assert_same_grads(ref: nn.Module, fz: nn.Module) -> None:
+    g_ref, g_fz = trainable_grads(ref), trainable_grads(fz)
+    assert g_ref.keys() == g_fz.keys() and g_ref
+    for name in g_ref:
+        assert g_ref[name].abs().sum() > 0, f"{name} got no gradient: the test cannot fail"
+        assert_close(g_fz[name], g_ref[name], name)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer level: plain Linear (with bias), Conv1D, peftlab's Linear4bitRef
+# --------------------------------------------------------------------------------------------
+class TwoLayer(nn.Module):
+    def __init__(self, base: str) -> None:
+        super().__init__()
+        if base == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            self.up, self.down = Conv1D(48, 32), Conv1D(16, 48)  # Conv1D(nf=d_out, nx=d_in)
+            nn.init.normal_(self.up.weight, std=0.1)
+            nn.init.normal_(self.down.weight, std=0.1)
+        else:
+            self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 16)
+        if base == "nf4-ref":
+            from peftlab.quant.nf4 import quantize_model_nf4
+
+            quantize_model_nf4(self, skip=())
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("base", ["linear", "conv1d", "nf4-ref"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_layer_parity(method, base, dropout):
+    torch.manual_seed(0)
+    net = TwoLayer(base)
+    ref = peftlab.adapt(net, method, r=4, alpha=8.0, dropout=dropout, targets=("up", "down"))
+    randomize_adapters(ref)
+    fz = fused.fuse(copy.deepcopy(ref))  # the same adapter weights, run by the fused kernels
+    assert all(type(m) is fused.FusedAdaptedLayer for m in adapted_layers(fz).values())
+    ref.train(), fz.train()
+    x = torch.randn(3, 5, 32)
+    outs, xgrads = [], []
+    for model in (ref, fz):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(123)  # same dropout masks for both
+        y = model(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outs.append(y)
+        xgrads.append(xi.grad)
+    assert_close(outs[1], outs[0], "output")
+    assert_close(xgrads[1], xgrads[0], "input gradient")
+    assert_same_grads(ref, fz)
+
+
+def test_fused_layers_run_the_functions(monkeypatch):
+    """The parity above must come from the fused kernels, not from a silent fallback."""
+    calls = []
+    for fn in (fused.LoRAFunction, fused.DoRAFunction):
+        monkeypatch.setattr(fn, "forward", staticmethod(
+            lambda *a, _f=fn.forward: calls.append(1) or _f(*a)))
+    for method in ("lora", "dora"):
+        net = peftlab.adapt(TwoLayer("nf4-ref"), method, r=4, targets=("up", "down"),
+                            backend="fused")
+        net(torch.randn(2, 32)).sum().backward()
+    assert len(calls) == 4
+
+
+def test_fallbacks_stay_correct():
+    """Two active adapters, LoRA on an embedding, a disabled adapter: reference forward."""
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 8))
+    ref = peftlab.adapt(emb, "lora", r=2, targets=("0", "1"))
+    randomize_adapters(ref)
+    fz = fused.fuse(copy.deepcopy(ref))
+    ids = torch.randint(0, 50, (2, 7))
+    assert_close(fz(ids), ref(ids), "embedding + linear")
+    peftlab.set_disabled(fz), peftlab.set_disabled(ref)
+    assert_close(fz(ids), ref(ids), "disabled")
+
+
+# --------------------------------------------------------------------------------------------
+# Model level: tiny Llama, fp32 and bitsandbytes NF4
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama():
+    """One tiny fp32 Llama for the whole module; tests adapt deep copies of it, never it."""
+    model, _ = peftlab.load_model("tiny-llama")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_nf4():
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    pytest.importorskip("bitsandbytes")
+    model, _ = peftlab.load_model("tiny-llama", quantization="nf4", device="cpu")
+    return model
+
+
+def _model_pair(base: nn.Module, method: str, dropout: float = 0.0):
+    ref = peftlab.adapt(copy.deepcopy(base), method, r=4, alpha=8.0, dropout=dropout,
+                        targets="all-linear")
+    randomize_adapters(ref)
+    fz = fused.fuse(copy.deepcopy(ref))
+    return ref, fz
+
+
+def _loss_and_input_grad(model, ids, labels, seed=7):
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(inputs_embeds=embeds, labels=labels)
+    out.loss.backward()
+    return out, embeds.grad
+
+
+@pytest.mark.parametrize("method,quant,dropout", [
+    ("lora", None, 0.0), ("dora", None, 0.0), ("lora", None, 0.1),
+    ("lora", "nf4", 0.0), ("dora", "nf4", 0.1),
+])
+def test_model_parity(llama, tiny_llama_nf4, method, quant, dropout):
+    base = tiny_llama_nf4 if quant else llama
+    if quant:
+        import bitsandbytes as bnb
+
+        assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ref, fz = _model_pair(base, method, dropout)
+    ref.train(), fz.train()
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    out_ref, dx_ref = _loss_and_input_grad(ref, ids, labels)
+    out_fz, dx_fz = _loss_and_input_grad(fz, ids, labels)
+    assert out_fz.logits is None  # the fused loss never built them
+    assert_close(out_fz.loss, out_ref.loss, "loss")
+    assert_close(dx_fz, dx_ref, "input-embedding gradient")
+    assert_same_grads(ref, fz)
+    with torch.no_grad():  # without labels: full logits, same as the reference
+        ref.eval(), fz.eval()
+        assert_close(fz(input_ids=ids).logits, ref(input_ids=ids).logits, "logits")
+
+
+def test_nf4_eval_then_train_still_learns(tiny_llama_nf4):
+    """bitsandbytes' AVX512-BF16 repack trap: the fused path never calls its forward, so an
+    eval-mode no-grad pass cannot strip the gradient path."""
+    import bitsandbytes as bnb
+
+    model = peftlab.adapt(copy.deepcopy(tiny_llama_nf4), "lora", r=4, targets="all-linear",
+                          backend="fused")
+    randomize_adapters(model)  # B != 0, so A gets a gradient too
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True  # the trap armed, as bitsandbytes ships it
+    ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = trainable_grads(model)
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The fused cross-entropy
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_linear_cross_entropy_matches_torch(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 9, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(100, 16, generator=gen).mul_(0.3).requires_grad_()
+    bias = torch.randn(100, generator=gen).requires_grad_()
+    targets = torch.randint(0, 100, (4, 9), generator=gen)
+    targets[1, 3:] = -100
+    for num_items in (None, 50):
+        ref = F.cross_entropy((hidden @ weight.T + bias).reshape(-1, 100), targets.reshape(-1),
+                              reduction="mean" if num_items is None else "sum")
+        ref = ref if num_items is None else ref / num_items
+        grads_ref = torch.autograd.grad(ref * 3.0, (hidden, weight, bias))
+        loss = fused.linear_cross_entropy(hidden, weight, targets, bias, chunk_size=chunk,
+                                          num_items_in_batch=num_items)
+        grads = torch.autograd.grad(loss * 3.0, (hidden, weight, bias))  # upstream grad != 1
+        assert_close(loss, ref, "loss")
+        for g, g_ref, name in zip(grads, grads_ref, ("hidden", "weight", "bias")):
+            assert_close(g, g_ref, name)
+
+
+def test_fused_loss_equals_transformers_loss(llama):
+    """model(input_ids, labels, num_items_in_batch): fused vs transformers' ForCausalLMLoss,
+    loss and gradients, with -100 labels and the label shift."""
+    model = peftlab.adapt(copy.deepcopy(llama), "lora", r=4, targets="all-linear", backend="fused")
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 49152, (3, 10), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[2, -1] = -100
+    results = []
+    for use_fused in (False, True):
+        if use_fused:
+            fused.install_fused_loss(model)
+        else:
+            fused.remove_fused_loss(model)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(11))
+        out.loss.backward()
+        results.append((out, trainable_grads(model)))
+    (hf, g_hf), (fz, g_fz) = results
+    assert hf.logits is not None and hf.logits.shape == (3, 10, 49152) and fz.logits is None
+    assert_close(fz.loss, hf.loss, "loss")
+    for name in g_hf:
+        assert_close(g_fz[name], g_hf[name], name)
+    with torch.no_grad():  # evaluation with labels: loss only, same value
+        assert_close(model(input_ids=ids, labels=labels).loss,
+                     F.cross_entropy(hf.logits[:, :-1].reshape(-1, 49152), labels[:, 1:].reshape(-1)),
+                     "no-grad loss")
+
+
+def test_trainer_style_step_learns(llama):
+    """The call transformers' Trainer and TRL make: model(**batch).loss.backward()."""
+    model = peftlab.adapt(copy.deepcopy(llama), "lora", r=8, alpha=16.0, targets="all-linear",
+                          backend="fused")
+    model.train()
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+# --------------------------------------------------------------------------------------------
+# The rest of peftlab keeps working
+# --------------------------------------------------------------------------------------------
+def test_adapt_backend_fused_and_errors(llama):
+    from peftlab.api import BACKENDS
+
+    assert "fused" in BACKENDS
+    model = peftlab.adapt(copy.deepcopy(llama), "dora", r=4, backend="fused")
+    assert fused.has_fused_loss(model) and model.peftlab_backend == "fused"
+    assert peftlab.count_parameters(model).trainable > 0
+    other = copy.deepcopy(llama)
+    with pytest.raises(ConfigError, match="fused"):
+        peftlab.adapt(other, "loha", backend="fused")
+    assert not adapted_layers(other)  # the refused call left the model alone
+    fused.unfuse(model)
+    assert not fused.has_fused_loss(model)
+    assert model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).logits is not None
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_and_save_load(llama, tmp_path, method):
+    ref, fz = _model_pair(llama, method)
+    ids = torch.randint(0, 49152, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = fz(input_ids=ids).logits
+        peftlab.save_adapter(fz, tmp_path / "adapter")
+        loaded = peftlab.load_adapter(copy.deepcopy(llama), tmp_path / "adapter")
+        assert_close(loaded(input_ids=ids).logits, before, "reloaded into the reference path")
+        assert_close(fused.fuse(loaded)(input_ids=ids).logits, before, "reloaded, fused")
+        peftlab.merge(fz)
+        assert_close(fz(input_ids=ids).logits, before, "merged")
+        peftlab.unmerge(fz)
+        assert_close(fz(input_ids=ids).logits, before, "unmerged")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_cuda_parity(llama, method):
+    base = copy.deepcopy(llama).cuda()
+    ref, fz = _model_pair(base, method, dropout=0.1)
+    ref.train(), fz.train()
+    ids = torch.randint(0, 49152, (2, 12), device="cuda")
+    out_ref, dx_ref = _loss_and_input_grad(ref, ids, ids)
+    out_fz, dx_fz = _loss_and_input_grad(fz, ids, ids)
+    torch.testing.assert_close(out_fz.loss, out_ref.loss, atol=1e-4, rtol=1e-4)  # TF32 matmuls
+    torch.testing.assert_close(dx_fz, dx_ref, atol=1e-4, rtol=1e-3)

@@ -1,0 +1,486 @@
+"""IA3, BitFit, bottleneck adapters and LLaMA-Adapter: each reference proven equal to its
+production path.
+
+- IA3 and LLaMA-Adapter: Hugging Face peft (IA3Config, AdaptionPromptConfig). Same weights ->
+  same outputs and gradients (fp32, atol 1e-5) on tiny Llama and BERT models, peft's on-disk
+  names, files that load in peft and back.
+- BitFit: plain ``requires_grad`` on the model's own biases (peftlab.production.merged.bitfit):
+  same outputs, gradients and training steps.
+- Bottleneck: peftlab's fused form (peftlab.production.merged.fuse_bottleneck): same outputs and
+  gradients, in training (addmm path) and without gradients (down projection folded).
+Plus, for all: output unchanged at init, closed-form parameter counts, only adapter parameters
+change in a step, merge (or its clear refusal), save/load round trips.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftlab
+from peftlab.api import make_config, records
+from peftlab.errors import AdapterFileError, ConfigError
+from peftlab.inject import adapted_layers
+from peftlab.methods import get_method
+from peftlab.models import _tiny_bert, _tiny_llama
+from peftlab.production import hf_peft, merged
+
+ATOL = 1e-5
+METHODS = ("ia3", "bitfit", "bottleneck", "llama_adapter")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 1) -> None:
+    """Move every adapter parameter away from its init (zero gates and up projections included)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".adapters." in name or ".copies." in name:
+            param.add_(torch.randn(param.shape, generator=g) * 0.2 * (param.abs().mean() + 0.1))
+
+
+def batch(model: nn.Module, seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (2, 7), generator=g)
+    if model.config.model_type == "bert":
+        return {"input_ids": ids, "labels": torch.tensor([0, 1])}
+    return {"input_ids": ids, "labels": ids}
+
+
+def default_hp(build, method: str) -> dict:
+    """What a method needs beyond defaults on this model (BitFit on Llama: the norms)."""
+    return {"include_norms": True} if (method == "bitfit" and build is _tiny_llama) else {}
+
+
+SUPPORTED = [(b, m) for b in (_tiny_llama, _tiny_bert) for m in METHODS if not (m == "llama_adapter" and b is _tiny_bert)]
+
+
+def ids_of(cases):
+    return [f"{b.__name__.removeprefix('_')}-{m}" for b, m in cases]
+
+
+# --------------------------------------------------------------------------------------------
+# Contract checks shared by the four methods
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build,method", SUPPORTED, ids=ids_of(SUPPORTED))
+def test_starts_at_base_model_and_disables_back_to_it(build, method):
+    model = build().eval()
+    inputs = batch(model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+        peftlab.adapt(model, method, **default_hp(build, method))
+        assert torch.equal(model(**inputs).logits, base)  # IA3 ones, zero up / gate, copied biases
+        randomise(model)
+        changed = model(**inputs).logits
+        peftlab.set_disabled(model, True)
+        assert torch.equal(model(**inputs).logits, base)
+        peftlab.set_disabled(model, False)
+        assert (changed - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("build,method", SUPPORTED, ids=ids_of(SUPPORTED))
+def test_trainable_count_is_the_closed_form(build, method):
+    model = build()
+    spec = get_method(method)
+    peftlab.adapt(model, method, **default_hp(build, method))
+    config = records(model)["default"].config
+    copies = sum(p.numel() for n, p in model.named_parameters() if ".copies." in n)  # the BERT head
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - copies
+    if spec.params_per_layer is not None:
+        expected = 0
+        for layer in adapted_layers(model).values():
+            d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
+            expected += spec.params_per_layer(d_in, d_out, config)
+    else:
+        fresh = build()  # the closed form is computed on the model before adapting
+        expected = spec.parameter_count(fresh, make_config(spec, fresh, **default_hp(build, method)))
+    assert trainable == expected > 0
+
+
+def test_closed_forms_by_hand():
+    """The formulas on tiny-llama (hidden 64, d_ff 128, 4 heads of 16, 2 kv heads, 2 layers)."""
+    llama, bert = _tiny_llama(), _tiny_bert()
+    count = lambda m, method, **hp: get_method(method).parameter_count(m, make_config(get_method(method), m, **hp))
+    assert count(llama, "ia3") == 2 * (32 + 32 + 128)  # k, v outputs (2 kv heads x 16); down input
+    assert count(bert, "ia3") == 2 * (64 + 64 + 64 + 128)  # key, value; attention output, output inputs
+    assert count(llama, "llama_adapter") == 2 * (10 * 64 + 1)
+    assert count(llama, "llama_adapter", adapter_len=3, adapter_layers=1) == 3 * 64 + 1
+    # BERT: 6 linear biases per layer (q k v, attn out 64 each; intermediate 128; output 64) and
+    # 2 LayerNorm biases per layer, the embedding LayerNorm, the pooler (classifier: modules_to_save)
+    assert count(bert, "bitfit") == 2 * (4 * 64 + 128 + 64 + 2 * 64) + 64 + 64
+    assert count(llama, "bitfit", include_norms=True) == 2 * 2 * 64 + 64  # 2 RMSNorms per layer + final
+    spec = get_method("bottleneck")
+    houlsby = make_config(spec, llama)
+    assert spec.params_per_layer(128, 64, houlsby) == 2 * 4 * 64 + 4 + 64  # r = 64 // 16
+    parallel = make_config(spec, llama, kind="parallel", r=8)
+    assert spec.params_per_layer(128, 64, parallel) == 8 * (128 + 64) + 8 + 64
+
+
+@pytest.mark.parametrize("build,method", SUPPORTED, ids=ids_of(SUPPORTED))
+def test_only_adapter_parameters_change_in_a_step(build, method):
+    model = build()
+    peftlab.adapt(model, method, **default_hp(build, method))
+    randomise(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch(model)).loss.backward()
+    optimiser.step()
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        assert moved == param.requires_grad, name
+        assert param.requires_grad == (".adapters.default." in name or ".copies.default." in name), name
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with peft: IA3 and LLaMA-Adapter
+# --------------------------------------------------------------------------------------------
+PEFT_CASES = [
+    (_tiny_llama, "ia3", {}),
+    (_tiny_bert, "ia3", {}),
+    (_tiny_llama, "ia3", {"targets": "all-linear", "feedforward_modules": r".*(down|up)_proj"}),
+    (_tiny_llama, "llama_adapter", {}),
+    (_tiny_llama, "llama_adapter", {"adapter_len": 3, "adapter_layers": 1}),
+]
+
+
+def peft_id(case) -> str:
+    build, method, hp = case
+    return f"{build.__name__.removeprefix('_')}-{method}-" + ("-".join(f"{k}={v}" for k, v in hp.items()) or "defaults")
+
+
+def pair(build, method: str, hp: dict):
+    """(reference model with random adapter weights, peft model given the same weights)."""
+    ours = peftlab.adapt(build(), method, **hp)
+    randomise(ours)
+    theirs = peftlab.adapt(build(), method, backend="peft", **hp)
+    hf_peft.copy_reference_to_peft(ours, theirs)
+    return ours.eval(), theirs.eval()
+
+
+def max_grad_diff(ours: nn.Module, theirs: nn.Module) -> float:
+    their_params = dict(theirs.named_parameters())
+    diffs = [(ours.get_parameter(mine).grad - their_params[name].grad).abs().max().item()
+             for mine, name in hf_peft.reference_to_peft_names(ours).items()]
+    assert diffs
+    return max(diffs)
+
+
+@pytest.mark.parametrize("case", PEFT_CASES, ids=[peft_id(c) for c in PEFT_CASES])
+def test_same_outputs_and_gradients_as_peft(case):
+    build, method, hp = case
+    ours, theirs = pair(build, method, hp)
+    inputs = batch(ours)
+    out_ours, out_theirs = ours(**inputs), theirs(**inputs)
+    assert (out_ours.logits - out_theirs.logits).abs().max() < ATOL
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    assert max_grad_diff(ours, theirs) < ATOL
+    # the same parameters train in both
+    ours_trainable = {hf_peft.reference_to_peft_names(ours)[n] for n, p in ours.named_parameters() if p.requires_grad}
+    assert ours_trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES[:4], ids=[peft_id(c) for c in PEFT_CASES[:4]])
+def test_saved_adapter_loads_in_peft_and_back(tmp_path, case):
+    import peft
+
+    build, method, hp = case
+    ours = peftlab.adapt(build(), method, **hp).eval()
+    randomise(ours)
+    inputs = batch(ours)
+    expected = ours(**inputs).logits
+    peftlab.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path / "a")).eval()
+    assert (theirs(**inputs).logits - expected).abs().max() < ATOL
+    again = peftlab.load_adapter(build(), tmp_path / "a").eval()
+    assert (again(**inputs).logits - expected).abs().max() < ATOL
+    assert records(again)["default"].method == method
+    # a file peft wrote loads in the reference too
+    theirs.save_pretrained(str(tmp_path / "b"))
+    from_peft = peftlab.load_adapter(build(), tmp_path / "b").eval()
+    assert (from_peft(**inputs).logits - expected).abs().max() < ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# IA3 specifics
+# --------------------------------------------------------------------------------------------
+def test_ia3_scales_the_right_axis_and_peft_shapes():
+    model = peftlab.adapt(_tiny_bert(), "ia3")
+    layers = adapted_layers(model)
+    key = layers["bert.encoder.layer.0.attention.self.key"].adapters["default"]
+    ffn = layers["bert.encoder.layer.0.output.dense"].adapters["default"]
+    attn_out = layers["bert.encoder.layer.0.attention.output.dense"].adapters["default"]
+    assert not key.feedforward and key.ia3_l.shape == (64, 1)  # scales the output
+    assert ffn.feedforward and ffn.ia3_l.shape == (1, 128)  # scales the input
+    assert attn_out.feedforward  # "output.dense" names both, as in peft
+    # h = W (l ⊙ x) + b for a feed-forward layer, l ⊙ (W x + b) otherwise
+    base = layers["bert.encoder.layer.0.output.dense"].base_layer
+    with torch.no_grad():
+        ffn.ia3_l.uniform_(0.5, 1.5)
+        key.ia3_l.uniform_(0.5, 1.5)
+    x = torch.randn(3, 128)
+    assert torch.allclose(layers["bert.encoder.layer.0.output.dense"](x), base(x * ffn.ia3_l), atol=ATOL)
+    kb = layers["bert.encoder.layer.0.attention.self.key"].base_layer
+    y = torch.randn(3, 64)
+    assert torch.allclose(layers["bert.encoder.layer.0.attention.self.key"](y), kb(y) * key.ia3_l.T, atol=ATOL)
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_bert], ids=["tiny_llama", "tiny_bert"])
+def test_ia3_merge_scales_weights_and_biases(build):
+    model = peftlab.adapt(build(), "ia3").eval()
+    randomise(model)
+    base_state = {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
+    inputs = batch(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        peftlab.merge(model)
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+        if build is _tiny_bert:  # key/value scale their output, so their bias is scaled too
+            layer = adapted_layers(model)["bert.encoder.layer.0.attention.self.key"]
+            scale = layer.adapters["default"].ia3_l.flatten()
+            original = base_state["bert.encoder.layer.0.attention.self.key.base_layer.bias"]
+            assert torch.allclose(layer.base_layer.bias, original * scale, atol=1e-6)
+        peftlab.unmerge(model)
+        for name, param in model.named_parameters():
+            if name in base_state:
+                assert torch.allclose(param, base_state[name], atol=1e-6), name
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+
+
+def test_ia3_peft_config_has_exact_feedforward_subset():
+    model = _tiny_llama()
+    spec = get_method("ia3")
+    config = hf_peft.to_peft_config(spec, make_config(spec, model), model)
+    assert config.target_modules == {f"model.layers.{i}.{m}" for i in range(2)
+                                     for m in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert config.feedforward_modules == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    name, back = hf_peft.from_peft_config(config)
+    assert name == "ia3" and set(back.feedforward_modules) == config.feedforward_modules
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-Adapter specifics
+# --------------------------------------------------------------------------------------------
+def test_llama_adapter_refuses_bert_clearly():
+    for backend in ("reference", "peft"):
+        with pytest.raises(ConfigError, match="Llama-architecture models only"):
+            peftlab.adapt(_tiny_bert(), "llama_adapter", backend=backend)
+    with pytest.raises(ConfigError, match="more than the model's 2 attention layers"):
+        peftlab.adapt(_tiny_llama(), "llama_adapter", adapter_layers=3)
+
+
+def test_llama_adapter_wraps_the_top_layers_and_refuses_merge():
+    model = peftlab.adapt(_tiny_llama(), "llama_adapter", adapter_len=4, adapter_layers=1)
+    assert list(adapted_layers(model)) == ["model.layers.1.self_attn"]
+    adapter = adapted_layers(model)["model.layers.1.self_attn"].adapters["default"]
+    assert adapter.adaption_prompt.shape == (1, 4, 64) and adapter.adaption_gate.item() == 0.0
+    with pytest.raises(ConfigError, match="cannot be merged.*attention over extra keys"):
+        peftlab.merge(model)
+
+
+def test_llama_adapter_generates_like_peft():
+    ours, theirs = pair(_tiny_llama, "llama_adapter", {"adapter_len": 4})
+    with torch.no_grad():  # a large gate, so the prompts decide the continuation
+        for name, param in ours.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.fill_(3.0)
+    hf_peft.copy_reference_to_peft(ours, theirs)
+    prompt = torch.tensor([[1, 17, 250, 903, 44]])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 2}
+    with torch.no_grad():
+        tokens = ours.generate(input_ids=prompt, **kwargs)
+        assert torch.equal(tokens, theirs.generate(input_ids=prompt, **kwargs))
+        peftlab.set_disabled(ours, True)
+        base_tokens = ours.generate(input_ids=prompt, **kwargs)
+    assert tokens.shape == (1, 11) and not torch.equal(tokens, base_tokens)
+
+
+@pytest.mark.slow
+def test_llama_adapter_matches_peft_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    hp = {"adapter_len": 10, "adapter_layers": 2}
+    ours = peftlab.adapt(copy.deepcopy(model), "llama_adapter", **hp).eval()
+    randomise(ours)
+    theirs = peftlab.adapt(copy.deepcopy(model), "llama_adapter", backend="peft", **hp).eval()
+    hf_peft.copy_reference_to_peft(ours, theirs)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out_ours, out_theirs = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert (out_ours.logits - out_theirs.logits).abs().max() < 1e-4  # 30 layers, logits ~ 20
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    assert max_grad_diff(ours, theirs) < ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# BitFit: reference == plain requires_grad on the model's own biases
+# --------------------------------------------------------------------------------------------
+def test_bitfit_without_biases_says_what_would_train():
+    with pytest.raises(ConfigError) as err:
+        peftlab.adapt(_tiny_llama(), "bitfit")
+    message = str(err.value)
+    assert "no bias parameters" in message and "include_norms=True" in message
+    assert "model.layers.0.input_layernorm" in message and "5 norm layers" in message
+    with pytest.raises(ConfigError, match="no bias parameters"):
+        merged.bitfit(_tiny_llama())  # the production path refuses the same way
+
+
+@pytest.mark.parametrize("build", [_tiny_bert, _tiny_llama], ids=["tiny_bert", "tiny_llama_norms"])
+def test_bitfit_reference_equals_plain_requires_grad(build):
+    hp = default_hp(build, "bitfit")
+    ours = peftlab.adapt(build(), "bitfit", **hp).eval()
+    randomise(ours)
+    plain = build().eval()
+    trainable = merged.bitfit(plain, **hp)
+    merged.copy_reference_to_plain(ours, plain)
+    # the same parameters train: the reference's adapter copies are the plain model's own tensors
+    names = {k.removeprefix(hf_peft.PREFIX) for k in hf_peft.reference_state_dict(ours)}
+    assert set(trainable) == names
+    inputs = batch(ours)
+    out_ours, out_plain = ours(**inputs), plain(**inputs)
+    assert (out_ours.logits - out_plain.logits).abs().max() < ATOL
+    out_ours.loss.backward()
+    out_plain.loss.backward()
+    mapping = {ours_name: hf_peft.saved_name(peft_name).removeprefix(hf_peft.PREFIX)
+               for ours_name, peft_name in hf_peft.reference_to_peft_names(ours).items()}
+    for mine, theirs in mapping.items():
+        assert (ours.get_parameter(mine).grad - plain.get_parameter(theirs).grad).abs().max() < ATOL, mine
+    # and the same training steps
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_plain = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        for model, opt in ((ours, opt_ours), (plain, opt_plain)):
+            opt.step()
+            opt.zero_grad()
+            model(**inputs).loss.backward()
+    for mine, theirs in mapping.items():
+        assert (ours.get_parameter(mine) - plain.get_parameter(theirs)).abs().max() < ATOL, mine
+
+
+def test_bitfit_targets_select_biases_and_merge():
+    model = peftlab.adapt(_tiny_bert(), "bitfit", targets=("query", "intermediate.dense")).eval()
+    assert sorted(adapted_layers(model)) == [f"bert.encoder.layer.{i}.{m}" for i in range(2)
+                                             for m in ("attention.self.query", "intermediate.dense")]
+    randomise(model)
+    inputs = batch(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        peftlab.merge(model)
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+        layer = adapted_layers(model)["bert.encoder.layer.0.attention.self.query"]
+        assert torch.equal(layer.base_layer.bias, layer.adapters["default"].bias)
+        peftlab.unmerge(model)
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+
+
+def test_bitfit_save_load_round_trip(tmp_path):
+    model = peftlab.adapt(_tiny_bert(), "bitfit").eval()
+    randomise(model)
+    inputs = batch(model)
+    expected = model(**inputs).logits
+    peftlab.save_adapter(model, tmp_path / "bitfit")
+    config = json.loads((tmp_path / "bitfit" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PEFTLAB_BITFIT" and config["task_type"] == "SEQ_CLS"
+    assert config["modules_to_save"] == ["classifier"] and config["include_norms"] is False
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "bitfit" / "adapter_model.safetensors"))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.bias" in keys
+    assert "base_model.model.bert.embeddings.LayerNorm.bias" in keys
+    assert not any(k.endswith("query.weight") for k in keys)
+    again = peftlab.load_adapter(_tiny_bert(), tmp_path / "bitfit").eval()
+    assert (again(**inputs).logits - expected).abs().max() < ATOL
+    with pytest.raises(AdapterFileError, match="peft cannot load it"):
+        peftlab.load_adapter(_tiny_bert(), tmp_path / "bitfit", backend="peft")
+
+
+# --------------------------------------------------------------------------------------------
+# Bottleneck adapters: reference == fused production form
+# --------------------------------------------------------------------------------------------
+BOTTLENECK_CASES = [(b, kind) for b in (_tiny_llama, _tiny_bert) for kind in ("houlsby", "parallel")]
+
+
+def test_bottleneck_reads_the_output_or_the_input():
+    model = peftlab.adapt(_tiny_bert(), "bottleneck", targets=("output.dense",), non_linearity="gelu")
+    randomise(model)
+    layer = adapted_layers(model)["bert.encoder.layer.0.attention.output.dense"]
+    adapter = layer.adapters["default"]
+    x = torch.randn(3, 64)
+    h = layer.base_layer(x)
+    serial = h + 1.0 * adapter.up(F.gelu(adapter.down(h)))  # Houlsby: on the sublayer output
+    assert torch.allclose(layer(x), serial, atol=ATOL)
+    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=8, non_linearity="tanh")
+    randomise(model)
+    layer = adapted_layers(model)["model.layers.0.mlp.down_proj"]
+    adapter = layer.adapters["default"]
+    assert adapter.down.weight.shape == (8, 128) and adapter.scaling == 4.0  # reads the d_ff input
+    x = torch.randn(3, 128)
+    parallel = layer.base_layer(x) + 4.0 * adapter.up(torch.tanh(adapter.down(x)))
+    assert torch.allclose(layer(x), parallel, atol=ATOL)
+
+
+@pytest.mark.parametrize("build,kind", BOTTLENECK_CASES, ids=[f"{b.__name__[1:]}-{k}" for b, k in BOTTLENECK_CASES])
+def test_fused_bottleneck_equals_reference(build, kind):
+    ours = peftlab.adapt(build(), "bottleneck", kind=kind, non_linearity="gelu").eval()
+    randomise(ours)
+    fused = merged.fuse_bottleneck(copy.deepcopy(ours))
+    assert not adapted_layers(fused) and any(isinstance(m, merged.FusedBottleneck) for m in fused.modules())
+    inputs = batch(ours)
+    out_ours, out_fused = ours(**inputs), fused(**inputs)  # training path: addmm, no folding
+    assert (out_ours.logits - out_fused.logits).abs().max() < ATOL
+    out_ours.loss.backward()
+    out_fused.loss.backward()
+    fused_params = dict(fused.named_parameters())
+    grads = 0
+    for name, param in ours.named_parameters():
+        if param.requires_grad and ".adapters." in name:
+            other = fused_params[name.replace(".adapters.default.", ".")]
+            assert (param.grad - other.grad).abs().max() < ATOL, name
+            grads += 1
+    assert grads == 4 * len(adapted_layers(ours))
+    # without gradients the down projection is folded into the base matmul
+    with torch.no_grad():
+        assert (ours(**inputs).logits - fused(**inputs).logits).abs().max() < ATOL
+        # a step changes the adapter: the folded cache must notice
+        for model in (ours, fused):
+            for name, param in model.named_parameters():
+                if "down" in name:
+                    param.mul_(1.5)
+        assert (ours(**inputs).logits - fused(**inputs).logits).abs().max() < ATOL
+    merged.unfuse_bottleneck(fused)
+    assert set(adapted_layers(fused)) == set(adapted_layers(ours))
+
+
+def test_bottleneck_cannot_merge_and_round_trips(tmp_path):
+    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=4).eval()
+    randomise(model)
+    with pytest.raises(ConfigError, match="non-linearity .* no fixed ΔW"):
+        peftlab.merge(model)
+    inputs = batch(model)
+    expected = model(**inputs).logits
+    peftlab.save_adapter(model, tmp_path / "bn")
+    config = json.loads((tmp_path / "bn" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PEFTLAB_BOTTLENECK" and config["kind"] == "parallel" and config["r"] == 4
+    again = peftlab.load_adapter(_tiny_llama(), tmp_path / "bn").eval()
+    assert (again(**inputs).logits - expected).abs().max() < ATOL
+
+
+def test_bottleneck_config_errors():
+    with pytest.raises(ConfigError, match="Did you mean 'parallel'"):
+        peftlab.adapt(_tiny_llama(), "bottleneck", kind="paralel")
+    with pytest.raises(ConfigError, match="non_linearity='softmax'"):
+        peftlab.adapt(_tiny_llama(), "bottleneck", non_linearity="softmax")
+    with pytest.raises(ConfigError, match="no 'bottleneck' method"):
+        peftlab.adapt(_tiny_llama(), "bottleneck", backend="peft")
