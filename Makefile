@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/bundled.t
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(CONSTRAINTS) -e ".[lab,test]"
 	$(PIP) install --quiet --no-deps -r requirements/bundled.txt
-	$(PY) -m peftlab.cli info --brief
+	$(PY) -c "import peftlab.cli, peftlab.models, peftlab.data"
 	touch $(STAMP)
 
 lab: install

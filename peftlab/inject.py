@@ -365,7 +365,8 @@ def merge(model: nn.Module) -> nn.Module:
     tied = _tied_parameter_ids(model)
     for name, layer in layers.items():
         weight = getattr(layer.base_layer, "weight", None)
-        if layer.active and weight is not None and id(weight) in tied:
+        mergeable = all(layer.adapters[a].mergeable for a in layer.active)  # else layer.merge says why
+        if layer.active and mergeable and weight is not None and id(weight) in tied:
             raise ConfigError(
                 f"Cannot merge into {name!r}: its weight is tied to another module (typically the "
                 "input embedding shared with the output head), so merging would change both. "

@@ -576,11 +576,19 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     from peftlab.production.hf_peft import import_peft
 
     peft = import_peft()
+    # peft refuses is_trainable=True for soft prompts (prompt tuning, prefix tuning, P-tuning): the
+    # file holds the prompt an encoder computed, not the encoder. It loads that prompt as a plain
+    # table, which can train on: it is made trainable below, as the reference backend does.
+    prompt_learning = peft.PeftConfig.from_pretrained(str(folder)).is_prompt_learning
     if _is_peft(model):
-        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=True)
+        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=not prompt_learning)
         model.set_adapter(adapter_name)
-        return model
-    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=True)
+    else:
+        model = peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
+                                               is_trainable=not prompt_learning)
+    if prompt_learning:
+        model.prompt_encoder[adapter_name].requires_grad_(True)
+    return model
 
 
 class _Snapshot:

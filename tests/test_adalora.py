@@ -166,6 +166,11 @@ def test_train_hooks_same_allocation_on_both_backends():
     assert ours.losses == pytest.approx(theirs.losses, abs=ATOL)
     assert adalora.rank_pattern(ref) == pm.peft_config["default"].rank_pattern
     assert sum(seen[-1].values()) == 2 * 14 and sum(seen[0].values()) == 4 * 14
+    # gradient accumulation: the regulariser counts once per optimizer step, so 2 x 2 == 1 x 4
+    accumulated, _ = _pair(**hp)
+    split = peftlab.train(accumulated, data, **dict(settings, batch_size=2, grad_accum=2))
+    assert split.losses == pytest.approx(ours.losses, abs=ATOL)
+    assert adalora.rank_pattern(accumulated) == adalora.rank_pattern(ref)
     # the regulariser reached the gradients: P and Q moved towards orthogonality
     before, _ = _pair(**hp)
     assert adalora.orthogonal_regularizer(ref) < adalora.orthogonal_regularizer(before)
@@ -190,6 +195,10 @@ def test_starts_as_base_and_delta_weight_factors_merge_agree():
             manual = a.lora_B @ torch.diag(a.lora_E.view(-1)) @ a.lora_A * 16.0 / (4 + 1e-5)
             torch.testing.assert_close(left @ right, manual, atol=1e-6, rtol=0)
             torch.testing.assert_close(a.delta_weight(layer.base_layer), manual, atol=1e-6, rtol=0)
+        spectra = peftlab.spectrum(model)  # through factors(): singular values of ΔW, not Λ
+        for name, layer in adapted_layers(model).items():
+            full = torch.linalg.svdvals(layer.delta_weight())
+            torch.testing.assert_close(spectra[name][:4].float(), full[:4], atol=1e-6, rtol=1e-4)
         peftlab.merge(model)
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=ATOL, rtol=0)
         peftlab.unmerge(model)

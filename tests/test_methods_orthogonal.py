@@ -88,17 +88,14 @@ def build_pair(model, method: str, **hp):
 
 CASES = [  # (fixture, method, hyperparameters, needs peft's multi-factor butterfly)
     ("tiny_llama", "oft", {}, False),
-    ("tiny_llama", "oft", {"use_cayley_neumann": False}, False),
+    ("tiny_llama", "oft", {"use_cayley_neumann": False, "r": 4, "targets": "all-linear"}, False),
     ("tiny_llama", "oft", {"coft": True, "eps": 1e-2}, False),
     ("tiny_llama", "oft", {"block_share": True, "num_cayley_neumann_terms": 7}, False),
-    ("tiny_llama", "oft", {"r": 4, "targets": "all-linear"}, False),
     ("tiny_bert", "oft", {}, False),
     ("tiny_llama", "boft", {}, False),
-    ("tiny_llama", "boft", {"block_num": 8, "targets": ("o_proj", "down_proj")}, False),
-    ("tiny_bert", "boft", {}, False),
+    ("tiny_bert", "boft", {"block_num": 16}, False),
     ("tiny_llama", "boft", {"n_butterfly_factor": 2}, True),
-    ("tiny_llama", "boft", {"n_butterfly_factor": 3, "block_size": 2}, True),
-    ("tiny_bert", "boft", {"n_butterfly_factor": 2, "block_size": 8}, True),
+    ("tiny_llama", "boft", {"n_butterfly_factor": 3, "block_size": 2, "targets": ("o_proj", "down_proj")}, True),
 ]
 
 

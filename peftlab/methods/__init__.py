@@ -53,7 +53,7 @@ class Method:
     config: type[AdapterConfig]
     # build(model, config, adapter_name): adds the adapter to the model in place
     build: Callable[[nn.Module, AdapterConfig, str], None]
-    family: str  # reparameterisation, orthogonal, adaptive, additive, selective, soft prompt, mixture
+    family: str  # reparameterisation, orthogonal, adaptive, additive, rescaling, selective, soft prompt, mixture
     description: str  # one line for learners
     paper: str  # citation with link
     formula: str  # trainable parameters, in words a learner can check

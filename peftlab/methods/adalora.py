@@ -32,6 +32,17 @@ Pruning a rank-1 triplet (P[:, i], Λ_i, Q[i]) is setting Λ_i to 0. After each 
 At step T - tfinal the final allocation is made; after it the same Λ_i are zeroed every step.
 Like peft, a pruned Λ_i can regrow from its gradient between two allocations (the next one decides
 again): the zero in Λ is the mask, so forward, ``delta_weight`` and merging always agree.
+
+Training (``total_step`` is required: the schedule is laid out over the whole run):
+
+    model = peftlab.adapt(model, "adalora", total_step=steps, init_r=12, target_r=8)
+    peftlab.train(model, data, steps=steps)     # adds the regulariser, calls update_and_allocate
+    # or your own loop, the way peft is used:
+    loss = model(**batch).loss                  # with labels: the regulariser is already added
+    loss.backward(); optimizer.step()
+    update_and_allocate(model, step)            # step counts from 0, before zero_grad()
+    optimizer.zero_grad()
+    rank_allocation(model), rank_history(model)  # -> peftlab.plots.rank_allocation
 """
 
 from __future__ import annotations
@@ -157,8 +168,8 @@ class RankAllocator:
         """Ī and Ū from this step's |w · grad| (call after backward, before zeroing gradients)."""
         b1, b2 = self.config.beta1, self.config.beta2
         for name, adapter in layers.items():
-            for pname, p in (("lora_A", adapter.lora_A), ("lora_E", adapter.lora_E), ("lora_B", adapter.lora_B)):
-                key = f"{name}.{pname}"
+            for pname in ("lora_A", "lora_E", "lora_B"):
+                p, key = getattr(adapter, pname), f"{name}.{pname}"
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 now = (p * grad).abs()
                 ema = self.importance.get(key, torch.zeros_like(p))
@@ -246,7 +257,8 @@ def orthogonality(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     total, count = 0, 0
     for q, p in pairs:
         for gram in (q @ q.T, p.T @ p):  # (r, r) each
-            total = total + torch.norm(gram - torch.eye(*gram.shape, dtype=gram.dtype, device=gram.device), p="fro")
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            total = total + torch.norm(gram - eye, p="fro")
             count += 1
     return total / max(count, 1)
 
@@ -297,7 +309,8 @@ def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str,
     """The last allocation in peft's format: {"<layer>.lora_E.<adapter>": [kept?] * init_r}."""
     name, allocator = _allocator(model, adapter_name)
     kept = allocator.kept or {}
-    return {f"{layer}.lora_E.{name}": kept[layer].tolist() if layer in kept else [True] * allocator.config.init_r
+    everything = [True] * allocator.config.init_r
+    return {f"{layer}.lora_E.{name}": kept[layer].tolist() if layer in kept else everything
             for layer in allocator.layer_names}
 
 

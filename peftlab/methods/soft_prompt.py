@@ -28,15 +28,18 @@ code and ``generate`` keep calling ``model(input_ids=..., attention_mask=..., la
                   attention_mask   -> [1 ... 1 ; attention_mask]            (every call)
                   labels (per token) -> [-100 ... -100 ; labels]            (no loss on P)
                   position_ids     -> dropped: the model numbers all n + T positions itself
+                  token_type_ids   -> [0 ... 0 ; token_type_ids] for a classifier (BERT);
+                                      dropped for a causal LM
     prefix        past_key_values  -> a cache holding P_K^l, P_V^l of every layer (first call)
                   attention_mask   -> [1 ... 1 ; attention_mask]            (every call)
                   position_ids     -> position_ids + n: real tokens come after the prefix
 
 "First call" means the model has no cache yet (a training step, or the prefill of ``generate``);
-later decoding steps find the prompt already in the cache. These are exactly the conventions of
-Hugging Face peft's PeftModelForCausalLM / ...ForSequenceClassification (peft 0.21), so the two
-give the same logits, gradients and generated tokens; in particular, logits of an input prompt
-cover the n virtual positions too (shape (B, n + T, V)), as in peft.
+later decoding steps find the prompt already in the cache. With ``use_cache=False`` every call
+is a first call. These are the conventions of Hugging Face peft's PeftModelForCausalLM and
+PeftModelForSequenceClassification (peft 0.21), so both give the same logits, gradients and
+generated tokens. In particular an input prompt's logits cover the n virtual positions too,
+shape (B, n + T, V), as in peft; a classifier's labels (one per sequence) are left alone.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class SoftPrompt(Adapter):
     layer's output alone; :func:`insert_soft_prompt` puts ``prompt()`` into the model."""
 
     mergeable: ClassVar[bool] = False
+    unmergeable_reason: ClassVar[str] = ("a soft prompt adds virtual tokens the model reads, not a change "
+                                         "of any weight")
     is_prefix: ClassVar[bool] = False  # True: keys/values of every layer; False: input embeddings
     num_virtual_tokens: int
 
@@ -134,22 +139,27 @@ def is_sequence_classifier(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 # Attaching
 # --------------------------------------------------------------------------------------------
+_CHECKPOINTING_MESSAGE = (
+    "Prefix tuning does not work with gradient checkpointing: the prefix lives in the key/value "
+    "cache, which transformers' checkpointed layers drop (past_key_values=None). Expected "
+    "gradient checkpointing off: peftlab.train(..., gradient_checkpointing=False), "
+    "model.activation_checkpointing_disable(), or, with peft's prepare_model_for_kbit_training, "
+    "use_gradient_checkpointing=False. Prompt tuning and P-tuning work with it."
+)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def attach(model: nn.Module, prompt: SoftPrompt, adapter_name: str) -> None:
     """Put ``prompt`` on the input embedding layer and make sure the pre-hook is installed."""
-    if prompt.is_prefix and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    if prompt.is_prefix and _checkpointing(model):
         raise ConfigError(_CHECKPOINTING_MESSAGE)
     inject(model, [input_embedding_name(model)], lambda _name, _base: prompt, adapter_name)
     if insert_soft_prompt not in model._forward_pre_hooks.values():
         # a module-level function (not a closure), so copy.deepcopy(model) keeps working
         model.register_forward_pre_hook(insert_soft_prompt, with_kwargs=True)
-
-
-_CHECKPOINTING_MESSAGE = (
-    "Prefix tuning does not work with gradient checkpointing: the prefix lives in the key/value "
-    "cache, which checkpointed layers drop. Expected gradient checkpointing off; try "
-    "model.gradient_checkpointing_disable() (or, with peft's prepare_model_for_kbit_training, "
-    "use_gradient_checkpointing=False)."
-)
 
 
 def active_soft_prompt(model: nn.Module) -> SoftPrompt | None:
@@ -178,6 +188,10 @@ def insert_soft_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     batch = (ids if ids is not None else embeds).shape[0]
     cache = kwargs.get("past_key_values")
+    if kwargs.get("use_cache") is False and cache is not None:
+        # no cache wanted: one passed in is stale (generate(use_cache=False) hands back the prefix
+        # cache the model returned), so start afresh; peft 0.21 crashes here instead
+        cache = kwargs["past_key_values"] = None
     first_call = cache is None or cache.get_seq_length() == 0  # else the prompt is in the cache
 
     mask = kwargs.get("attention_mask")
@@ -219,13 +233,11 @@ def prefix_cache(model: nn.Module, prompt: SoftPrompt, batch: int, cache=None):
     """A key/value cache holding the prefix of every layer (``cache``, if given empty, is filled)."""
     from transformers import DynamicCache
 
-    if prompt.is_prefix and model.training and torch.is_grad_enabled() and any(
-            getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        raise ConfigError(_CHECKPOINTING_MESSAGE)
+    if model.training and torch.is_grad_enabled() and _checkpointing(model):
+        raise ConfigError(_CHECKPOINTING_MESSAGE)  # checking when it is turned on after adapt()
     layers, kv_heads, head_dim = prompt.layers, prompt.kv_heads, prompt.head_dim
-    n = prompt.num_virtual_tokens
-    dtype = getattr(model, "dtype", None) or prompt.prompt().dtype
-    kv = prompt.prompt().to(dtype).view(n, 2 * layers, kv_heads, head_dim)  # [K^0, V^0, K^1, ...]
+    n, flat = prompt.num_virtual_tokens, prompt.prompt()  # (n, 2·L·d_kv)
+    kv = flat.to(getattr(model, "dtype", flat.dtype)).view(n, 2 * layers, kv_heads, head_dim)  # [K^0, V^0, K^1, ...]
     kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, hd)
     cache = cache if cache is not None else DynamicCache()
     for layer in range(layers):

@@ -59,6 +59,7 @@ from peftlab.errors import ConfigError
 from peftlab.inject import AdaptedLayer, adapted_layers, is_quantized
 from peftlab.methods.dora import DoRA
 from peftlab.methods.lora import LoRA
+from peftlab.quant.nf4 import Linear4bitRef, dequantize_4bit
 
 # methods whose adapters have a fused kernel here (others would gain nothing from backend="fused")
 FUSED_METHODS = ("lora", "dora")
@@ -88,10 +89,7 @@ def base_plan(base: nn.Module, x: Tensor) -> BasePlan | None:
     bias = getattr(base, "bias", None)
     if bias is not None and bias.requires_grad:
         return None
-    kind = type(base).__name__
-    if getattr(base, "is_quantized", False) and hasattr(base, "packed"):  # peftlab Linear4bitRef
-        from peftlab.quant.nf4 import dequantize_4bit
-
+    if isinstance(base, Linear4bitRef):  # peftlab's NF4 layer: codes and scales in buffers
         dtype = base.compute_dtype or x.dtype
         return BasePlan(lambda: dequantize_4bit(base.packed, base.state, dtype), _cast(bias, dtype),
                         dtype, x.dtype)
@@ -113,7 +111,7 @@ def base_plan(base: nn.Module, x: Tensor) -> BasePlan | None:
         return None  # a trained base, or a dtype mix the base itself would refuse
     if type(base) is nn.Linear:
         return BasePlan(lambda: weight, bias, weight.dtype, weight.dtype)
-    if kind == "Conv1D":  # transformers' GPT-2 layer stores W as (d_in, d_out)
+    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer stores W as (d_in, d_out)
         return BasePlan(lambda: weight.T, bias, weight.dtype, weight.dtype)
     return None
 
@@ -516,6 +514,7 @@ def bench_fused_step(
     quantization: str | None = None,
     threads: int | None = None,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Time one training step (forward with labels, backward, AdamW step) per implementation.
 
@@ -530,6 +529,8 @@ def bench_fused_step(
     gradients, temporaries; CUDA: allocated bytes; CPU: peak RSS, Linux only), "resident_mb" what
     was resident before it. On CPU, run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment so
     that freed tensors go back to the system and the next variant's peak is not hidden.
+
+    ``log`` (e.g. ``print``) receives one line per measured step.
 
     Returns:
         {variant: {"median_s", "min_s", "peak_mb", "resident_mb", "loss"}}.
@@ -577,6 +578,8 @@ def bench_fused_step(
             _sync(device)
             times[name].append(time.perf_counter() - start)
             peaks[name] = max(peaks[name], peak_memory_mb(device) - resident[name])
+            if log is not None:
+                log(f"{name}: {times[name][-1]:.3f} s, peak +{peaks[name]:.0f} MB")
     return {
         name: {"median_s": float(torch.tensor(times[name]).median()), "min_s": min(times[name]),
                "peak_mb": peaks[name], "resident_mb": resident[name], "loss": losses[name]}

@@ -43,9 +43,9 @@ _RENAMES: dict[str, dict[str, str | None]] = {
     "dora": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
     "vera": {"dropout": "vera_dropout"},
     "adalora": {"alpha": "lora_alpha", "dropout": "lora_dropout"},
-    # "outer.inner": a field of a peft sub-config (LoraConfig(loftq_config={"loftq_bits": 4, ...}))
+    # LoftQ's settings only matter while peftlab initialises the weights (see to_peft_config)
     "loftq": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
-              "loftq_bits": "loftq_config.loftq_bits", "loftq_iter": "loftq_config.loftq_iter"},
+              "loftq_bits": None, "loftq_iter": None},
     # soft prompts adapt no layer (no target_modules); a tokenizer object is not config data
     "prompt_tuning": {"targets": None, "tokenizer": None},
     "prefix_tuning": {"targets": None},
@@ -53,8 +53,7 @@ _RENAMES: dict[str, dict[str, str | None]] = {
 }
 # peft config values that tell apart methods sharing one peft type: DoRA is peft's LoRA with
 # use_dora=True. to_peft_config sets them; from_peft_config picks the method whose values match.
-_PEFT_MARKERS: dict[str, dict[str, object]] = {"dora": {"use_dora": True},
-                                               "loftq": {"init_lora_weights": "loftq"}}
+_PEFT_MARKERS: dict[str, dict[str, object]] = {"dora": {"use_dora": True}}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "loftq": "loftq"}
 _PEFT_TO_INIT = {True: "kaiming", "gaussian": "gaussian", "loftq": "loftq"}
 
@@ -144,13 +143,12 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
         elif field.name == "init":
             kwargs[renames["init"]] = _INIT_TO_PEFT[value]
         else:
-            outer, _, inner = renames.get(field.name, field.name).partition(".")
-            if inner:  # a sub-config field
-                kwargs.setdefault(outer, {})[inner] = value
-            else:
-                kwargs[outer] = value
-    if kwargs.get("init_lora_weights") == "loftq":  # peft requires its LoftQ settings: its defaults
-        kwargs["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1, **kwargs.get("loftq_config", {})}
+            kwargs[renames.get(field.name, field.name)] = value
+    if kwargs.get("init_lora_weights") == "loftq":
+        # peft's LoftQ runs while building the model and needs CUDA (and scipy); peftlab runs its
+        # own LoftQ (peftlab/quant/loftq.py, see adapt_with_peft) and hands peft the finished
+        # weights, which is also how peft's LoftQ recipe saves an adapter: init_lora_weights=True
+        kwargs["init_lora_weights"] = True
     if model is not None and task_type(model):
         kwargs["task_type"] = task_type(model)
     kwargs.update(_PEFT_MARKERS.get(spec.name, {}))
@@ -174,9 +172,7 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
     spec = get_method(method_name)
     inverse = {v: k for k, v in _RENAMES.get(method_name, {}).items()}
     kwargs = {}
-    nested = {f"{k}.{i}": v for k, d in as_dict.items() if isinstance(d, dict) for i, v in d.items()
-              if f"{k}.{i}" in inverse}  # sub-config fields we rename, e.g. loftq_config.loftq_iter
-    for key, value in {**as_dict, **nested}.items():
+    for key, value in as_dict.items():
         ours = inverse.get(key, key)
         if key == "target_modules":
             ours, value = "targets", value if isinstance(value, str) else tuple(sorted(value))
@@ -217,6 +213,10 @@ def adapt_with_peft(model: nn.Module, spec: Method, config: AdapterConfig, adapt
         from peftlab.methods.adalora import attach_peft_hooks
 
         attach_peft_hooks(peft_model)
+    if getattr(config, "init", None) == "loftq":  # see to_peft_config: LoftQ is peftlab's, on any device
+        from peftlab.quant.loftq import loftq_init_peft
+
+        loftq_init_peft(peft_model, adapter_name, getattr(config, "loftq_bits", 4), getattr(config, "loftq_iter", 1))
     return peft_model
 
 

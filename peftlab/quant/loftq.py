@@ -117,6 +117,32 @@ def loftq_init_lora(base: nn.Module, adapter: nn.Module, bits: int = 4, num_iter
     return result
 
 
+@torch.no_grad()
+def loftq_init_peft(peft_model: nn.Module, adapter_name: str = "default", bits: int = 4,
+                    num_iter: int = 1) -> dict[str, LoftQResult]:
+    """The same LoftQ for a peft LoRA model (built with init_lora_weights=True), in place: the
+    production path, on any device. Returns {layer name: LoftQResult}."""
+    if bits != 4:
+        raise ConfigError(f"loftq_bits={bits!r} is not supported: peftlab's LoftQ quantises to NF4. "
+                          "Expected loftq_bits=4.")
+    results = {}
+    for name, module in peft_model.named_modules():
+        lora_A = getattr(module, "lora_A", None)
+        if not isinstance(lora_A, nn.ModuleDict) or adapter_name not in lora_A:
+            continue
+        weight = module.get_base_layer().weight
+        if getattr(weight, "quant_state", None) is not None:
+            raise ConfigError("LoftQ needs the full-precision weights W, but this base layer is already "
+                              "4-bit. Expected a full-precision base; quantise after LoftQ.")
+        W = weight.T if module.fan_in_fan_out else weight
+        result = loftq(W, module.r[adapter_name], num_iter, scaling=module.scaling[adapter_name])
+        lora_A[adapter_name].weight.copy_(result.lora_A)
+        module.lora_B[adapter_name].weight.copy_(result.lora_B)
+        weight.copy_(result.dequantized.T if module.fan_in_fan_out else result.dequantized)
+        results[name] = result
+    return results
+
+
 def loftq_errors(model: nn.Module, adapter_name: str | None = None) -> dict[str, dict[str, list[float] | float]]:
     """{layer: {"errors": [‖W - (Q + BA)‖_F per iteration], "nf4_error": ‖W - NF4(W)‖_F}} for
     every LoftQ-initialised LoRA layer of a reference model."""
