@@ -36,8 +36,10 @@ test: install browser-deps
 	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(ARGS)
 
+# `make bench` = `peftlab bench train`; e.g. make bench ARGS="--dtypes bf16 --repeats 3", or BENCH=spectra
+BENCH ?= train
 bench: install
-	$(VENV)/bin/peftlab bench $(ARGS)
+	$(VENV)/bin/peftlab bench $(BENCH) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

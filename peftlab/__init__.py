@@ -30,6 +30,8 @@ _EXPORTS = {
     "load_dataset": "peftlab.data",
     "list_datasets": "peftlab.data",
     "count_parameters": "peftlab.metrics",
+    "estimate_memory": "peftlab.metrics",
+    "measure_memory": "peftlab.metrics",
     "spectrum": "peftlab.spectra",
     "effective_rank": "peftlab.spectra",
     "stable_rank": "peftlab.spectra",
@@ -42,6 +44,10 @@ _EXPORTS = {
     "train": "peftlab.train",
     "TrainResult": "peftlab.train",
     "PeftlabError": "peftlab.errors",
+    "add_adapter": "peftlab.compose",
+    "set_adapter": "peftlab.compose",
+    "delete_adapter": "peftlab.compose",
+    "add_weighted_adapter": "peftlab.compose",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -61,11 +67,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; no runtime cost
     from peftlab.api import adapt, delta_weights, merge, set_disabled, unmerge
+    from peftlab.compose import add_adapter, add_weighted_adapter, delete_adapter, set_adapter
     from peftlab.data import list_datasets, load_dataset
     from peftlab.errors import PeftlabError
     from peftlab.io import load_adapter, save_adapter
     from peftlab.methods import METHODS, list_methods
-    from peftlab.metrics import count_parameters
+    from peftlab.metrics import count_parameters, estimate_memory, measure_memory
     from peftlab.models import list_models, load_model
     from peftlab.spectra import (
         SpectrumHistory,

@@ -68,7 +68,16 @@ def adapt(
                       **hyperparameters)
         return fused.fuse(model)
     if backend == "reference":
-        spec.build(model, config, adapter_name)
+        from peftlab.io import _Snapshot
+
+        # a check that fails on the 3rd layer (rank too large for k_proj) must not leave the
+        # first two wrapped: take everything this call added back out, then re-raise
+        undo = _Snapshot(model)
+        try:
+            spec.build(model, config, adapter_name)
+        except BaseException:
+            undo.restore(adapter_name)
+            raise
         inject.wrap_modules_to_save(model, config.modules_to_save or (), adapter_name)
         inject.set_active(model, adapter_name)  # the new adapter is the one that runs and trains
         inject.freeze_all_but_adapters(model, adapter_name)
@@ -76,9 +85,14 @@ def adapt(
         records[adapter_name] = AdapterRecord(spec.name, config)
         model.peftlab_adapters = records
         model.peftlab_active = adapter_name
+        from peftlab.compose import enable_adapter_names
+
+        enable_adapter_names(model)  # model(..., adapter_names=[...]): one adapter per example
         return model
     if backend == "peft":
         from peftlab.production.hf_peft import adapt_with_peft
+
+        check_peft_on_4bit(model, spec.name)
 
         return adapt_with_peft(model, spec, config, adapter_name)
     raise ConfigError(
@@ -87,14 +101,38 @@ def adapt(
     )
 
 
+# peft methods that build their update from the base weight's stored shape: on a 4-bit base that
+# is the packed uint8 tensor, so peft 0.21 fails later with a bare shape error (ENVIRONMENT.md).
+PEFT_FAILS_ON_4BIT = ("loha", "lokr")
+
+
+def check_peft_on_4bit(model: nn.Module, method: str) -> None:
+    """Refuse, with a clear message, a peft method that cannot run on a 4-bit (NF4) base."""
+    if method in PEFT_FAILS_ON_4BIT and any(inject.is_quantized(p) for p in model.parameters()):
+        raise ConfigError(
+            f"peft's {method} cannot run on a 4-bit (NF4) base: peft reads the packed 4-bit "
+            "weight's shape and fails with a shape error. Expected a full-precision base for "
+            f"method={method!r} with backend='peft'. Try backend='reference' (peftlab's {method} "
+            "works on NF4), method='lora' (QLoRA), or load the model without quantization."
+        )
+
+
+# peft's (and the papers') names for peftlab's fields: too far apart for a fuzzy match
+PEFT_ALIASES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+                "alpha_pattern": None, "init_lora_weights": "init"}
+
+
 def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters) -> AdapterConfig:
     """The method's config from keyword arguments, with targets and modules_to_save resolved for
     ``model``. Unknown keywords are an error that lists the ones the method takes."""
     accepted = spec.config.field_names()
     for key in hyperparameters:
         if key not in accepted:
+            alias = PEFT_ALIASES.get(key)
+            hint = (f" Did you mean {alias!r}? (peft's name is {key!r}.)" if alias in accepted
+                    else closest(key, accepted))
             raise ConfigError(
-                f"Method {spec.name!r} does not take the hyperparameter {key!r}.{closest(key, accepted)} "
+                f"Method {spec.name!r} does not take the hyperparameter {key!r}.{hint} "
                 f"Expected some of: {', '.join(accepted)}."
             )
     targets = hyperparameters.get("targets")

@@ -1,8 +1,9 @@
-"""The ``peftlab`` command: ``peftlab train | info | bench``.
+"""The ``peftlab`` command: ``peftlab train | info | bench | export``.
 
     peftlab train --model smollm2-135m --data chatterbot-qa --method lora --rank 8 --steps 30 --out DIR
     peftlab info [--brief] [--json]
     peftlab bench train|spectra [options...]
+    peftlab export RUN_DIR --to script.py     # a transformers + peft script for accelerate launch
 
 ``train`` runs offline on the bundled models and data, prints a summary table and writes to DIR:
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftlab",
         description="Learn and prototype parameter-efficient fine-tuning (PEFT).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,export}")
 
     t = sub.add_parser("train", help="train an adapter and write it with a report",
                        description="Train an adapter on a bundled (offline) model and dataset.")
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a benchmark. Words after WHAT are passed on to it.")
     b.add_argument("what", choices=("train", "spectra"), help="which benchmark")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
+
+    e = sub.add_parser("export", help="write a run as a transformers + peft script (accelerate launch)",
+                       description="Write a plain transformers + peft + accelerate script that "
+                       "repeats a `peftlab train --out DIR` run.")
+    e.add_argument("run_dir", help="the --out folder of a peftlab train run (holds run.json)")
+    e.add_argument("--to", dest="to", help="script path (default: RUN_DIR/train_<method>.py)")
     return parser
 
 
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_bench(args)
     except PeftlabError as err:
         # A user error: one paragraph, no traceback.
@@ -396,6 +405,18 @@ def _format_value(value: Any) -> str:
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+# --------------------------------------------------------------------------------------------
+# peftlab export
+# --------------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the run as a script (peftlab.export) and say how to launch it."""
+    from peftlab.export import export_script
+
+    path = export_script(args.run_dir, args.to)
+    print(f"wrote {path}\n  run it:  python {path}\n  or:      accelerate launch {path}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,7 +267,8 @@ def _to_dataset(rows: list[dict], label_names: Sequence[str] | None):
     from datasets import ClassLabel, Dataset, Features, Value
 
     if not rows:
-        raise DataError("The dataset has no rows. Expected at least one example.")
+        raise DataError("The dataset has no rows (0 rows). Expected at least one example; "
+                        "check the file or filter that built it.")
     columns = list(rows[0])
     features = Features({
         col: ClassLabel(names=list(label_names)) if col == "label" and label_names else Value("string")

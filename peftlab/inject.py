@@ -115,6 +115,9 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self._merged_deltas: dict[str, Tensor] = {}
         self._merged_bias_deltas: dict[str, Tensor] = {}
+        # one adapter name per example of the batch ("__base__": none), set for the duration of
+        # one call by peftlab.compose's mixed-batch hook; None: every example runs `active`
+        self.example_adapters: list[str] | None = None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled and self.merged:
@@ -122,9 +125,26 @@ class AdaptedLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.example_adapters is not None:
+            return self._per_example(x, result, self.example_adapters)
         for name in self.active:
             if name not in self.merged:
                 result = self.adapters[name](x, self.base_layer, result)
+        return result
+
+    def _per_example(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
+        """Example i runs adapter names[i] alone: each adapter sees only its rows of the batch."""
+        if self.merged:
+            raise ConfigError(
+                f"Adapters {self.merged} are merged into the base weight, so they would apply to every "
+                "example. Expected unmerged adapters for a mixed batch; try peftlab.unmerge(model) first."
+            )
+        for name in dict.fromkeys(names):  # each distinct name once, in order of appearance
+            if name == "__base__" or name not in self.adapters:
+                continue  # base rows (and adapters that skip this layer) keep the base output
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
+            adapted = self.adapters[name](x[rows], self.base_layer, result[rows])
+            result = result.index_put((rows,), adapted)
         return result
 
     def delta_weight(self, name: str | None = None) -> Tensor:
@@ -322,7 +342,10 @@ def inject(
                 f"Layer {name!r} already has an adapter named {adapter_name!r}. Expected a new "
                 "name; try adapter_name='other', or delete the old adapter first."
             )
-        adapter = make_adapter(name, layer.base_layer)
+        try:
+            adapter = make_adapter(name, layer.base_layer)
+        except ConfigError as err:  # say which layer: "the layer is 32 x 64" alone is a riddle
+            raise ConfigError(f"Layer {name!r}: {err}") from err
         weight = getattr(layer.base_layer, "weight", None)
         if weight is not None and not is_quantized(weight) and weight.is_floating_point():
             adapter.to(device=weight.device)
@@ -349,9 +372,13 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: s
 def freeze_all_but_adapters(model: nn.Module, adapter_name: str | None = None) -> None:
     """requires_grad only for the parameters of one adapter (default: every adapter) and of its
     trainable copies; the base model and other adapters stay frozen."""
-    tag = "" if adapter_name is None else adapter_name + "."
+    tags = [""] if adapter_name is None else [adapter_name + "."]
+    if adapter_name is not None:  # an adapter may train others with it (X-LoRA's experts)
+        for layer in adapted_layers(model).values():
+            if adapter_name in layer.adapters:
+                tags += [n + "." for n in getattr(layer.adapters[adapter_name], "trains_with", ())]
     for name, param in model.named_parameters():
-        param.requires_grad = f".adapters.{tag}" in name or f".copies.{tag}" in name
+        param.requires_grad = any(f".adapters.{t}" in name or f".copies.{t}" in name for t in set(tags))
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:

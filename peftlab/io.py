@@ -78,23 +78,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         _recover_interrupted(dest)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
-    except PermissionError as err:
+    except OSError as err:
+        if not _denied(err):
+            raise
         raise _permission_error(dest, err) from err
     try:
         yield tmp
         _fsync_tree(tmp)
         _swap_into_place(tmp, dest)
-    except PermissionError as err:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not _denied(err):
+            raise
         raise _permission_error(dest, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _denied(err: OSError) -> bool:
+    """Permission denied, not permitted (e.g. an immutable folder), or a read-only file system."""
+    import errno
+
+    return isinstance(err, PermissionError) or err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def _permission_error(dest: Path, err: OSError) -> AdapterFileError:
     return AdapterFileError(
-        f"Cannot write {dest}: permission denied ({err.strerror or err}). Expected a folder you can "
+        f"Cannot write {dest}: permission denied or read-only ({err.strerror or err}). Expected a folder you can "
         "write to (peftlab writes a temporary folder next to it, then renames it into place). "
         "Try a path in your home or working directory."
     )
@@ -416,7 +427,8 @@ def load_adapter(
     undo = _Snapshot(model)
     try:
         adapt(model, method, adapter_name=adapter_name, **hyperparameters)
-        _load_state(model, state, adapter_name, hint)
+        # name the method the config claims: a config from another method is a common mix-up
+        _load_state(model, state, adapter_name, f" {CONFIG_NAME} says the method is {method!r}.{hint}")
     except ConfigError as err:
         undo.restore(adapter_name)
         raise AdapterFileError(

@@ -115,6 +115,32 @@ def loss_curve(
     return _style(fig, title, "optimizer step", "loss (cross-entropy, nats)")
 
 
+
+def metric_curve(
+    values: Sequence[float] | Any,
+    steps: Sequence[int] | None = None,
+    name: str = "value",
+    y_title: str = "value",
+    title: str = "Training metric",
+    color: int = 1,
+) -> go.Figure:
+    """One per-step training metric as a line with markers (memory, tokens/s, learning rate...).
+
+    Args:
+        values: one number per step; ``steps``: x values (default 1, 2, ...).
+        name, y_title, title: legend entry, y-axis label (with its unit) and title.
+        color: index into ``PALETTE``.
+    """
+    import plotly.graph_objects as go
+
+    y = _array(values)
+    x = np.arange(1, len(y) + 1) if steps is None else _array(steps)
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=y, mode="lines+markers", name=name, marker={"size": 4},
+                    line={"color": PALETTE[color % len(PALETTE)], "width": 2},
+                    hovertemplate=f"step %{{x}}<br>{name} %{{y:,.4g}}<extra></extra>")
+    return _style(fig, title, "optimizer step", y_title)
+
 # --------------------------------------------------------------------------------------------
 # Memory and parameters
 # --------------------------------------------------------------------------------------------
@@ -430,6 +456,7 @@ __all__ = [
     "ema",
     "loss_curve",
     "memory_ledger",
+    "metric_curve",
     "parameter_budget",
     "quantization_errors",
     "rank_allocation",

@@ -165,6 +165,7 @@ def train(
                                                                 "stop", "eval_data")}
     settings = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in settings.items()}
     _check_settings(steps, batch_size, grad_accum, lr, warmup_ratio, checkpoint_every, eval_every)
+    max_length = fit_context(model, max_length)
     callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
     classification = is_classification(model)
     dataset = prepare_dataset(data, tokenizer, max_length, classification, split="train")
@@ -200,12 +201,16 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     reason, message, failure = "completed", f"Completed {steps} steps.", None
     checkpoint, last_saved, last_eval = None, None, None
+    step, step_rng, partial_rng = start_step, None, None
     bar = _progress_bar(steps, start_step, progress)
     reset_peak_memory(device)
     start_memory = peak_memory_mb(device)  # right after a reset, the peak is what is resident now
     t_start = time.perf_counter()
     try:
         for step in range(start_step, steps):
+            # the RNG as this step starts: a step cut short (NaN, Ctrl-C) has drawn dropout masks
+            # from it, and a resumed run must draw them again from here to give the same curve
+            step_rng = rng_state()
             reset_peak_memory(device)
             t0 = time.perf_counter()
             first = step * grad_accum * batch_size  # index of this step's first sample in the stream
@@ -233,7 +238,7 @@ def train(
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)  # drop the bad gradients; weights untouched
-                reason = "nan"
+                reason, partial_rng = "nan", step_rng
                 message = (
                     f"Step {step + 1} gave a non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                     f"training stopped without applying it, so the adapter keeps the values of step "
@@ -290,11 +295,14 @@ def train(
                 break
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)
+        if step_rng is not None and len(history) == step:  # inside a step, not after it
+            partial_rng = step_rng
         reason, message = "interrupted", f"Interrupted after step {len(history)}."
     except BaseException:
         # An unexpected error (out of memory, a shape mismatch, ...): keep what was trained so far.
         if out is not None and len(history) > start_step:
-            _save_checkpoint(out, model, optimizer, scheduler, history, settings)
+            rng = step_rng if step_rng is not None and len(history) == step else None
+            _save_checkpoint(out, model, optimizer, scheduler, history, settings, rng)
         raise
     finally:
         bar.close()
@@ -304,7 +312,7 @@ def train(
 
     elapsed = time.perf_counter() - t_start
     if out is not None and history and last_saved != len(history):
-        checkpoint = _save_checkpoint(out, model, optimizer, scheduler, history, settings)
+        checkpoint = _save_checkpoint(out, model, optimizer, scheduler, history, settings, partial_rng)
     if checkpoint is not None:
         message += f" Checkpoint: {checkpoint}"
     run_records = history[start_step:]
@@ -433,6 +441,21 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+def fit_context(model: nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's context (``max_position_embeddings``), with a warning:
+    BERT-style absolute positions fail past it, RoPE models silently leave what they learned."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and max_length > context:
+        warnings.warn(
+            f"max_length={max_length} is longer than the model's context of {context} tokens "
+            f"(max_position_embeddings); texts are cut to {context} tokens instead. Pass "
+            f"max_length<={context} to silence this.",
+            UserWarning, stacklevel=3,
+        )
+        return context
+    return max_length
+
+
 def is_classification(model: nn.Module) -> bool:
     """Sequence classification (one label per row) or causal LM (next tokens)? From the class."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -457,7 +480,8 @@ def prepare_dataset(data: Any, tokenizer: Any, max_length: int, classification: 
             "try peftlab.load_dataset('chatterbot-qa') or datasets.Dataset.from_list(rows)."
         )
     if len(data) == 0:
-        raise DataError("The dataset is empty. Expected at least one row.")
+        raise DataError("The dataset is empty (0 rows). Expected at least one row; check the "
+                        "filter or file that built it, or try peftlab.load_dataset('chatterbot-qa').")
     columns = set(data.column_names)
     if "input_ids" not in columns:
         if tokenizer is None:
@@ -639,9 +663,21 @@ def peak_memory_mb(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every random generator training draws from (dropout, data-independent sampling)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
 def _save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, history: list[dict],
-                     settings: dict) -> Path:
-    """Write ``out_dir/checkpoint-<step>/`` atomically (temporary folder, then rename)."""
+                     settings: dict, rng: dict | None = None) -> Path:
+    """Write ``out_dir/checkpoint-<step>/`` atomically (temporary folder, then rename).
+
+    ``rng``: the generators' state to resume from (default: now); after a step cut short, the
+    state at that step's start."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"checkpoint-{len(history):06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
@@ -652,11 +688,7 @@ def _save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, hist
             "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
+            "rng": rng if rng is not None else rng_state(),
             "settings": settings,
         }
         torch.save(state, tmp / "trainer_state.pt")

@@ -111,6 +111,22 @@ def test_fused_layers_run_the_functions(monkeypatch):
     assert len(calls) == 4
 
 
+def test_swiglu_mlp_is_fused(llama, monkeypatch):
+    """Llama's MLP runs SwiGLULoRAFunction (a = silu(g) * u recomputed in backward); unfuse
+    gives the class's own forward back."""
+    calls = []
+    original = fused.SwiGLULoRAFunction.forward
+    monkeypatch.setattr(fused.SwiGLULoRAFunction, "forward", staticmethod(
+        lambda *a: calls.append(1) or original(*a)))
+    model = peftlab.adapt(copy.deepcopy(llama), "lora", r=4, targets="all-linear", backend="fused")
+    mlp = model.model.layers[0].mlp
+    assert fused.is_swiglu_mlp(mlp) and "forward" in mlp.__dict__
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    assert len(calls) == len(model.model.layers)
+    fused.unfuse(model)
+    assert "forward" not in mlp.__dict__ and not fused.has_fused_loss(model)
+
+
 def test_fallbacks_stay_correct():
     """Two active adapters, LoRA on an embedding, a disabled adapter: reference forward."""
     torch.manual_seed(0)

@@ -26,10 +26,11 @@ from peftlab.methods.loha import LoHa, LoHaConfig
 from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
 from peftlab.methods.lora import LoftQConfig, LoRA, LoRAConfig
 from peftlab.methods.oft import OFT, OFTConfig, oft_parameter_count
-from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning
-from peftlab.methods.prefix_tuning import PrefixTuningConfig, build_prefix_tuning
-from peftlab.methods.prompt_tuning import PromptTuningConfig, build_prompt_tuning
+from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
+from peftlab.methods.prefix_tuning import PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count
+from peftlab.methods.prompt_tuning import PromptTuningConfig, build_prompt_tuning, prompt_tuning_parameter_count
 from peftlab.methods.vera import VeRAConfig, build_vera
+from peftlab.methods.xlora import XLoRAConfig, build_xlora, xlora_parameter_count
 
 # Where each method goes by default, by `model.config.model_type` (peft's defaults for LoRA).
 ATTENTION_QV = {
@@ -209,6 +210,7 @@ METHODS: dict[str, Method] = {
         mergeable=False,
         peft_type="PROMPT_TUNING",
         default_targets={},
+        parameter_count=prompt_tuning_parameter_count,
     ),
     "prefix_tuning": Method(
         name="prefix_tuning",
@@ -222,6 +224,7 @@ METHODS: dict[str, Method] = {
         mergeable=False,
         peft_type="PREFIX_TUNING",
         default_targets={},
+        parameter_count=prefix_tuning_parameter_count,
     ),
     "p_tuning": Method(
         name="p_tuning",
@@ -235,6 +238,7 @@ METHODS: dict[str, Method] = {
         mergeable=False,
         peft_type="P_TUNING",
         default_targets={},
+        parameter_count=p_tuning_parameter_count,
     ),
     "ia3": Method(
         name="ia3",
@@ -292,6 +296,19 @@ METHODS: dict[str, Method] = {
         default_targets=ATTENTION_TARGETS,
         resolve=resolve_llama_adapter,
         parameter_count=llama_adapter_parameter_count,
+    ),
+    "xlora": Method(
+        name="xlora",
+        config=XLoRAConfig,
+        build=build_xlora,
+        family="mixture",
+        description="Mix several LoRA experts per token and per layer with weights a small router predicts from a first pass.",
+        paper="Buehler & Buehler 2024, X-LoRA: Mixture of Low-Rank Adapter Experts, https://arxiv.org/abs/2402.07148",
+        formula="the router: d_model · n_experts + n_experts (xlora_depth=1; · layers with layerwise_scalings), + the experts' LoRA counts when they train",
+        params_per_layer=None,  # the router is per model; the experts are ordinary LoRA adapters
+        mergeable=False,
+        peft_type="XLORA",
+        parameter_count=xlora_parameter_count,
     ),
 }
 

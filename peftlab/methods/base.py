@@ -55,4 +55,5 @@ def check_range(
     if bad:
         lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
         hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
-        raise ConfigError(f"{name}={value!r} is out of range. Expected a number in {lo}, {hi}.")
+        raise ConfigError(f"{name}={value!r} is out of range. Expected a number in {lo}, {hi}. "
+                          f"Try a value of {name} inside that interval, or leave it out for the default.")

@@ -45,7 +45,10 @@ drawn (dropout runs outside the Function, through the adapter's own ``nn.Dropout
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import statistics
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -261,12 +264,117 @@ class FusedAdaptedLayer(AdaptedLayer):
     def _fusable_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRA | DoRA | None:
         if args or kwargs or self.disabled or len(self.active) != 1 or self.merged:
             return None
+        if self.example_adapters is not None:  # a mixed batch (peftlab.compose): the reference routes it
+            return None
         if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
             return None
         adapter = self.adapters[self.active[0]]
         if isinstance(adapter, DoRA) or (isinstance(adapter, LoRA) and not adapter.is_embedding):
             return adapter
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# The SwiGLU MLP of Llama-style models: down(silu(gate(x)) * up(x)) with LoRA on down
+# --------------------------------------------------------------------------------------------
+class SwiGLULoRAFunction(torch.autograd.Function):
+    """y = a Wᵀ + b + s (a Aᵀ) Bᵀ with a = silu(g) ⊙ u, saving g and u but never a.
+
+    Autograd would keep g (for silu), silu(g) and u (for the product) and a (for dA): four
+    (tokens x intermediate) tensors per layer. a and silu(g) are cheap to recompute from g and u,
+    so backward does that (Unsloth's fused SwiGLU does the same).
+    """
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weight_fn: Callable[[], Tensor],
+                bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+        shape = gate.shape
+        g, u = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])  # (N, I)
+        a = F.silu(g).mul_(u)  # (N, I), dropped after forward
+        out = F.linear(a, weight_fn(), bias)  # (N, d_out)
+        xa = a @ lora_A.T  # (N, r)
+        out.addmm_(xa, lora_B.T, alpha=scaling)
+        ctx.weight_fn, ctx.scaling, ctx.shape = weight_fn, scaling, shape
+        ctx.save_for_backward(g, u, xa, lora_A, lora_B)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        g, u, xa, lora_A, lora_B = ctx.saved_tensors
+        need_g, need_u, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        gB = dy2 @ lora_B  # (N, r)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        dA = dB = dg = du = None
+        if need_A:
+            dA = (gB.T @ (silu * u)).mul_(s)  # a recomputed, (r, I)
+        if need_B:
+            dB = (dy2.T @ xa).mul_(s)
+        if need_g or need_u:
+            da = (dy2 @ ctx.weight_fn()).addmm_(gB, lora_A, alpha=s)  # (N, I)
+            if need_u:
+                du = (da * silu).view(ctx.shape)
+            if need_g:
+                d_silu = sig * (1 + g * (1 - sig))  # d silu(g) / dg
+                dg = (da * u * d_silu).view(ctx.shape)
+        return dg, du, None, None, dA, dB, None
+
+
+_SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+
+
+@functools.cache
+def _forward_is_swiglu(cls: type) -> bool:
+    """True when ``cls.forward`` is transformers' SwiGLU line (Llama, Mistral, Qwen2/3, SmolLM2,
+    and ~130 other model files share it verbatim), so replacing it changes nothing but speed."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return _SWIGLU_LINE in "".join(source.split())
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None)
+    return (all(isinstance(p, nn.Module) for p in parts)
+            and type(act).__name__ in ("SiLU", "SiLUActivation") and _forward_is_swiglu(type(module)))
+
+
+def _fused_swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """The wrapped MLP forward (bound to the MLP): same result, a and silu(g) never kept."""
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    adapter = down._fusable_adapter(gate, (), {}) if isinstance(down, FusedAdaptedLayer) else None
+    plan = None
+    if isinstance(adapter, LoRA) and not (isinstance(adapter.dropout, nn.Dropout)
+                                          and adapter.dropout.training):
+        plan = base_plan(down.base_layer, gate)  # (with dropout, a itself is needed: no gain)
+    if plan is None or up.dtype != gate.dtype:
+        return down(self.act_fn(gate) * up)
+    dtype = plan.dtype
+    out = SwiGLULoRAFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias,
+                                   adapter.lora_A.to(dtype), adapter.lora_B.to(dtype),
+                                   adapter.scaling)
+    return out.to(plan.out_dtype)
+
+
+def _wrap_forward(module: nn.Module, forward: Callable) -> None:
+    """Give ``module`` an instance-level forward, keeping the one it had to restore later."""
+    if "_peftlab_unfused_forward" not in module.__dict__:
+        module._peftlab_unfused_forward = module.forward
+        module.forward = types.MethodType(forward, module)
+
+
+def _unwrap_forward(module: nn.Module) -> None:
+    original = module.__dict__.pop("_peftlab_unfused_forward", None)
+    if original is None:
+        return
+    if getattr(original, "__func__", None) is type(module).forward:
+        module.__dict__.pop("forward", None)  # back to the class's own method
+    else:
+        module.forward = original  # someone else's wrapper was there first: restore it
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,26 +497,19 @@ def install_fused_loss(model: nn.Module, chunk_size: int | None = None) -> nn.Mo
             "the fused loss cannot replace its loss. Expected a causal LM (e.g. LlamaForCausalLM) "
             "with an nn.Linear head and no logit soft-capping; try fuse(model, loss=False)."
         )
-    if getattr(model, "_peftlab_unfused_forward", None) is None:
-        model._peftlab_unfused_forward = model.forward
-        model.forward = types.MethodType(_fused_loss_forward, model)
+    _wrap_forward(model, _fused_loss_forward)
     model._peftlab_loss_chunk = chunk_size
     return model
 
 
 def remove_fused_loss(model: nn.Module) -> nn.Module:
     """Undo :func:`install_fused_loss`: the model computes full logits and its own loss again."""
-    original = model.__dict__.pop("_peftlab_unfused_forward", None)
-    if original is not None:
-        if original == getattr(type(model), "forward").__get__(model):
-            model.__dict__.pop("forward", None)  # back to the class's own method
-        else:
-            model.forward = original  # someone else's wrapper was there first: restore it
+    _unwrap_forward(model)
     return model
 
 
 def has_fused_loss(model: nn.Module) -> bool:
-    return getattr(model, "_peftlab_unfused_forward", None) is not None
+    return "_peftlab_unfused_forward" in model.__dict__
 
 
 def _loss_can_fuse(model: nn.Module) -> bool:
@@ -462,7 +563,8 @@ def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> 
     """Switch a reference-adapted model to the fused path, in place; returns the model.
 
     Every ``AdaptedLayer`` becomes a :class:`FusedAdaptedLayer` (LoRA and DoRA adapters run the
-    fused Functions, anything else the reference forward). With ``loss=True`` and a causal LM,
+    fused Functions, anything else the reference forward); Llama-style SwiGLU MLPs recompute
+    silu(gate) * up in backward instead of keeping it. With ``loss=True`` and a causal LM,
     ``model(..., labels=...)`` also uses the fused cross-entropy (``outputs.logits`` is then None).
     """
     layers = adapted_layers(model)
@@ -474,6 +576,9 @@ def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> 
     for layer in layers.values():
         if type(layer) is AdaptedLayer:
             layer.__class__ = FusedAdaptedLayer  # same state, new forward
+    for module in model.modules():
+        if is_swiglu_mlp(module):
+            _wrap_forward(module, _fused_swiglu_forward)
     if loss and _loss_can_fuse(model):
         install_fused_loss(model, chunk_size)
     model.peftlab_backend = "fused"
@@ -485,6 +590,9 @@ def unfuse(model: nn.Module) -> nn.Module:
     for layer in adapted_layers(model).values():
         if type(layer) is FusedAdaptedLayer:
             layer.__class__ = AdaptedLayer
+    for module in model.modules():
+        if is_swiglu_mlp(module):
+            _unwrap_forward(module)
     remove_fused_loss(model)
     model.peftlab_backend = "reference"
     return model
@@ -533,7 +641,9 @@ def bench_fused_step(
     ``log`` (e.g. ``print``) receives one line per measured step.
 
     Returns:
-        {variant: {"median_s", "min_s", "peak_mb", "resident_mb", "loss"}}.
+        {variant: {"median_s", "min_s", "cpu_median_s", "peak_mb", "resident_mb", "loss"}}:
+        wall-clock seconds, process CPU seconds (on a busy machine with one torch thread, the
+        steadier measure of the work done), MB, and the loss of the warm-up step.
     """
     from peftlab.api import adapt
     from peftlab.models import load_model
@@ -563,6 +673,7 @@ def bench_fused_step(
 
     device = next(models[variants[0]].parameters()).device
     times: dict[str, list[float]] = {n: [] for n in variants}
+    cpu: dict[str, list[float]] = {n: [] for n in variants}
     peaks: dict[str, float] = {n: 0.0 for n in variants}
     resident: dict[str, float] = {}
     losses: dict[str, float] = {}
@@ -573,16 +684,19 @@ def bench_fused_step(
             _sync(device)
             resident[name] = _current_memory_mb(device)
             reset_peak_memory(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             peaks[name] = max(peaks[name], peak_memory_mb(device) - resident[name])
             if log is not None:
-                log(f"{name}: {times[name][-1]:.3f} s, peak +{peaks[name]:.0f} MB")
+                log(f"{name}: {times[name][-1]:.3f} s wall, {cpu[name][-1]:.3f} s cpu, "
+                    f"peak +{peaks[name]:.0f} MB")
     return {
-        name: {"median_s": float(torch.tensor(times[name]).median()), "min_s": min(times[name]),
-               "peak_mb": peaks[name], "resident_mb": resident[name], "loss": losses[name]}
+        name: {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
+               "cpu_median_s": statistics.median(cpu[name]), "peak_mb": peaks[name],
+               "resident_mb": resident[name], "loss": losses[name]}
         for name in variants
     }
 

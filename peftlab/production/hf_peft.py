@@ -91,6 +91,12 @@ def _llama_adapter_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -
             "adapter_layers": config.adapter_layers}
 
 
+def _xlora_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
+    from peftlab.methods.xlora import peft_kwargs
+
+    return peft_kwargs(config, model)
+
+
 def _llama_adapter_from_peft(kwargs: dict) -> dict:
     if isinstance(kwargs.get("targets"), str):  # peft's attribute name is a suffix, ours a regex
         kwargs["targets"] = (kwargs["targets"],)
@@ -100,7 +106,7 @@ def _llama_adapter_from_peft(kwargs: dict) -> dict:
 # Methods whose peft config is not a field-by-field rename: (config, model or None) -> peft
 # kwargs, used instead of the renaming loop; and the way back, (our kwargs) -> our kwargs.
 _PEFT_KWARGS: dict[str, Callable[[AdapterConfig, nn.Module | None], dict]] = {
-    "ia3": _ia3_peft_kwargs, "llama_adapter": _llama_adapter_peft_kwargs}
+    "ia3": _ia3_peft_kwargs, "llama_adapter": _llama_adapter_peft_kwargs, "xlora": _xlora_peft_kwargs}
 _FROM_PEFT_KWARGS: dict[str, Callable[[dict], dict]] = {"llama_adapter": _llama_adapter_from_peft}
 
 
@@ -253,6 +259,9 @@ PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_n
     # own names, e.g. base_model.model.<layer>.bias; a bottleneck's are <layer>.bottleneck_up.weight
     "bitfit": lambda adapter: {t: t for t in adapter.tensors},
     "bottleneck": lambda adapter: {f"{p}.{t}": f"bottleneck_{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")},
+    # X-LoRA's mixers hold no weights (the experts are LoRA adapters under their own names, the
+    # router sits on the model): see peftlab.methods.xlora.to_peft_config / copy_router_to_peft
+    "xlora": lambda adapter: {},
 }
 # peft's "prompt learning" types: their modules hang off the PeftModel (prompt_encoder.<name>),
 # the transformers model sits directly at base_model (no tuner wrapper, so modules_to_save live

@@ -1,0 +1,416 @@
+"""``peftlab bench train``: one training step through six implementations, side by side.
+
+    peftlab bench train                                   # SmolLM2-135M, 4 x 128 tokens, r=16, fp32 + bf16
+    peftlab bench train --model tiny-llama --repeats 1    # a smoke run, seconds
+    peftlab bench train --only peft-lora,fused-lora --dtypes bf16 --repeats 5 --out runs/bench.html
+
+Variants (same model, same random tokens, same rank, all linear layers, AdamW, no dropout):
+
+    full         full fine-tuning: every weight trains (the baseline adapters are meant to beat)
+    peft-lora    Hugging Face peft LoRA
+    ref-lora     peftlab's reference LoRA (peftlab/methods/lora.py)
+    fused-lora   peftlab's fused LoRA kernels + fused cross-entropy (peftlab/production/fused.py)
+    bnb-qlora    peft LoRA on a bitsandbytes NF4 (double-quant) base: the QLoRA recipe
+    fused-qlora  peftlab's fused LoRA on the same NF4 base
+
+How it is measured, and why:
+
+- Interleaved. All variants of one dtype are loaded, then take turns, round after round
+  (A B C D E F A B C ...), after one warm-up step each (first-step allocations, lazy init). On a
+  machine shared with other work a slow spell then slows every variant alike, and the *median*
+  step time is reported. Ratios (fused / peft) come from the same run, never from two runs.
+- Peak memory of a step = the peak above what was resident just before it (activations,
+  gradients, optimiser states, temporaries); "total" = resident + that peak. CUDA: allocated
+  bytes (``torch.cuda.max_memory_allocated``); CPU: the process's peak RSS (Linux VmHWM, reset
+  before each step). On CPU, glibc keeps freed memory, which would hide the next variant's peak:
+  the benchmark lowers glibc's mmap threshold (``mallopt``) so large tensors go back to the OS.
+- "bf16" loads the weights in bfloat16 (no autocast: the fused kernels run their own dtype);
+  QLoRA's compute dtype is the run's dtype. peft's QLoRA here skips
+  ``prepare_model_for_kbit_training`` (which would up-cast norms and turn on gradient
+  checkpointing) so that every variant does the same work.
+
+This is a benchmark, not a test: figures depend on the machine and its load (the table prints the
+load average on Linux). Writes ``--out`` (default ``bench.html``: plotly charts, one per dtype)
+and ``bench.json`` next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import ConfigError, closest
+
+VARIANTS = ("full", "peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# fused / peft pairs shown as ratios
+RATIO_PAIRS = (("fused-lora", "peft-lora"), ("fused-qlora", "bnb-qlora"))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    batch: int = 4
+    seq_len: int = 128
+    rank: int = 16
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    repeats: int = 5  # rounds of interleaved turns
+    steps: int = 1  # measured steps per variant per round
+    only: tuple[str, ...] = VARIANTS
+    out: str = "bench.html"
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    """One variant at one dtype. ``status`` is "ok", or "unavailable: why" / "failed: why"."""
+
+    dtype: str
+    variant: str
+    status: str = "ok"
+    median_s: float | None = None
+    min_s: float | None = None
+    peak_mb: float | None = None  # above resident before the step (max over measured steps)
+    resident_mb: float | None = None  # resident before the step
+    total_mb: float | None = None  # resident + peak
+    loss: float | None = None
+    trainable: int | None = None
+    times: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftlab bench train",
+                                description="Time one training step: full fine-tuning, peft LoRA, "
+                                "peftlab reference and fused LoRA, bitsandbytes QLoRA, fused QLoRA.")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, folder or hub id (default: smollm2-135m)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step (default: 4)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default: 128)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r, alpha = 2r (default: 16)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: fp32,bf16)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per variant per round (default: 1)")
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--out", default="bench.html", help="chart file; bench.json goes next to it (default: bench.html)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and adapter init")
+    return p
+
+
+def parse_options(options: Sequence[str]) -> BenchConfig:
+    opts = build_parser().parse_args(list(options))
+    dtypes = tuple(d.strip() for d in opts.dtypes.split(",") if d.strip())
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ConfigError(f"--dtypes: {d!r} is not known.{closest(d, DTYPES)} Expected a "
+                              f"comma-separated list of {', '.join(DTYPES)}.")
+    only = VARIANTS
+    if opts.only:
+        only = tuple(v.strip() for v in opts.only.split(",") if v.strip())
+        for v in only:
+            if v not in VARIANTS:
+                raise ConfigError(f"--only: {v!r} is not a variant.{closest(v, VARIANTS)} Expected "
+                                  f"some of: {', '.join(VARIANTS)}.")
+    for name in ("batch", "seq_len", "rank", "repeats", "steps"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
+    if not dtypes or not only:
+        raise ConfigError("--dtypes and --only must name at least one item each.")
+    return BenchConfig(model=opts.model, batch=opts.batch, seq_len=opts.seq_len, rank=opts.rank,
+                       dtypes=dtypes, repeats=opts.repeats, steps=opts.steps, only=only,
+                       out=opts.out, seed=opts.seed)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``peftlab bench train`` (called by peftlab.cli with ``args.options``)."""
+    if args.what != "train":
+        raise ConfigError(f"peftlab.bench runs `bench train`, not {args.what!r}.")
+    config = parse_options(args.options)
+    rows = run_bench(config, log=lambda line: print(line, flush=True))
+    print()
+    print(format_table(rows, config))
+    out = Path(config.out)
+    write_outputs(rows, config, out)
+    print(f"\nwrote {out} and {out.with_name('bench.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Run every dtype's variants interleaved; returns one row per (dtype, variant)."""
+    import torch
+
+    _release_freed_memory_to_os()
+    rows: list[BenchRow] = []
+    for dtype_name in config.dtypes:
+        dtype = getattr(torch, DTYPES[dtype_name])
+        steps: dict[str, Callable[[], float]] = {}
+        by_variant: dict[str, BenchRow] = {}
+        for variant in config.only:
+            row = BenchRow(dtype_name, variant)
+            by_variant[variant] = row
+            reason = unavailable_reason(variant)
+            if reason:
+                row.status = f"unavailable: {reason}"
+                continue
+            try:
+                steps[variant], row.trainable = _build_step(variant, config, dtype)
+            except Exception as err:  # one broken variant must not sink the benchmark
+                row.status = f"failed: {type(err).__name__}: {_first_line(err)}"
+            if log:
+                log(f"[{dtype_name}] {variant}: {row.status}")
+        device = _bench_device()
+        for variant, step in list(steps.items()):  # warm-up
+            try:
+                by_variant[variant].loss = step()
+            except Exception as err:
+                by_variant[variant].status = f"failed: {type(err).__name__}: {_first_line(err)}"
+                del steps[variant]
+        peaks: dict[str, list[float]] = {v: [] for v in steps}
+        for round_ in range(config.repeats):
+            for variant, step in steps.items():
+                row = by_variant[variant]
+                for _ in range(config.steps):
+                    gc.collect()
+                    _sync(device)
+                    resident = current_memory_mb(device)
+                    reset_peak(device)
+                    start = time.perf_counter()
+                    step()
+                    _sync(device)
+                    row.times.append(time.perf_counter() - start)
+                    peaks[variant].append(peak_mb(device) - resident)
+                    row.resident_mb = resident
+                if log:
+                    log(f"[{dtype_name}] round {round_ + 1}/{config.repeats} {variant}: "
+                        f"{row.times[-1]:.3f} s, peak +{peaks[variant][-1]:,.0f} MB")
+        for variant in steps:
+            row = by_variant[variant]
+            row.median_s = statistics.median(row.times)
+            row.min_s = min(row.times)
+            row.peak_mb = max(max(peaks[variant]), 0.0)
+            row.total_mb = row.resident_mb + row.peak_mb
+        rows.extend(by_variant[v] for v in config.only)
+        steps.clear()
+        gc.collect()  # free this dtype's models before loading the next
+    return rows
+
+
+def unavailable_reason(variant: str) -> str | None:
+    """Why ``variant`` cannot run in this installation, or None."""
+    import importlib.util
+
+    from peftlab.api import BACKENDS
+
+    if variant.startswith("fused") and "fused" not in BACKENDS:
+        return "peftlab.adapt has no backend='fused' in this version"
+    if variant in ("peft-lora", "bnb-qlora") and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    if variant.endswith("qlora") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    return None
+
+
+def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], float], int]:
+    """Load and adapt a fresh model for ``variant``; returns (one training step, trainable count)."""
+    import torch
+
+    from peftlab.api import adapt
+    from peftlab.metrics import count_parameters
+    from peftlab.models import load_model
+
+    device = _bench_device()
+    quantization = "nf4" if variant.endswith("qlora") else None
+    model, _ = load_model(config.model, quantization=quantization, dtype=dtype,
+                          device=device if quantization is None else None)
+    model.train()
+    torch.manual_seed(config.seed)
+    if variant != "full":
+        backend = {"peft-lora": "peft", "bnb-qlora": "peft", "ref-lora": "reference"}.get(variant, "fused")
+        model = adapt(model, "lora", backend=backend, r=config.rank, alpha=2.0 * config.rank,
+                      targets="all-linear")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model_device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (config.batch, config.seq_len),
+                              generator=generator).to(model_device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> float:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    step.model = model  # keep the model alive as long as the step
+    return step, count_parameters(model).trainable
+
+
+# --------------------------------------------------------------------------------------------
+# Memory and devices
+# --------------------------------------------------------------------------------------------
+def _bench_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def current_memory_mb(device) -> float:
+    """What is resident now: CUDA allocated bytes, else the process RSS (MB)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    from peftlab.memory import process_rss_bytes
+
+    return process_rss_bytes() / 2**20
+
+
+def reset_peak(device) -> None:
+    from peftlab.train import reset_peak_memory
+
+    reset_peak_memory(device)
+
+
+def peak_mb(device) -> float:
+    from peftlab.train import peak_memory_mb
+
+    return peak_memory_mb(device)
+
+
+def _release_freed_memory_to_os() -> None:
+    """glibc: serve allocations >= 64 KiB by mmap, so that freed tensors leave the RSS at once.
+
+    Without this a step's freed activations stay in the heap and the next variant's peak RSS
+    rises less than its real need (the same as ``MALLOC_MMAP_THRESHOLD_=65536`` in the shell).
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # mallopt's parameter number, from glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, 65536)
+    except (OSError, AttributeError):
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def ratios(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+    """fused / peft time and peak-memory ratios per dtype, from the same run (< 1: fused wins)."""
+    out = []
+    index = {(r.dtype, r.variant): r for r in rows}
+    for dtype in dict.fromkeys(r.dtype for r in rows):
+        for num, den in RATIO_PAIRS:
+            a, b = index.get((dtype, num)), index.get((dtype, den))
+            if not (a and b and a.status == b.status == "ok"):
+                continue
+            out.append({"dtype": dtype, "pair": f"{num} / {den}",
+                        "time": a.median_s / b.median_s,
+                        "peak": a.peak_mb / b.peak_mb if b.peak_mb else math.nan,
+                        "total": a.total_mb / b.total_mb if b.total_mb else math.nan})
+    return out
+
+
+def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
+    """An aligned text table, one line per (dtype, variant), then the ratios and the context."""
+    header = ("dtype", "variant", "step s (median)", "min s", "peak MB", "total MB", "trainable", "loss")
+    lines = []
+    for r in rows:
+        if r.status != "ok":
+            lines.append((r.dtype, r.variant, r.status, "", "", "", "", ""))
+            continue
+        lines.append((r.dtype, r.variant, f"{r.median_s:.3f}", f"{r.min_s:.3f}", f"{r.peak_mb:,.0f}",
+                      f"{r.total_mb:,.0f}", f"{r.trainable:,}", f"{r.loss:.4f}"))
+    ok_lines = [line for r, line in zip(rows, lines) if r.status == "ok"]
+    widths = [max([len(h)] + [len(line[i]) for line in ok_lines]
+                  + ([len(line[i]) for line in lines] if i < 2 else [])) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    text = [_context_line(config), fmt(header), "  ".join("-" * w for w in widths)]
+    for line in lines:
+        text.append(fmt(line) if not line[2].startswith(("unavail", "failed"))
+                    else f"{line[0].ljust(widths[0])}  {line[1].ljust(widths[1])}  {line[2]}")
+    rat = ratios(rows)
+    if rat:
+        text.append("")
+        text.append("ratios from this run (< 1: the first is faster / smaller):")
+        for r in rat:
+            text.append(f"  {r['dtype']:<5} {r['pair']:<26} time {r['time']:.2f}x   "
+                        f"peak {r['peak']:.2f}x   total {r['total']:.2f}x")
+    text.append("")
+    text.append("peak MB: above what was resident before the step; total MB: resident + peak "
+                f"({'CUDA allocated' if _bench_device().type == 'cuda' else 'process RSS'}).")
+    return "\n".join(text)
+
+
+def _context_line(config: BenchConfig) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{config.model}, batch {config.batch} x {config.seq_len} tokens, LoRA r={config.rank} "
+            f"alpha={2 * config.rank} all-linear, AdamW; {config.repeats} interleaved rounds x "
+            f"{config.steps} step(s); {device}{load}")
+
+
+def write_outputs(rows: Sequence[BenchRow], config: BenchConfig, out: Path) -> None:
+    """``out`` (html: one benchmark_bars chart per dtype) and ``bench.json`` next to it."""
+    from peftlab.plots import benchmark_bars
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for dtype in dict.fromkeys(r.dtype for r in rows):
+        ok = [{"name": r.variant, "step_time_s": r.median_s, "peak_mb": r.peak_mb}
+              for r in rows if r.dtype == dtype and r.status == "ok"]
+        if not ok:
+            continue
+        fig = benchmark_bars(ok, title=f"peftlab bench train: {config.model}, {dtype}, "
+                                       f"{config.batch} x {config.seq_len}, r={config.rank}")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=not parts))
+    table = format_table(rows, config)
+    html = ("<!doctype html><html><head><meta charset='utf-8'><title>peftlab bench train</title></head>"
+            "<body>" + "".join(parts) + "<pre>" + _escape(table) + "</pre></body></html>")
+    out.write_text(html)
+    data = {"config": asdict(config), "rows": [asdict(r) for r in rows], "ratios": ratios(rows),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    out.with_name("bench.json").write_text(json.dumps(data, indent=1))
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
+
+
+__all__ = ["VARIANTS", "BenchConfig", "BenchRow", "build_parser", "format_table", "main",
+           "parse_options", "ratios", "run_bench", "unavailable_reason", "write_outputs"]

@@ -1,0 +1,353 @@
+"""Several named adapters on one base model: add, switch, delete, mix per example, merge by weight.
+
+One frozen base model can carry many adapters; each ``AdaptedLayer`` keeps them by name in
+``.adapters`` and runs the ones in ``.active`` (peftlab/inject.py). The functions here are thin
+and readable over that:
+
+    add_adapter(model, "french", "lora", r=8)      # a second adapter; the active one stays active
+    set_adapter(model, "french")                   # switch: no reload, only which adapter runs
+    with disabled(model): ...                      # the plain base model for a while
+    model(**batch, adapter_names=["french", "__base__", "german"])   # one adapter per example
+    add_weighted_adapter(model, ["french", "german"], [0.5, 0.5], "mix", combination_type="ties")
+    delete_adapter(model, "german")                # parameters gone; empty layers unwrapped
+
+Weighted merging follows peft's ``LoraModel.add_weighted_adapter`` (peft 0.21.2,
+peft/tuners/lora/model.py, and peft/utils/merge_utils.py) so that the same inputs give the same
+adapter. The combination types:
+
+- ``linear``: A' = Σ √(w_i s_i) A_i and B' = Σ √(w_i s_i) B_i (s_i = alpha_i / r_i). Cheap, but
+  B'A' has cross terms B_i A_j: only an approximation of Σ w_i ΔW_i. Needs equal ranks.
+- ``cat``: A' = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B' = [B_1, B_2, ...]: exactly Σ w_i ΔW_i, rank Σ r_i.
+- ``svd``: ΔW = Σ w_i ΔW_i, then its best rank-k approximation U_k S_k V_kᵀ (B' = U_k S_k, A' = V_kᵀ).
+- ``ties`` (Yadav et al. 2023, https://arxiv.org/abs/2306.01708): keep each tensor's top
+  ``density`` share by magnitude, elect a sign per entry, average the entries that agree.
+- ``dare_linear`` / ``dare_ties`` (Yu et al. 2023, https://arxiv.org/abs/2311.03099): drop entries
+  at random (keep probability ``density``), rescale by 1/density, then add (or TIES).
+- ``magnitude_prune``: keep the top ``density`` share by magnitude, then add.
+- ``*_svd`` variants apply ties / dare / magnitude_prune to the full ΔW_i, then truncate by SVD.
+
+The non-svd types apply the rule to the A's and the B's separately (as peft does). DARE draws its
+masks from torch's global generator in peft's order (layers in model order; per layer, for
+non-svd types, every adapter's A, then every adapter's B): seed with ``torch.manual_seed`` and
+both libraries draw the same masks. The new adapter has alpha = r, so its scaling is 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from peftlab import inject
+from peftlab.errors import ConfigError, UnknownNameError, closest
+
+BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch (peft's name)
+COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
+                     "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
+# --------------------------------------------------------------------------------------------
+# Adding, switching, deleting
+# --------------------------------------------------------------------------------------------
+def add_adapter(model: nn.Module, adapter_name: str, method: str = "lora", **hyperparameters) -> nn.Module:
+    """Add one more named adapter to ``model``; the adapter that was active stays active (as in
+    peft). Switch with :func:`set_adapter`. Returns the same model."""
+    from peftlab.api import adapt
+
+    previous = getattr(model, "peftlab_active", None)
+    if adapter_name in _records(model):
+        raise ConfigError(
+            f"The model already has an adapter named {adapter_name!r}. Expected a new name; existing: "
+            f"{', '.join(_records(model))}. Try another name, or delete_adapter(model, {adapter_name!r})."
+        )
+    adapt(model, method, adapter_name=adapter_name, **hyperparameters)
+    if previous is not None and previous in _records(model):
+        set_adapter(model, previous)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make ``adapter_name`` the one adapter that runs and trains; the base stays loaded."""
+    _check_names(model, [adapter_name])
+    inject.set_active(model, adapter_name)
+    inject.freeze_all_but_adapters(model, adapter_name)
+    model.peftlab_active = adapter_name
+    return model
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter (None when the model has none)."""
+    return getattr(model, "peftlab_active", None) if _records(model) else None
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the reference adapters on ``model``, in the order they were added."""
+    return list(_records(model))
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disabled(model): ...`` runs the plain base model, then turns the adapters back on."""
+    inject.set_disabled(model, True)
+    try:
+        yield model
+    finally:
+        inject.set_disabled(model, False)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove an adapter: its parameters leave the model and a layer left with no adapter goes
+    back to being its plain base layer. If it was active, the first remaining adapter becomes
+    active (as in peft)."""
+    _check_names(model, [adapter_name])
+    users = [n for n, layer in inject.adapted_layers(model).items() for a in layer.adapters.values()
+             if adapter_name in getattr(a, "trains_with", ())]
+    if users:
+        raise ConfigError(
+            f"Adapter {adapter_name!r} is an expert of another adapter (used in {users[0]!r}). "
+            "Expected an adapter nothing else depends on; delete the X-LoRA adapter first."
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, inject.AdaptedLayer) and adapter_name in module.adapters:
+            if module.merged:
+                module.unmerge()  # take every merged update out before removing one of them
+            del module.adapters[adapter_name]
+            module.active = [a for a in module.active if a != adapter_name]
+            if not len(module.adapters):
+                inject._set_module(model, name, module.base_layer)
+        elif isinstance(module, inject.TrainableCopy) and adapter_name in module.copies:
+            del module.copies[adapter_name]
+            module.active = [a for a in module.active if a != adapter_name]
+            if not len(module.copies):
+                inject._set_module(model, name, module.original_module)
+    _remove_extras(model, adapter_name)
+    records = _records(model)
+    del records[adapter_name]
+    model.peftlab_adapters = records
+    if getattr(model, "peftlab_active", None) == adapter_name:
+        if records:
+            set_adapter(model, next(iter(records)))
+        else:
+            del model.peftlab_active
+    return model
+
+
+def _remove_extras(model: nn.Module, adapter_name: str) -> None:
+    """Model-level modules some adapters keep outside the layers (X-LoRA's router)."""
+    router = getattr(model, "xlora_router", None)
+    if router is not None and adapter_name in router.adapters:
+        from peftlab.methods.xlora import remove_router
+
+        remove_router(model, adapter_name)
+
+
+def _records(model: nn.Module) -> dict:
+    return dict(getattr(model, "peftlab_adapters", {}))
+
+
+def _check_names(model: nn.Module, names: Sequence[str], allow_base: bool = False) -> None:
+    known = list(_records(model))
+    for name in names:
+        if name not in known and not (allow_base and name == BASE):
+            raise UnknownNameError(
+                f"The model has no adapter named {name!r}.{closest(str(name), known)} Expected one of: "
+                f"{', '.join(known) or '(none: add one with add_adapter or peftlab.adapt)'}"
+                f"{' or ' + repr(BASE) + ' for the base model' if allow_base else ''}."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed batches: model(..., adapter_names=[...])
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def adapters_per_example(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Inside the block, example i of every batch runs adapter ``adapter_names[i]`` alone
+    (``"__base__"``: the base model). The layers hold the names only for the block."""
+    _check_names(model, adapter_names, allow_base=True)
+    layers = inject.adapted_layers(model).values()
+    for layer in layers:
+        layer.example_adapters = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.example_adapters = None
+
+
+def enable_adapter_names(model: nn.Module) -> nn.Module:
+    """Let ``model(..., adapter_names=[...])`` route examples to adapters, as peft does: a forward
+    pre-hook takes the keyword out (a transformers model would silently ignore it) and sets the
+    names on the layers for that call; a hook that runs even when the call fails clears them.
+    ``peftlab.adapt`` calls this for every reference model."""
+    if not getattr(model, "_peftlab_adapter_names", False):
+        model.register_forward_pre_hook(_names_before_call, with_kwargs=True)
+        model.register_forward_hook(_names_after_call, always_call=True)
+        model._peftlab_adapter_names = True
+    return model
+
+
+def _names_before_call(model: nn.Module, args: tuple, kwargs: dict):
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return args, kwargs
+    batch = _batch_size(args, kwargs)
+    if batch is not None and len(names) != batch:
+        raise ConfigError(
+            f"adapter_names has {len(names)} entries but the batch has {batch} examples. Expected "
+            "one adapter name (or '__base__') per example."
+        )
+    context = adapters_per_example(model, list(names))
+    context.__enter__()
+    model.__dict__["_peftlab_names_context"] = context  # closed by _names_after_call
+    return args, kwargs
+
+
+def _names_after_call(model: nn.Module, args: tuple, output):
+    context = model.__dict__.pop("_peftlab_names_context", None)
+    if context is not None:
+        context.__exit__(None, None, None)
+    return output
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, Tensor):
+            return value.shape[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted merging of LoRA adapters
+# --------------------------------------------------------------------------------------------
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    *,
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> nn.Module:
+    """Add a new LoRA adapter ``adapter_name`` combining LoRA ``adapters`` with ``weights``
+    (negative weights subtract). The active adapter stays active; see the module docstring
+    for the combination types. Returns the same model."""
+    from peftlab.api import adapt
+
+    _check_names(model, adapters)
+    records = _records(model)
+    if adapter_name in records:
+        raise ConfigError(f"The model already has an adapter named {adapter_name!r}. Expected a new name.")
+    if len(adapters) != len(weights) or not adapters:
+        raise ConfigError(f"Got {len(adapters)} adapters and {len(weights)} weights. Expected one weight "
+                          "per adapter, at least one adapter.")
+    not_lora = [a for a in adapters if records[a].method != "lora"]
+    if not_lora:
+        raise ConfigError(f"Adapters {not_lora} are not LoRA adapters ({records[not_lora[0]].method}). "
+                          "Expected adapters added with method 'lora'; weighted merging combines B A factors.")
+    if combination_type not in COMBINATION_TYPES:
+        raise ConfigError(f"Unknown combination_type {combination_type!r}.{closest(combination_type, COMBINATION_TYPES)} "
+                          f"Expected one of: {', '.join(COMBINATION_TYPES)}.")
+    if len(adapters) == 1:
+        combination_type = "linear"  # peft: one adapter can only be scaled
+    needs_density = ("ties", "dare", "magnitude")
+    if any(combination_type.startswith(k) for k in needs_density) and density is None:
+        raise ConfigError(f"combination_type={combination_type!r} needs density, the share of entries kept "
+                          "(0 to 1). Expected e.g. density=0.5.")
+    ranks = [records[a].config.r for a in adapters]
+    if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
+        if len(set(ranks)) != 1:
+            raise ConfigError(f"combination_type={combination_type!r} adds A's and B's entry by entry, so "
+                              f"all ranks must be equal; got {dict(zip(adapters, ranks))}. Try 'cat' or 'svd'.")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    else:
+        new_rank = svd_rank or max(ranks)
+
+    layers = {n: layer for n, layer in inject.adapted_layers(model).items()
+              if any(a in layer.adapters for a in adapters)}
+    previous = getattr(model, "peftlab_active", None)
+    first = records[adapters[0]].config
+    adapt(model, "lora", adapter_name=adapter_name, r=new_rank, alpha=float(new_rank),
+          targets=tuple(layers), modules_to_save=first.modules_to_save)
+    with torch.no_grad():
+        for layer in layers.values():  # model order: the order peft draws DARE's masks in
+            new = layer.adapters[adapter_name]
+            A, B = _combine(layer, adapters, weights, combination_type, new_rank, svd_clamp,
+                            density, majority_sign_method)
+            new.lora_A.zero_()
+            new.lora_B.zero_()
+            new.lora_A[: A.shape[0]] = A.to(new.lora_A.dtype)
+            new.lora_B[:, : B.shape[1]] = B.to(new.lora_B.dtype)
+    if previous is not None:
+        set_adapter(model, previous)
+    return model
+
+
+def _combine(layer: inject.AdaptedLayer, adapters: Sequence[str], weights: Sequence[float], kind: str,
+             new_rank: int, clamp: float | None, density: float | None, sign_method: str) -> tuple[Tensor, Tensor]:
+    """(A', B') of the combined adapter on one layer, from the adapters this layer carries."""
+    present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+    if kind == "cat":
+        A = torch.cat([lora.lora_A * w * lora.scaling for lora, w in present], dim=0)  # (Σr, d_in)
+        B = torch.cat([lora.lora_B for lora, _ in present], dim=1)  # (d_out, Σr)
+        return A, B
+    if kind.endswith("svd"):
+        deltas = [lora.lora_B @ lora.lora_A * lora.scaling for lora, _ in present]  # (d_out, d_in)
+        delta = merge_tensors(kind.removesuffix("_svd").replace("svd", "linear"), deltas,
+                              torch.tensor([w for _, w in present]), density, sign_method)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=True)
+        U, Vh = U[:, :new_rank] @ torch.diag(S[:new_rank]), Vh[:new_rank, :]
+        if clamp is not None:  # clip outliers at a quantile of all entries, symmetrically
+            high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+            U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+        return Vh, U
+    # the factor-wise types: √(w s) on each side, the sign on A only, so that B' A' ≈ w s B A
+    w_s = [w * lora.scaling for lora, w in present]
+    w_A = torch.tensor([math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in w_s])
+    w_B = torch.tensor([math.sqrt(abs(v)) for v in w_s])
+    A = merge_tensors(kind, [lora.lora_A.data for lora, _ in present], w_A, density, sign_method)
+    B = merge_tensors(kind, [lora.lora_B.data for lora, _ in present], w_B, density, sign_method)
+    return A, B
+
+
+def merge_tensors(kind: str, tensors: list[Tensor], weights: Tensor, density: float | None = None,
+                  sign_method: str = "total") -> Tensor:
+    """Σ_i weights_i · tensors_i after the pruning / sign election that ``kind`` names
+    ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")."""
+    if kind in ("ties", "magnitude_prune"):
+        tensors = [_prune_by_magnitude(t, density) for t in tensors]
+    elif kind.startswith("dare"):
+        tensors = [_prune_at_random(t, density) for t in tensors]
+    elif kind != "linear":
+        raise ConfigError(f"Unknown merge rule {kind!r}. Expected linear, ties, dare_linear, dare_ties "
+                          "or magnitude_prune.")
+    stacked = torch.stack(tensors, dim=0)  # (n, ...)
+    weighted = stacked * weights.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if kind not in ("ties", "dare_ties"):
+        return weighted.sum(dim=0)
+    # TIES: per entry, the sign with the larger total (or count) wins; average the agreeing entries
+    votes = stacked.sum(dim=0) if sign_method == "total" else stacked.sign().sum(dim=0)
+    agree = stacked.sign() == torch.where(votes >= 0, 1, -1)
+    return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
+
+
+def _prune_by_magnitude(tensor: Tensor, density: float) -> Tensor:
+    if density >= 1:
+        return tensor
+    mask = torch.zeros_like(tensor).reshape(-1)
+    mask[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def _prune_at_random(tensor: Tensor, density: float) -> Tensor:
+    if density >= 1:
+        return tensor
+    keep = torch.bernoulli(torch.full_like(tensor, density))  # the global generator, as peft
+    return tensor * keep / density  # rescaled so the expected value stays the same

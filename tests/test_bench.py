@@ -1,0 +1,81 @@
+"""`peftlab bench train`: end to end on tiny-llama (one round), options, ratios, the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab import bench
+from peftlab.bench import VARIANTS, BenchConfig, BenchRow, format_table, parse_options, ratios
+from peftlab.cli import main as cli_main
+from peftlab.errors import ConfigError
+
+
+def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
+    out = tmp_path / "charts" / "bench.html"
+    status = cli_main(["bench", "train", "--model", "tiny-llama", "--repeats", "1", "--batch", "1",
+                       "--seq-len", "16", "--rank", "4", "--dtypes", "fp32", "--out", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out.parent / "bench.json").read_text())
+    rows = data["rows"]
+    assert [r["variant"] for r in rows] == list(VARIANTS)  # every row, in order
+    fused_ok = "fused" in __import__("peftlab.api", fromlist=["BACKENDS"]).BACKENDS
+    for row in rows:
+        if row["variant"].startswith("fused") and not fused_ok:
+            assert row["status"].startswith("unavailable")
+            continue
+        assert row["status"] == "ok", row
+        assert row["median_s"] > 0 and len(row["times"]) == 1
+        assert row["peak_mb"] >= 0 and row["total_mb"] >= row["resident_mb"] > 0
+        assert row["loss"] == pytest.approx(10.8, abs=0.5)  # a random model: ~ln(49152)
+    by = {r["variant"]: r for r in rows}
+    assert by["full"]["trainable"] > 100 * by["ref-lora"]["trainable"]
+    assert by["ref-lora"]["trainable"] == by["peft-lora"]["trainable"] == by["bnb-qlora"]["trainable"]
+    for name in VARIANTS:
+        assert name in printed
+    assert "load average" in printed and "peak MB" in printed
+    if fused_ok:
+        assert "fused-lora / peft-lora" in printed and data["ratios"]
+    html = out.read_text()
+    assert "plotly" in html.lower() and "peak memory" in html and "ref-lora" in html
+
+
+def test_options_are_checked_before_anything_loads():
+    config = parse_options(["--only", "peft-lora,fused-lora", "--dtypes", "bf16", "--repeats", "2"])
+    assert config.only == ("peft-lora", "fused-lora") and config.dtypes == ("bf16",)
+    assert parse_options([]) == BenchConfig()  # the documented defaults
+    with pytest.raises(ConfigError, match="fused-lora"):
+        parse_options(["--only", "fused-lor"])  # a typo gets a suggestion
+    with pytest.raises(ConfigError, match="fp32"):
+        parse_options(["--dtypes", "fp8"])
+    with pytest.raises(ConfigError, match="at least 1"):
+        parse_options(["--repeats", "0"])
+
+
+def test_cli_usage_error_exit_status(capsys):
+    assert cli_main(["bench", "train", "--only", "nope"]) == 2
+    assert "not a variant" in capsys.readouterr().err
+
+
+def test_unavailable_fused_backend_is_reported(monkeypatch):
+    import peftlab.api
+
+    monkeypatch.setattr(peftlab.api, "BACKENDS", ("reference", "peft"))
+    assert bench.unavailable_reason("fused-qlora").startswith("peftlab.adapt has no")
+    assert bench.unavailable_reason("ref-lora") is None
+
+
+def test_ratios_and_table_from_rows():
+    def row(variant, t, peak, status="ok"):
+        return BenchRow("fp32", variant, status, t, t, peak, 1000.0, 1000.0 + peak, 2.0, 10, [t])
+
+    rows = [row("peft-lora", 2.0, 400.0), row("fused-lora", 1.5, 100.0),
+            row("bnb-qlora", 3.0, 300.0), BenchRow("fp32", "fused-qlora", "unavailable: no fused")]
+    (r,) = ratios(rows)  # the QLoRA pair has no fused row: no ratio
+    assert r["pair"] == "fused-lora / peft-lora"
+    assert r["time"] == pytest.approx(0.75) and r["peak"] == pytest.approx(0.25)
+    assert r["total"] == pytest.approx(1100 / 1400)
+    text = format_table(rows, BenchConfig(model="tiny-llama"))
+    assert "unavailable: no fused" in text and "time 0.75x" in text and "peak 0.25x" in text

@@ -1,0 +1,156 @@
+"""The memory ledger: estimate (no weights loaded) against a measured step, within 15%."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.api import adapt
+from peftlab.errors import ConfigError
+from peftlab.memory import CATEGORIES, MemoryLedger, estimate_memory, measure_memory, nf4_bytes
+from peftlab.models import load_model
+
+TOLERANCE = 0.15
+COMPARED = ("weights", "adapter_weights", "gradients", "optimizer", "activations", "total")
+
+
+def _check_within(est: MemoryLedger, got: MemoryLedger, tolerance: float = TOLERANCE) -> None:
+    errors = est.relative_error(got)
+    assert set(COMPARED) <= set(errors), (errors, est.table(got))
+    bad = {k: v for k, v in errors.items() if abs(v) > tolerance}
+    assert not bad, f"estimate off by more than {tolerance:.0%}: {bad}\n{est.table(got)}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "backend"),
+    [("float32", None, "reference"), ("bfloat16", None, "reference"), ("float32", None, "peft"),
+     ("float32", "nf4", "peft"), ("bfloat16", "nf4", "reference")],
+    ids=["lora-fp32", "lora-bf16", "peft-lora-fp32", "qlora-nf4-fp32", "qlora-nf4-bf16"],
+)
+def test_estimate_within_15_percent_of_measurement_tiny_llama(dtype, quantization, backend):
+    est = estimate_memory("tiny-llama", "lora", r=16, batch=2, seq_len=64, dtype=dtype,
+                          quantization=quantization)
+    model, _ = load_model("tiny-llama", dtype=dtype, quantization=quantization)
+    torch.manual_seed(0)
+    model = adapt(model, "lora", backend=backend, r=16, targets="all-linear")
+    got = measure_memory(model, batch=2, seq_len=64)
+    _check_within(est, got)
+    # the logits are the largest activation here: B·T·V fp32 values kept by log_softmax
+    assert est.details["activation_terms"]["log_softmax"] == 2 * 64 * 49152 * 4
+    assert got.activations > 2 * 64 * 49152 * 4
+
+
+def test_full_fine_tuning_estimate_matches_measurement():
+    est = estimate_memory("tiny-llama", None, batch=2, seq_len=32)
+    model, _ = load_model("tiny-llama")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    got = measure_memory(model, batch=2, seq_len=32)
+    errors = est.relative_error(got)
+    # every parameter trains: weights are all "adapter_weights", gradients and moments follow
+    assert est.weights < 0.01 * est.adapter_weights
+    for key in ("adapter_weights", "gradients", "optimizer"):
+        assert abs(errors[key]) < 0.01, (key, errors)
+    assert abs(errors["activations"]) < TOLERANCE, est.table(got)
+
+
+def test_nf4_bytes_match_bitsandbytes_storage():
+    """Codes + uint8 absmax + nested fp32 absmax + code books, as bitsandbytes keeps them."""
+    from peftlab.memory import tensor_bytes
+
+    model, _ = load_model("tiny-llama", quantization="nf4")
+    layer = model.model.layers[0].mlp.down_proj  # (64, 128): 8192 values
+    assert type(layer).__name__ == "Linear4bit"
+    measured = tensor_bytes([layer.weight])
+    assert measured == nf4_bytes(64 * 128)
+    assert nf4_bytes(64 * 128) == 4096 + 128 + 4 + 1024 + 64 + 4
+    assert nf4_bytes(64 * 128, double_quant=False) == 4096 + 4 * 128 + 64
+
+
+def test_estimate_loads_no_weights_and_scales_sensibly(monkeypatch):
+    """SmolLM2-135M's ledger from its config alone: fp32 weights ~540 MB, NF4 a few times less,
+    checkpointing and SDPA save activations, and nothing is loaded (load_model is never called)."""
+    import peftlab.models
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("estimate_memory must not load a model")
+
+    monkeypatch.setattr(peftlab.models, "load_model", forbidden)
+    fp32 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128)
+    assert 500e6 < fp32.weights < 560e6
+    nf4 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, quantization="nf4")
+    assert nf4.weights < fp32.weights / 2.5
+    assert nf4.adapter_weights == fp32.adapter_weights
+    # 30 blocks x 7 linears, r=16: r (d_in + d_out) fp32 values each, counted as peft counts them
+    assert fp32.details["trainable_params"] == 4_884_480
+    assert fp32.optimizer == 2 * fp32.adapter_weights + 4 * 2 * 210
+    ckpt = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, gradient_checkpointing=True)
+    assert ckpt.activations < fp32.activations / 2
+    eager = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, attn_implementation="eager")
+    assert eager.activations > fp32.activations
+    bigger = estimate_memory("smollm2-135m", "lora", r=16, batch=8, seq_len=128)
+    assert bigger.activations == pytest.approx(2 * fp32.activations, rel=0.01)
+    assert bigger.weights == fp32.weights
+
+
+def test_estimate_accepts_configs_models_and_other_methods(tiny_llama):
+    model, _ = tiny_llama
+    from_model = estimate_memory(model, "lora", r=8, batch=1, seq_len=16)
+    from_config = estimate_memory(model.config, "lora", r=8, batch=1, seq_len=16)
+    assert from_model.as_dict() == from_config.as_dict()
+    dora = estimate_memory(model.config, "dora", r=8, batch=1, seq_len=16)
+    assert dora.adapter_weights > from_model.adapter_weights  # + one magnitude per output
+    bert = estimate_memory("tiny-bert", "lora", r=8, batch=2, seq_len=16)
+    assert bert.activations > 0 and bert.temporaries == 0
+
+
+def test_bad_arguments_raise_config_errors():
+    with pytest.raises(ConfigError, match="dtype"):
+        estimate_memory("tiny-llama", dtype="float8")
+    with pytest.raises(ConfigError, match="quantization"):
+        estimate_memory("tiny-llama", quantization="int3")
+    with pytest.raises(ConfigError, match="config"):
+        estimate_memory(42)
+    model, _ = load_model("tiny-llama")
+    for p in model.parameters():  # nothing trainable
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable"):
+        measure_memory(model, batch=1, seq_len=8)
+
+
+def test_ledger_table_and_public_names():
+    a = MemoryLedger(100, 10, 10, 20, 60, 5, "estimate")
+    b = MemoryLedger(100, 10, 10, 20, 50, 0, "measured")
+    assert a.total == 205
+    errors = a.relative_error(b)
+    assert errors["activations"] == pytest.approx(0.2)
+    assert errors["total"] == pytest.approx(10 / 190)  # temporaries left out: not measured
+    assert "temporaries" not in errors
+    text = a.table(b)
+    assert "activations" in text and "+20.0%" in text
+    assert set(a.as_dict()) == set(CATEGORIES) | {"total"}
+    assert peftlab.estimate_memory is estimate_memory
+    assert peftlab.measure_memory is measure_memory
+    from peftlab import metrics
+
+    assert metrics.MemoryLedger is MemoryLedger
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", [None, "nf4"], ids=["lora", "qlora-nf4"])
+def test_estimate_within_15_percent_smollm2(smollm2, quantization):
+    """The real model, batch 2 x 64: LoRA on the shared fp32 model, QLoRA (peft on bnb NF4)."""
+    est = estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64, quantization=quantization)
+    if quantization is None:
+        model = copy.deepcopy(smollm2[0])
+        backend = "reference"
+    else:
+        model, _ = load_model("smollm2-135m", quantization="nf4")
+        backend = "peft"
+    torch.manual_seed(0)
+    model = adapt(model, "lora", backend=backend, r=16, targets="all-linear")
+    got = measure_memory(model, batch=2, seq_len=64)
+    _check_within(est, got)
