@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 ARGS   ?=
+# The real-browser tests (JupyterLab + Voila via chromium) are not yet stable enough for CI: `make test MARKERS=` runs them too.
+MARKERS ?= not browser
 # On a machine without an NVIDIA GPU, pin torch to the CPU build (see requirements/constraints-cpu.txt);
 # GPU users get whatever torch their platform's index serves.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -34,7 +36,7 @@ browser-deps:
 
 test: install browser-deps
 	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(ARGS)
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -m "$(MARKERS)" $(ARGS)
 
 # `make bench` = `peftlab bench train`; e.g. make bench ARGS="--dtypes bf16 --repeats 3", or BENCH=spectra
 BENCH ?= train

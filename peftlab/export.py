@@ -87,7 +87,9 @@ it to this process's device and gives every process a different share of each ep
 same optimizer step and the copies stay identical. Losses are gathered for the log, and only the
 main process writes files.
 
-One process reproduces the peftlab run; N processes see N times as many rows per optimizer step
+One process reproduces the peftlab run: the same batches in the same order, tokens, masking and
+loss (step 1's loss is identical). The adapter's random initialisation and dropout now come from
+peft, so later losses match closely, not bit for bit. N processes see N times as many rows per optimizer step
 (BATCH_SIZE rows x GRAD_ACCUM micro-batches x N processes). Divide GRAD_ACCUM (or BATCH_SIZE) by N
 to keep the effective batch of the original run.
 

@@ -251,7 +251,7 @@ class FusedAdaptedLayer(AdaptedLayer):
         dropout = adapter.dropout
         # dropout runs here, through the adapter's own module, so it draws the same mask as the
         # reference (same random calls in the same order); the Function gets both x and dropout(x)
-        x_drop = dropout(x_c) if self.training and isinstance(dropout, nn.Dropout) else None
+        x_drop = dropout(x_c) if isinstance(dropout, nn.Dropout) and dropout.training else None
         lora_A, lora_B = adapter.lora_A.to(dtype), adapter.lora_B.to(dtype)
         if isinstance(adapter, DoRA):
             out = DoRAFunction.apply(x_c, x_drop, plan.weight, plan.bias, lora_A, lora_B,
@@ -264,8 +264,8 @@ class FusedAdaptedLayer(AdaptedLayer):
     def _fusable_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRA | DoRA | None:
         if args or kwargs or self.disabled or len(self.active) != 1 or self.merged:
             return None
-        if self.example_adapters is not None:  # a mixed batch (peftlab.compose): the reference routes it
-            return None
+        if getattr(self, "example_adapters", None) is not None:
+            return None  # a mixed batch (peftlab.compose): the reference forward routes it
         if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
             return None
         adapter = self.adapters[self.active[0]]
@@ -340,7 +340,8 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
     return (all(isinstance(p, nn.Module) for p in parts)
-            and type(act).__name__ in ("SiLU", "SiLUActivation") and _forward_is_swiglu(type(module)))
+            and type(act).__name__ in ("SiLU", "SiLUActivation")
+            and _forward_is_swiglu(type(module)))
 
 
 def _fused_swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -394,8 +395,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        dw = db = None
+        if need_w:  # a trainable head (rare with adapters): dW accumulates in fp32
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_b:
+            db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows]  # (c, H)
             t = targets[start:start + chunk_rows]  # (c,)
@@ -479,7 +483,8 @@ def causal_lm_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tenso
 # --------------------------------------------------------------------------------------------
 # config fields of models whose logits are transformed after the head; the fused loss would be
 # wrong there, so those models keep transformers' own loss
-_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_router_logits")
 
 
 def install_fused_loss(model: nn.Module, chunk_size: int | None = None) -> nn.Module:
