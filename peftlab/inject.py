@@ -13,6 +13,10 @@ output. The injector does the rest, the same way for every method and every mode
 
     AdaptedLayer.forward(x) = adapter(x, base_layer, base_layer(x))  for each active adapter
 
+A method that changes what the base layer *sees* (OFT and BOFT rotate its inputs) may also define
+``layer_forward(x, base_layer)``, which runs the base layer itself: h = W0 (R^T x) + b, the
+paper's equation and peft's order of operations. It is used when that adapter runs first.
+
 Several named adapters can sit on one layer; ``active`` says which run. Merging adds each
 adapter's ``delta_weight()`` into the base weight, so a merged model runs at base speed.
 Nothing here knows any particular model: targets are found by module name and type.
@@ -122,14 +126,19 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled and self.merged:
             self.unmerge()  # "disabled" must mean the base model, so take merged updates out
-        result = self.base_layer(x, *args, **kwargs)
+        pending = [] if self.disabled else [name for name in self.active if name not in self.merged]
+        first = self.adapters[pending[0]] if pending and self.example_adapters is None else None
+        if first is not None and hasattr(first, "layer_forward"):
+            # the adapter runs the base layer on its own transformed input (OFT, BOFT)
+            result, pending = first.layer_forward(x, self.base_layer, *args, **kwargs), pending[1:]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
         if self.example_adapters is not None:
             return self._per_example(x, result, self.example_adapters)
-        for name in self.active:
-            if name not in self.merged:
-                result = self.adapters[name](x, self.base_layer, result)
+        for name in pending:  # further adapters add to the output (``forward``)
+            result = self.adapters[name](x, self.base_layer, result)
         return result
 
     def _per_example(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:

@@ -23,6 +23,9 @@ Which route a layer takes (``adapter_singular_values``), first match wins:
    layout (LoRA; AdaLoRA as (P Λ, Q); LoHa via :func:`hadamard_factors`);
 3. otherwise a full SVD of ``delta_weight(base)``.
 
+DoRA's ΔW = m ⊙ V / ||V||_c - W0 (V = W0 + s·B A) is full-rank: ``part="weight"`` (default) takes
+that full SVD, ``part="direction"`` the spectrum of the direction update s·B A from its factors.
+
 peft models work too: LoRA layers are read from ``lora_A``/``lora_B``/``scaling`` of the active
 adapter (DoRA from its magnitude vector); other peft layers through ``get_delta_weight``.
 
@@ -204,6 +207,22 @@ def _layer_update(layer: nn.Module, adapter_name: str | None = None) -> Update:
     return _peft_update(layer, adapter_name or layer.active_adapters[0])
 
 
+def _direction_update(layer: nn.Module, name: str) -> Update | None:
+    """DoRA's direction update (s·B, A) of either backend; None for any other method."""
+    if isinstance(layer, AdaptedLayer):
+        adapter = layer.adapters[name]
+        if not hasattr(adapter, "direction_factors"):
+            return None
+        left, right = adapter.direction_factors()
+        return left.detach(), right.detach()  # already (d_out, r), (r, d_in), Conv1D included
+    if name not in getattr(layer, "lora_magnitude_vector", {}) or name not in getattr(layer, "lora_A", {}):
+        return None
+    return _work(layer.lora_B[name].weight) * layer.scaling[name], _work(layer.lora_A[name].weight)
+
+
+PARTS = ("weight", "direction")
+
+
 def _layers(
     model: nn.Module, adapter_name: str | None, layers: str | Sequence[str] | None
 ) -> Iterator[tuple[str, nn.Module, str]]:
@@ -227,6 +246,7 @@ def spectrum(
     model: nn.Module,
     adapter_name: str | None = None,
     layers: str | Sequence[str] | None = None,
+    part: str = "weight",
 ) -> dict[str, Tensor]:
     """Singular values of ΔW for every adapted layer: ``{layer name: 1-D tensor, descending}``.
 
@@ -235,15 +255,24 @@ def spectrum(
         adapter_name: which adapter; default the active one of each layer.
         layers: only these layers: a regex (full match) or a list of names / name suffixes,
             the same rule as ``targets``.
+        part: ``"weight"``: the change of the effective weight W' - W0; ``"direction"``: for
+            DoRA layers the low-rank direction update s·B A, from its factors (other methods
+            have no separate direction, so both parts are the same for them).
 
     Returns:
         Names as in ``model.named_modules()``. A factorised update gives k values (k = its
         inner rank, r for LoRA; every further singular value of ΔW is exactly zero); a full SVD
         gives min(d_out, d_in). float32 (float64 stays float64), on the CPU.
     """
+    if part not in PARTS:
+        raise ConfigError(f"Unknown part={part!r}. Expected one of {PARTS}: 'weight' (W' - W0) or "
+                          "'direction' (DoRA's low-rank direction update s·B A).")
     out = {}
     for name, layer, chosen in _layers(model, adapter_name, layers):
-        if isinstance(layer, AdaptedLayer):
+        direction = _direction_update(layer, chosen) if part == "direction" else None
+        if direction is not None:
+            values = factored_svdvals(*direction)
+        elif isinstance(layer, AdaptedLayer):
             values = adapter_singular_values(layer.adapters[chosen], layer.base_layer)
         else:
             values = svdvals_of(_peft_update(layer, chosen))

@@ -361,3 +361,38 @@ def test_bench_spectra_rows_agree():
         assert row["tail_rel"] < 1e-5
     table = spectra.format_bench_spectra(rows)
     assert len(table.splitlines()) == 3 and "speedup" in table
+
+
+@pytest.mark.parametrize("backend", ["reference", "peft"])
+def test_dora_direction_spectrum_comes_from_the_factors(tiny_llama, backend):
+    """part="direction": DoRA's direction update s·B A, r values from the factors, equal to the
+    explicit matrix's SVD; part="weight" stays the full-rank W' - W0."""
+    import copy
+
+    model, _ = tiny_llama
+    ref = peftlab.adapt(copy.deepcopy(model), "dora", r=4, alpha=8, targets=("q_proj", "v_proj"))
+    gen = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if ".adapters." in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    if backend == "peft":
+        from peftlab.production.hf_peft import copy_reference_to_peft
+
+        subject = peftlab.adapt(copy.deepcopy(model), "dora", backend="peft", r=4, alpha=8,
+                                targets=("q_proj", "v_proj"))
+        copy_reference_to_peft(ref, subject)
+    else:
+        subject = ref
+    direction = peftlab.spectrum(subject, part="direction")
+    weight = peftlab.spectrum(subject, part="weight")
+    assert len(direction) == 4
+    for name, layer in adapted_layers(ref).items():
+        key = next(k for k in direction if k.endswith(name))
+        adapter = layer.adapters["default"]
+        explicit = torch.linalg.svdvals((adapter.scaling * adapter.lora_B @ adapter.lora_A).detach())
+        assert direction[key].shape == (4,)  # rank r: the factor route, no d_out x d_in SVD
+        torch.testing.assert_close(direction[key], explicit[:4], rtol=1e-4, atol=1e-6 * float(explicit[0]))
+        assert weight[key].numel() == min(layer.base_layer.weight.shape)  # full-rank change
+    with pytest.raises(ConfigError, match="direction"):
+        peftlab.spectrum(subject, part="magnitude")

@@ -136,8 +136,17 @@ class BOFT(Adapter):
             R = B_k if R is None else B_k @ R
         return R
 
+    def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
+        # h = s ⊙ (W0 (x R)) + b: the frozen layer runs on rotated inputs, then each output is scaled
+        R = self.rotation()  # (d_in, d_in)
+        h = base((x.to(R.dtype) @ R).to(x.dtype), *args, **kwargs)  # W0 (x R) + b
+        bias = getattr(base, "bias", None)
+        if bias is None:
+            return h * self.boft_s.squeeze(-1).to(h.dtype)
+        return ((h - bias) * self.boft_s.squeeze(-1).to(h.dtype) + bias).to(h.dtype)
+
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
-        # h = s ⊙ (W0 (x R)) + b, where W0 (x R) = (W0 x + b) - b + W0 (x R - x)
+        # Stacked after another adapter: h = s ⊙ (W0 (x R)) + b, W0 (x R) = (result - b) + W0 (x R - x)
         R = self.rotation()  # (d_in, d_in)
         xr = x.to(R.dtype)
         bias = base.bias.to(R.dtype) if getattr(base, "bias", None) is not None else 0.0

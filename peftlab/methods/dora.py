@@ -110,8 +110,9 @@ class DoRA(Adapter):
         else:  # W0 x is the base output minus its bias: no need to compute it again
             bias = getattr(base, "bias", None)
             base_out = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
-        update = F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scaling  # (..., d_out)
-        return (result + (factor - 1) * base_out + factor * update).to(result.dtype)
+        lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # B A x, (..., d_out)
+        # grouped as peft groups it, so that both round alike in float32
+        return (result + ((factor - 1) * base_out + factor * lora * self.scaling)).to(result.dtype)
 
     def merged_weight(self, base: nn.Module) -> Tensor:
         """W' = m ⊙ (W0 + s·BA) / ||W0 + s·BA||_c, shape (d_out, d_in)."""
@@ -121,6 +122,14 @@ class DoRA(Adapter):
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = self.merged_weight(base) - self.base_weight(base)  # (d_out, d_in)
         return delta.T if self.transposed else delta
+
+    def direction_factors(self) -> tuple[Tensor, Tensor]:
+        """(s·B, A): the low-rank update of the direction's numerator, V = W0 + (s·B) A.
+
+        ΔW itself is not low-rank (m / ||V||_c rescales every row of W0), but the direction moves
+        only through this rank-r product, so its spectrum comes from the factors.
+        """
+        return self.scaling * self.lora_B, self.lora_A  # (d_out, r), (r, d_in)
 
     @torch.no_grad()
     def stats(self, base: nn.Module) -> dict[str, float]:

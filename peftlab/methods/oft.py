@@ -170,13 +170,20 @@ class OFT(Adapter):
         """The full (d_in, d_in) block-diagonal R."""
         return torch.block_diag(*self.blocks())
 
-    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
-        # h = W0 (x R) + b  (x a row, so x R is R^T x)  =  (W0 x + b) + W0 (x R - x),
-        # and the base layer has already computed W0 x + b.
+    def rotate(self, x: Tensor) -> Tensor:
+        """x R: each block of b input features turned by its R_i, (..., d_in) in R's dtype."""
         R = self.blocks()  # (n, b, b)
         xb = x.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
-        x_rot = torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in): each block x_i R_i
-        change = F.linear(x_rot - x.to(R.dtype), linear_weight(base).to(R.dtype))  # (..., d_out)
+        return torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in)
+
+    def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
+        # h = W0 (x R) + b: the frozen layer runs on rotated inputs (x a row, so x R is R^T x)
+        return base(self.rotate(x).to(x.dtype), *args, **kwargs)
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        # Stacked after another adapter: h = result + W0 (x R - x), the same change as above.
+        x_rot = self.rotate(x)
+        change = F.linear(x_rot - x.to(x_rot.dtype), linear_weight(base).to(x_rot.dtype))  # (..., d_out)
         return (result + change).to(result.dtype)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
