@@ -35,7 +35,7 @@ CASES = [(build, m, {}) for build in (_tiny_llama, _tiny_bert) for m in NEW_METH
     (_tiny_llama, "lokr", {"r": 1, "alpha": 2.0, "decompose_factor": 4, "targets": ("k_proj", "up_proj")}),
     (_tiny_llama, "vera", {"r": 16, "d_initial": 0.5, "projection_prng_key": 7, "save_projection": False,
                            "targets": "all-linear"}),
-]
+] + [(build, "adalora", {"init_r": 4, "target_r": 2, "total_step": 10}) for build in (_tiny_llama, _tiny_bert)]
 
 
 def case_id(case) -> str:
@@ -414,7 +414,8 @@ def test_nf4_base_reference_works_for_all(nf4_llama, method):
 # A real model
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("method,hp", [("dora", {"r": 4}), ("loha", {"r": 4}), ("lokr", {"r": 4}), ("vera", {"r": 64})])
+@pytest.mark.parametrize("method,hp", [("dora", {"r": 4}), ("loha", {"r": 4}), ("lokr", {"r": 4}), ("vera", {"r": 64}),
+                                       ("adalora", {"init_r": 4, "target_r": 2, "total_step": 10})])
 def test_smollm2_parity(smollm2, method, hp):
     model, _ = smollm2
     ours = peftlab.adapt(copy.deepcopy(model), method, **hp)
