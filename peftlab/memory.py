@@ -1,6 +1,6 @@
 """The memory ledger: where the bytes of a training step go, predicted and measured.
 
-    est = peftlab.estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64)
+    est = peftlab.estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64, targets="all-linear")
     model = peftlab.adapt(peftlab.load_model("smollm2-135m")[0], "lora", r=16)
     got = peftlab.measure_memory(model, batch=2, seq_len=64)
     print(est.table(got))
@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def estimate_memory(
     quantization: str | None = None,
     gradient_checkpointing: bool = False,
     *,
-    targets: str | tuple[str, ...] = "all-linear",
+    targets: str | tuple[str, ...] | None = None,
     attn_implementation: str = "sdpa",
     **hyperparameters: Any,
 ) -> MemoryLedger:
@@ -156,7 +156,8 @@ def estimate_memory(
         dtype: dtype of the weights and activations (fp32, bf16, fp16).
         quantization: None or "nf4" (bitsandbytes 4-bit, double quantization).
         gradient_checkpointing: recompute each block's activations in backward.
-        targets: the adapter's target layers (default: every linear layer but the head).
+        targets: the adapter's target layers, e.g. "all-linear"; default: the method's own
+            defaults, exactly what ``peftlab.adapt(model, method)`` would adapt.
         attn_implementation: "sdpa" (transformers' default) or "eager".
         **hyperparameters: other fields of the method's config (alpha, dropout, ...).
 
@@ -472,8 +473,19 @@ def meta_model(config, dtype: torch.dtype, method: str | None, r: int, targets, 
                 p.requires_grad_(True)
         else:
             from peftlab.api import adapt
+            from peftlab.methods import get_method
 
-            model = adapt(model, method, r=r, targets=targets, **hp)
+            if method == "loftq":  # LoftQ only chooses LoRA's start values: LoRA's shapes
+                method, hp = "lora", {k: v for k, v in hp.items() if k != "init"}
+            spec = get_method(method)
+            # pass r and targets only to methods that take them (IA3, BitFit and prompts have no rank)
+            takes = {f.name for f in fields(spec.config)}
+            extra = {"r": r} if "r" in takes else {}
+            if targets is not None and "targets" in takes:
+                extra["targets"] = targets
+            if "total_step" in takes and hp.get("total_step") is None:
+                extra["total_step"] = 1  # AdaLoRA's schedule length does not change its memory
+            model = adapt(model, method, **extra, **hp)
     return model
 
 

@@ -32,7 +32,7 @@ def _check_within(est: MemoryLedger, got: MemoryLedger, tolerance: float = TOLER
 )
 def test_estimate_within_15_percent_of_measurement_tiny_llama(dtype, quantization, backend):
     est = estimate_memory("tiny-llama", "lora", r=16, batch=2, seq_len=64, dtype=dtype,
-                          quantization=quantization)
+                          quantization=quantization, targets="all-linear")
     model, _ = load_model("tiny-llama", dtype=dtype, quantization=quantization)
     torch.manual_seed(0)
     model = adapt(model, "lora", backend=backend, r=16, targets="all-linear")
@@ -79,21 +79,24 @@ def test_estimate_loads_no_weights_and_scales_sensibly(monkeypatch):
         raise AssertionError("estimate_memory must not load a model")
 
     monkeypatch.setattr(peftlab.models, "load_model", forbidden)
-    fp32 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128)
+    fp32 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, targets="all-linear")
     assert 500e6 < fp32.weights < 560e6
-    nf4 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, quantization="nf4")
+    nf4 = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, targets="all-linear", quantization="nf4")
     assert nf4.weights < fp32.weights / 2.5
     assert nf4.adapter_weights == fp32.adapter_weights
     # 30 blocks x 7 linears, r=16: r (d_in + d_out) fp32 values each, counted as peft counts them
     assert fp32.details["trainable_params"] == 4_884_480
     assert fp32.optimizer == 2 * fp32.adapter_weights + 4 * 2 * 210
-    ckpt = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, gradient_checkpointing=True)
+    ckpt = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, targets="all-linear", gradient_checkpointing=True)
     assert ckpt.activations < fp32.activations / 2
-    eager = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, attn_implementation="eager")
+    eager = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128, targets="all-linear", attn_implementation="eager")
     assert eager.activations > fp32.activations
-    bigger = estimate_memory("smollm2-135m", "lora", r=16, batch=8, seq_len=128)
+    bigger = estimate_memory("smollm2-135m", "lora", r=16, batch=8, seq_len=128, targets="all-linear")
     assert bigger.activations == pytest.approx(2 * fp32.activations, rel=0.01)
     assert bigger.weights == fp32.weights
+    # no targets: the method's defaults, as peftlab.adapt uses them (LoRA: q_proj, v_proj)
+    qv = estimate_memory("smollm2-135m", "lora", r=16, batch=4, seq_len=128)
+    assert qv.details["trainable_params"] == 30 * 16 * ((576 + 576) + (576 + 192))
 
 
 def test_estimate_accepts_configs_models_and_other_methods(tiny_llama):
@@ -143,7 +146,8 @@ def test_ledger_table_and_public_names():
 @pytest.mark.parametrize("quantization", [None, "nf4"], ids=["lora", "qlora-nf4"])
 def test_estimate_within_15_percent_smollm2(smollm2, quantization):
     """The real model, batch 2 x 64: LoRA on the shared fp32 model, QLoRA (peft on bnb NF4)."""
-    est = estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64, quantization=quantization)
+    est = estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64, quantization=quantization,
+                          targets="all-linear")
     if quantization is None:
         model = copy.deepcopy(smollm2[0])
         backend = "reference"
@@ -154,3 +158,18 @@ def test_estimate_within_15_percent_smollm2(smollm2, quantization):
     model = adapt(model, "lora", backend=backend, r=16, targets="all-linear")
     got = measure_memory(model, batch=2, seq_len=64)
     _check_within(est, got)
+
+
+def test_every_registered_method_has_an_estimate():
+    """Methods without a rank or linear targets (IA3, prompts, LLaMA-Adapter, ...) get their own
+    defaults; AdaLoRA needs no schedule length; LoftQ has LoRA's shapes."""
+    from peftlab.methods import METHODS
+
+    lora = peftlab.estimate_memory("tiny-llama", "lora", batch=2, seq_len=16)
+    for name in METHODS:
+        model = "tiny-bert" if name == "bitfit" else "tiny-llama"  # Llama has no biases to train
+        ledger = peftlab.estimate_memory(model, name, batch=2, seq_len=16)
+        assert ledger.weights > 0 and ledger.total > ledger.weights, name
+        if name != "bitfit":
+            assert ledger.weights == pytest.approx(lora.weights, rel=0.01), name
+    assert peftlab.estimate_memory("tiny-llama", "loftq", batch=2, seq_len=16).adapter_weights == lora.adapter_weights

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,10 +210,12 @@ def memory_estimate(model: nn.Module, count: ParameterCount, choice: Choice,
         estimate_memory = None
     if estimate_memory is not None:
         try:
-            accepted = inspect.signature(estimate_memory).parameters
-            kwargs = {"batch_size": choice.batch_size, "seq_len": choice.max_length,
-                      "max_length": choice.max_length, "quantization": choice.quantization}
-            result = estimate_memory(model, **{k: v for k, v in kwargs.items() if k in accepted})
+            # the choice's own method, rank, targets (None: the method's default) and batch shape
+            hp = choice.hyperparameters()
+            result = estimate_memory(model, choice.method, r=hp.pop("r", choice.r),
+                                     batch=choice.batch_size, seq_len=choice.max_length,
+                                     quantization=choice.quantization,
+                                     targets=hp.pop("targets", None), **hp)
             as_dict = result.as_dict() if hasattr(result, "as_dict") else result
             if dataclasses.is_dataclass(as_dict):
                 as_dict = dataclasses.asdict(as_dict)
