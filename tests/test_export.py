@@ -2,7 +2,8 @@
 
 The script is run for real, on the bundled tiny-llama: once as `python script.py` (one process,
 which must reproduce the run's first loss exactly: same data, tokenization and loss) and once as
-`accelerate launch --cpu --num_processes 2` (DDP over gloo). Both must lower the loss and save an
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` (DDP over gloo; plain
+`--cpu --num_processes 2` starts a single process). Both must lower the loss and save an
 adapter that peftlab and peft load.
 """
 
