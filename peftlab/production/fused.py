@@ -329,8 +329,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
         dy_lora = dy2.to(lora_A.dtype)
         gB = dy_lora @ lora_B  # (N, r)
-        sig = torch.sigmoid(g)
-        silu = g * sig
+        silu = F.silu(g)  # recomputed: one elementwise pass instead of a saved tensor
         dA = dB = dg = du = None
         if need_A:
             dA = (gB.T @ (silu * u).to(lora_A.dtype)).mul_(s)  # a recomputed, (r, I)
@@ -341,9 +340,8 @@ class SwiGLULoRAFunction(torch.autograd.Function):
             da.add_(gB @ lora_A, alpha=s)
             if need_u:
                 du = (da * silu).view(ctx.shape)
-            if need_g:
-                d_silu = sig * (1 + g * (1 - sig))  # d silu(g) / dg
-                dg = (da * u * d_silu).view(ctx.shape)
+            if need_g:  # silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))), in PyTorch's own kernel
+                dg = torch.ops.aten.silu_backward(da.mul_(u), g).view(ctx.shape)
         return dg, du, None, None, dA, dB, None
 
 
