@@ -76,6 +76,288 @@ def _absmax_quantize(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return codes.reshape(-1).to(torch.uint8), absmax
 
 
+def _target_shapes_inputs(g: torch.Generator) -> dict:
+    n = int(torch.randint(1, 15, (1,), generator=g))
+    shapes = [tuple(int(v) for v in torch.randint(1, 1025, (2,), generator=g)) for _ in range(n)]
+    return {"shapes": shapes, "r": int(torch.randint(1, 65, (1,), generator=g))}
+
+
+def _ddp_batch_inputs(g: torch.Generator) -> dict:
+    return {k: int(torch.randint(1, 17, (1,), generator=g)) for k in ("batch_size", "grad_accum", "num_processes")}
+
+
+_SCRIPT_NAMES = ("train_lora.py", "train_dora.py", "finetune.py", "run_qlora.py")
+
+
+def _launch_inputs(g: torch.Generator) -> dict:
+    return {"script": _SCRIPT_NAMES[int(torch.randint(0, len(_SCRIPT_NAMES), (1,), generator=g))],
+            "num_processes": int(torch.randint(1, 4, (1,), generator=g)),
+            "on_cpu": bool(torch.randint(0, 2, (1,), generator=g))}
+
+
+def _launch_command(script: str, num_processes: int, on_cpu: bool) -> str:
+    if num_processes == 1:
+        return f"python {script}"
+    prefix = "ACCELERATE_USE_CPU=1 " if on_cpu else ""  # `--cpu` alone would start one process
+    return f"{prefix}accelerate launch --multi_gpu --num_processes {num_processes} {script}"
+
+# lessons 06, 07, 09: OFT's Cayley transform and block rotation, IA3 merging, BitFit counting,
+# a Houlsby adapter and LLaMA-Adapter's gated prompt attention
+def _cayley_inputs(g: torch.Generator) -> dict:
+    b = int(torch.randint(2, 9, (1,), generator=g))
+    return {"params": 0.5 * torch.randn(b * (b - 1) // 2, generator=g, dtype=torch.float64), "b": b}
+
+
+def _cayley_rotation(params: Tensor, b: int) -> Tensor:
+    rows, cols = torch.triu_indices(b, b, offset=1)
+    upper = params.new_zeros(b, b)
+    upper[rows, cols] = params
+    Q = upper - upper.T  # skew-symmetric
+    eye = torch.eye(b, dtype=params.dtype)
+    return (eye - Q) @ torch.linalg.inv(eye + Q)
+
+
+def _oft_block_inputs(g: torch.Generator) -> dict:
+    n, b, d_out = (int(torch.randint(1, 5, (1,), generator=g)) + extra for extra in (0, 1, 1))
+    return {"x": torch.randn(3, n * b, generator=g), "W0": torch.randn(d_out, n * b, generator=g),
+            "blocks": torch.linalg.qr(torch.randn(n, b, b, generator=g)).Q}
+
+
+def _ia3_inputs(g: torch.Generator) -> dict:
+    d_in, d_out = (int(torch.randint(2, 12, (1,), generator=g)) for _ in range(2))
+    feedforward = bool(torch.randint(0, 2, (1,), generator=g))
+    return {"W": torch.randn(d_out, d_in, generator=g), "b": torch.randn(d_out, generator=g),
+            "l": 1 + 0.3 * torch.randn(d_in if feedforward else d_out, generator=g), "feedforward": feedforward}
+
+
+def _ia3_merged_weight(W: Tensor, b: Tensor, l: Tensor, feedforward: bool) -> tuple[Tensor, Tensor]:
+    if feedforward:  # h = W (l ⊙ x) + b: l scales W's columns, the bias stays
+        return W * l, b
+    return l[:, None] * W, l * b  # h = l ⊙ (W x + b): l scales W's rows and the bias
+
+
+def _bert_size_inputs(g: torch.Generator) -> dict:
+    return {"n_layers": int(torch.randint(1, 25, (1,), generator=g)),
+            "d": 32 * int(torch.randint(1, 33, (1,), generator=g)),
+            "d_ff": 128 * int(torch.randint(1, 33, (1,), generator=g))}
+
+
+def _houlsby_inputs(g: torch.Generator) -> dict:
+    d, r = int(torch.randint(4, 24, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+    return {"h": torch.randn(3, d, generator=g), "W_down": torch.randn(r, d, generator=g),
+            "b_down": torch.randn(r, generator=g), "W_up": torch.randn(d, r, generator=g),
+            "b_up": torch.randn(d, generator=g), "s": float(torch.randint(1, 5, (1,), generator=g))}
+
+
+def _houlsby_forward(h: Tensor, W_down: Tensor, b_down: Tensor, W_up: Tensor, b_up: Tensor, s: float) -> Tensor:
+    return h + s * (torch.relu(h @ W_down.T + b_down) @ W_up.T + b_up)
+
+
+def _prompt_attention_inputs(g: torch.Generator) -> dict:
+    T, K, d = (int(torch.randint(2, 12, (1,), generator=g)) for _ in range(3))
+    return {"q": torch.randn(T, d, generator=g), "k_p": torch.randn(K, d, generator=g),
+            "v_p": torch.randn(K, d, generator=g), "gate": float(torch.randn(1, generator=g))}
+
+
+def _prompt_attention(q: Tensor, k_p: Tensor, v_p: Tensor, gate: float) -> Tensor:
+    return gate * torch.softmax(q @ k_p.T / math.sqrt(q.shape[-1]), dim=-1) @ v_p
+
+
+# lessons 02, 10, 12: singular values from LoRA's factors, subspace similarity, AdaLoRA's budget
+# schedule and importance EMAs, one LoftQ round
+def _factors_inputs(g: torch.Generator) -> dict:
+    d_in, d_out = (int(torch.randint(6, 30, (1,), generator=g)) for _ in range(2))
+    r = int(torch.randint(1, 6, (1,), generator=g))
+    return {"A": torch.randn(r, d_in, generator=g, dtype=torch.float64),
+            "B": torch.randn(d_out, r, generator=g, dtype=torch.float64),
+            "scaling": float(torch.randint(1, 9, (1,), generator=g)) / 4}
+
+
+def _lora_singular_values(A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    from peftlab.spectra import factored_svdvals
+
+    return factored_svdvals(scaling * B, A)
+
+
+def _phi_inputs(g: torch.Generator) -> dict:
+    d, r1, r2 = int(torch.randint(16, 40, (1,), generator=g)), 4, 12
+    shared = torch.randn(2, d, generator=g, dtype=torch.float64)  # two directions both runs found
+    A1 = torch.cat([shared, torch.randn(r1 - 2, d, generator=g, dtype=torch.float64)]) * 3
+    A2 = torch.cat([shared, torch.randn(r2 - 2, d, generator=g, dtype=torch.float64)])
+    return {"A1": A1, "A2": A2, "i": int(torch.randint(1, r1 + 1, (1,), generator=g)),
+            "j": int(torch.randint(1, r2 + 1, (1,), generator=g))}
+
+
+def _subspace_phi(A1: Tensor, A2: Tensor, i: int, j: int) -> Tensor:
+    from peftlab.spectra import subspace_similarity
+
+    return subspace_similarity(A1, A2, i, j)[i - 1, j - 1].double()
+
+
+def _budget_inputs(g: torch.Generator) -> dict:
+    total = int(torch.randint(10, 200, (1,), generator=g))
+    tinit, tfinal = (int(torch.randint(0, total // 4, (1,), generator=g)) for _ in range(2))
+    init_r = int(torch.randint(2, 17, (1,), generator=g))
+    return {"step": int(torch.randint(0, total + 1, (1,), generator=g)), "init_r": init_r,
+            "target_r": int(torch.randint(1, init_r + 1, (1,), generator=g)),
+            "n_layers": int(torch.randint(1, 60, (1,), generator=g)),
+            "tinit": tinit, "tfinal": tfinal, "total_step": total}
+
+
+def _adalora_budget(step: int, init_r: int, target_r: int, n_layers: int, tinit: int, tfinal: int,
+                    total_step: int) -> int:
+    from peftlab.methods.adalora import AdaLoRAConfig, RankAllocator
+
+    config = AdaLoRAConfig(total_step=total_step, init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal)
+    return RankAllocator(config, [f"layer{k}" for k in range(n_layers)]).budget(step)[0]
+
+
+def _importance_inputs(g: torch.Generator) -> dict:
+    shape = tuple(int(v) for v in torch.randint(1, 9, (2,), generator=g))
+    return {"w": torch.randn(shape, generator=g), "grad": torch.randn(shape, generator=g),
+            "ibar": torch.rand(shape, generator=g), "ubar": torch.rand(shape, generator=g),
+            "beta1": 0.85, "beta2": float(torch.rand(1, generator=g)) * 0.9 + 0.05}
+
+
+def _adalora_importance(w: Tensor, grad: Tensor, ibar: Tensor, ubar: Tensor, beta1: float,
+                        beta2: float) -> tuple[Tensor, Tensor]:
+    now = (w * grad).abs()  # I = |w · ∂L/∂w|
+    ibar = beta1 * ibar + (1 - beta1) * now
+    return ibar, beta2 * ubar + (1 - beta2) * (now - ibar).abs()  # Ū uses the new Ī, as peft does
+
+
+def _nf4_round_trip(w: Tensor) -> Tensor:
+    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    return dequantize_nf4(*quantize_nf4(w, 64, double_quant=False), torch.float32)  # as LoftQ and peft
+
+
+def _loftq_inputs(g: torch.Generator) -> dict:
+    d_out, d_in = (int(torch.randint(8, 40, (1,), generator=g)) for _ in range(2))
+    r = int(torch.randint(1, 6, (1,), generator=g))
+    return {"W": torch.randn(d_out, d_in, generator=g), "A": 0.3 * torch.randn(r, d_in, generator=g),
+            "B": 0.3 * torch.randn(d_out, r, generator=g), "quantize": _nf4_round_trip}
+
+
+def _loftq_step(W: Tensor, A: Tensor, B: Tensor, quantize) -> tuple[Tensor, Tensor, Tensor]:
+    from peftlab.quant.loftq import low_rank
+
+    Q = quantize(W - B @ A)  # quantise what the adapter does not carry
+    B_new, A_new = low_rank(W - Q, A.shape[0])  # the best rank-r part of what Q misses
+    return Q, A_new, B_new
+
+
+def _code_book_inputs(g: torch.Generator) -> dict:
+    return {"offset": 0.9 + 0.09 * float(torch.rand(1, generator=g))}
+
+
+def _code_book(offset: float) -> Tensor:
+    from peftlab.quant.nf4 import normal_float_code
+
+    return normal_float_code(offset)
+
+
+def _pack_inputs(g: torch.Generator) -> dict:
+    n = int(torch.randint(1, 200, (1,), generator=g))  # odd lengths too
+    return {"codes": torch.randint(0, 16, (n,), generator=g, dtype=torch.uint8)}
+
+
+def _pack_4bit(codes: Tensor) -> Tensor:
+    q = torch.nn.functional.pad(codes, (0, codes.numel() % 2))  # odd length: one padding code 0
+    return (q[0::2] << 4) | q[1::2]  # even index in the high nibble, as bitsandbytes
+
+
+def _dora_inputs(g: torch.Generator) -> dict:
+    d_in, d_out, r = (int(torch.randint(4, 24, (1,), generator=g)) for _ in range(3))
+    r = max(1, min(r, d_in, d_out))
+    return {"W0": torch.randn(d_out, d_in, generator=g), "A": torch.randn(r, d_in, generator=g),
+            "B": 0.3 * torch.randn(d_out, r, generator=g), "m": 0.5 + torch.rand(d_out, generator=g),
+            "scaling": float(torch.randint(1, 5, (1,), generator=g))}
+
+
+def _dora_weight(W0: Tensor, A: Tensor, B: Tensor, m: Tensor, scaling: float) -> Tensor:
+    V = W0 + scaling * B @ A  # (d_out, d_in)
+    return (m / V.norm(dim=1)).unsqueeze(1) * V  # one norm per output unit: a row here
+
+
+def _loha_inputs(g: torch.Generator) -> dict:
+    d_in, d_out, r = (int(torch.randint(4, 24, (1,), generator=g)) for _ in range(3))
+    r = max(1, min(r, 6))
+    shapes = {"w1a": (d_out, r), "w1b": (r, d_in), "w2a": (d_out, r), "w2b": (r, d_in)}
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()} | {
+        "scaling": float(torch.randint(1, 5, (1,), generator=g)) / 4}
+
+
+def _loha_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scaling: float) -> Tensor:
+    return scaling * (w1a @ w1b) * (w2a @ w2b)
+
+
+def _kron_inputs(g: torch.Generator) -> dict:
+    a, c, b, d = (int(torch.randint(1, 7, (1,), generator=g)) for _ in range(4))
+    return {"W1": torch.randn(a, c, generator=g), "W2": torch.randn(b, d, generator=g)}
+
+
+def _kronecker(W1: Tensor, W2: Tensor) -> Tensor:
+    return torch.kron(W1, W2)
+
+
+# lessons 08, 11, 13: a soft prompt before the input, merging LoRA adapters (cat, TIES), counting
+def _soft_prompt_inputs(g: torch.Generator) -> dict:
+    batch, tokens, n = (int(torch.randint(1, 6, (1,), generator=g)) for _ in range(3))
+    d = 4 * int(torch.randint(1, 5, (1,), generator=g))
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[0, : int(torch.randint(0, tokens, (1,), generator=g))] = 0  # a left-padded first row
+    return {"embeds": torch.randn(batch, tokens, d, generator=g), "attention_mask": mask,
+            "prompt": torch.randn(n, d, generator=g)}
+
+
+def _prepend_soft_prompt(embeds: Tensor, attention_mask: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor]:
+    batch, n = embeds.shape[0], prompt.shape[0]
+    virtual = prompt.unsqueeze(0).expand(batch, -1, -1)  # (B, n, d): the same prompt for every row
+    return (torch.cat([virtual, embeds], dim=1),  # (B, n + T, d)
+            torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1))  # (B, n + T)
+
+
+def _cat_inputs(g: torch.Generator) -> dict:
+    n, r, d_in, d_out = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 5), (1, 5), (4, 20), (4, 20)))
+    return {"As": torch.randn(n, r, d_in, generator=g), "Bs": torch.randn(n, d_out, r, generator=g),
+            "weights": torch.randn(n, generator=g), "scalings": 0.5 + torch.rand(n, generator=g)}
+
+
+def _lora_cat(As: Tensor, Bs: Tensor, weights: Tensor, scalings: Tensor) -> tuple[Tensor, Tensor]:
+    A = torch.cat([w * s * A_i for A_i, w, s in zip(As, weights, scalings)], dim=0)  # (n·r, d_in)
+    B = torch.cat(list(Bs), dim=1)  # (d_out, n·r)
+    return A, B
+
+
+def _ties_inputs(g: torch.Generator) -> dict:
+    n, d = int(torch.randint(2, 5, (1,), generator=g)), int(torch.randint(8, 40, (1,), generator=g))
+    return {"tensors": torch.randn(n, d, generator=g), "weights": 0.25 + torch.rand(n, generator=g),
+            "density": (0.2, 0.5, 0.8)[int(torch.randint(0, 3, (1,), generator=g))]}
+
+
+def _ties_merge(tensors: Tensor, weights: Tensor, density: float) -> Tensor:
+    from peftlab.compose import merge_tensors
+
+    return merge_tensors("ties", list(tensors), weights, density)
+
+
+_COUNT_METHODS = ("lora", "dora", "loha", "vera")
+
+
+def _per_layer_inputs(g: torch.Generator) -> dict:
+    return {"method": _COUNT_METHODS[int(torch.randint(0, len(_COUNT_METHODS), (1,), generator=g))],
+            "d_in": int(torch.randint(1, 4096, (1,), generator=g)),
+            "d_out": int(torch.randint(1, 4096, (1,), generator=g)), "r": int(torch.randint(1, 65, (1,), generator=g))}
+
+
+def _per_layer_count(method: str, d_in: int, d_out: int, r: int) -> int:
+    from peftlab.methods import get_method
+
+    spec = get_method(method)
+    return spec.params_per_layer(d_in, d_out, spec.config(r=r))
+
+
 EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in [
@@ -110,6 +392,247 @@ EXERCISES: dict[str, Exercise] = {
             _absmax_inputs,
             "Reshape to (-1, blocksize), divide by each block's max |w|, then argmin |scaled - NF4_CODE| "
             "over the 16 codes (peftlab.quant.nf4.NF4_CODE).",
+            atol=0,
+        ),
+        # -- lesson 02 exercises --
+        Exercise(
+            "lora_singular_values",
+            "lora_singular_values(A, B, scaling) -> the r singular values of ΔW = scaling · B A, descending, "
+            "without forming ΔW: thin QR of B and of Aᵀ, then the SVD of the small r x r core.",
+            _lora_singular_values,
+            _factors_inputs,
+            "B = Q1 R1 and Aᵀ = Q2 R2 (torch.linalg.qr), so ΔW = Q1 (scaling · R1 R2ᵀ) Q2ᵀ with orthonormal "
+            "Q1, Q2: the singular values of ΔW are those of the r x r core (torch.linalg.svdvals).",
+        ),
+        Exercise(
+            "subspace_phi",
+            "subspace_phi(A1, A2, i, j) -> φ = ‖U_iᵀ V_j‖_F² / min(i, j), U_i the top-i right singular vectors "
+            "of A1 (r1, d), V_j the top-j of A2 (r2, d): a 0-d tensor between 0 and 1.",
+            _subspace_phi,
+            _phi_inputs,
+            "torch.linalg.svd(A, full_matrices=False) returns Vh, whose rows are the right singular vectors: "
+            "U_i = Vh1[:i].T (d, i), V_j = Vh2[:j].T (d, j); square the Frobenius norm of U_iᵀ V_j.",
+        ),
+        # -- lesson 03 exercises --
+        Exercise(
+            "nf4_code_book",
+            "nf4_code_book(offset) -> the 16 sorted NF4 values: the N(0, 1) quantiles Φ⁻¹(p) of 8 probabilities "
+            "evenly spaced from offset down to 0.5 (0.5 excluded), the negatives of 7 more (offset down to 0.5, "
+            "0.5 excluded), and an exact 0; divided by the largest value.",
+            _code_book,
+            _code_book_inputs,
+            "torch.distributions.Normal(0.0, 1.0).icdf(p) gives quantiles; torch.linspace(offset, 0.5, 9)[:-1] "
+            "gives 8 probabilities, torch.linspace(offset, 0.5, 8)[:-1] gives 7. Sort, then divide by the max.",
+        ),
+        Exercise(
+            "pack_4bit",
+            "pack_4bit(codes) -> uint8 tensor of ceil(n / 2) bytes: codes[0] in the high 4 bits of byte 0, "
+            "codes[1] in its low 4 bits, and so on; an odd n gets one padding code 0.",
+            _pack_4bit,
+            _pack_inputs,
+            "Pad an odd-length input with one 0 (torch.nn.functional.pad), then (q[0::2] << 4) | q[1::2].",
+            atol=0,
+        ),
+        # -- lesson 04 exercises --
+        Exercise(
+            "dora_weight",
+            "dora_weight(W0, A, B, m, scaling) -> W' = m ⊙ V / ||V||_c with V = W0 + scaling · B A, shape "
+            "(d_out, d_in); ||V||_c is the L2 norm of each output unit's weights (one per row here).",
+            _dora_weight,
+            _dora_inputs,
+            "V = W0 + scaling * B @ A; the norm runs over d_in (V.norm(dim=1), shape (d_out,)); row i is "
+            "scaled by m[i] / ||V_i||, so unsqueeze the factor to (d_out, 1).",
+        ),
+        # -- lesson 05 exercises --
+        Exercise(
+            "loha_delta_weight",
+            "loha_delta_weight(w1a, w1b, w2a, w2b, scaling) -> ΔW = scaling · (w1a w1b) ⊙ (w2a w2b), shape "
+            "(d_out, d_in); w1a, w2a are (d_out, r), w1b, w2b are (r, d_in).",
+            _loha_delta,
+            _loha_inputs,
+            "Two ordinary matrix products (@), then the element-wise product (*) of the results, times scaling.",
+            atol=1e-4,
+        ),
+        Exercise(
+            "kronecker",
+            "kronecker(W1, W2) -> W1 ⊗ W2 of shape (a·b, c·d) for W1 (a, c) and W2 (b, d): block (i, j) is "
+            "W1[i, j] · W2. Write it without torch.kron.",
+            _kronecker,
+            _kron_inputs,
+            "Broadcast W1[:, None, :, None] * W2[None, :, None, :] to (a, b, c, d), then reshape to (a*b, c*d).",
+            atol=1e-6,
+        ),
+        # -- lesson 06 exercises --
+        Exercise(
+            "oft_cayley",
+            "cayley_rotation(params, b) -> the (b, b) orthogonal block R = (I - Q)(I + Q)^-1, where Q is "
+            "skew-symmetric (Q = -Q^T) with its strict upper triangle filled row by row from params "
+            "(b(b-1)/2 numbers, the order of torch.triu_indices(b, b, offset=1)).",
+            _cayley_rotation,
+            _cayley_inputs,
+            "Put params at torch.triu_indices(b, b, offset=1) of a zero (b, b) matrix U, then Q = U - U.T; "
+            "R = (I - Q) @ torch.linalg.inv(I + Q). Use params' dtype for I.",
+            atol=1e-9,
+        ),
+        Exercise(
+            "oft_block_forward",
+            "oft_forward(x, W0, blocks) -> h = x R W0^T for x of shape (n, d_in), where R = "
+            "block_diag(blocks[0], ..., blocks[-1]) and blocks has shape (n_blocks, b, b), n_blocks · b = d_in.",
+            lambda x, W0, blocks: x @ torch.block_diag(*blocks) @ W0.T,
+            _oft_block_inputs,
+            "Rows of x are examples, so the rotation acts as x @ R: cut x into chunks of b features "
+            "(x.unflatten(-1, (n_blocks, b))), multiply chunk i by blocks[i], flatten, then @ W0.T. "
+            "torch.block_diag(*blocks) builds R if you prefer.",
+        ),
+        # -- lesson 07 exercises --
+        Exercise(
+            "ia3_merge",
+            "ia3_merged_weight(W, b, l, feedforward) -> (W', b') with W' x + b' equal to the IA3 layer: "
+            "l ⊙ (W x + b) when feedforward is False (l has d_out entries), W (l ⊙ x) + b when True "
+            "(l has d_in entries). W is (d_out, d_in).",
+            _ia3_merged_weight,
+            _ia3_inputs,
+            "Scaling the output scales W's rows AND the bias: l[:, None] * W, l * b. Scaling the input "
+            "scales W's columns (W * l) and leaves the bias alone.",
+        ),
+        Exercise(
+            "bitfit_bert_count",
+            "bert_bitfit_count(n_layers, d, d_ff) -> how many numbers BitFit trains in a BERT encoder: the "
+            "biases of query, key, value, attention output (d each), intermediate (d_ff) and output (d) "
+            "and of the two LayerNorms (d each) in every layer, plus the embedding LayerNorm's and the "
+            "pooler's biases (d each). The classifier head is not counted.",
+            lambda n_layers, d, d_ff: n_layers * (7 * d + d_ff) + 2 * d,
+            _bert_size_inputs,
+            "Per layer: 4 attention biases + 1 output bias + 2 LayerNorm biases = 7 of size d, and one "
+            "of size d_ff. Then two more of size d outside the layers.",
+            atol=0,
+        ),
+        # -- lesson 08 exercises --
+        Exercise(
+            "soft_prompt_prepend",
+            "prepend_soft_prompt(embeds, attention_mask, prompt) -> (embeds', mask'): put the n soft-prompt "
+            "vectors (prompt, shape (n, d)) before every row of embeds (B, T, d), giving (B, n + T, d), and "
+            "widen the mask (B, T) to (B, n + T) with ones in front (the model must see the prompt).",
+            _prepend_soft_prompt,
+            _soft_prompt_inputs,
+            "Expand the prompt to (B, n, d) (prompt.unsqueeze(0).expand(B, -1, -1)) and torch.cat it before "
+            "embeds along dim=1; the mask gets attention_mask.new_ones(B, n) in front, also along dim=1.",
+        ),
+        # -- lesson 09 exercises --
+        Exercise(
+            "houlsby_adapter",
+            "houlsby_forward(h, W_down, b_down, W_up, b_up, s) -> h + s · up(relu(down(h))), where "
+            "down(h) = h W_down^T + b_down (d -> r) and up(z) = z W_up^T + b_up (r -> d); h is (n, d).",
+            _houlsby_forward,
+            _houlsby_inputs,
+            "Rows of h are examples: down is h @ W_down.T + b_down, then torch.relu, then @ W_up.T + b_up; "
+            "scale by s and add the residual h.",
+        ),
+        Exercise(
+            "gated_prompt_attention",
+            "prompt_attention(q, k_p, v_p, gate) -> gate · softmax(q k_p^T / sqrt(d)) v_p: T queries "
+            "(T, d) attend over K prompt keys and values (K, d) with their own softmax, scaled by gate.",
+            _prompt_attention,
+            _prompt_attention_inputs,
+            "scores = q @ k_p.T / math.sqrt(d) is (T, K); softmax over the last dim (the prompts), "
+            "multiply by gate, then @ v_p.",
+        ),
+        # -- lesson 10 exercises --
+        Exercise(
+            "adalora_budget",
+            "adalora_budget(step, init_r, target_r, n_layers, tinit, tfinal, total_step) -> the total rank b(t) "
+            "AdaLoRA allows at this step: init_r · n_layers up to tinit, then a cubic fall to target_r · n_layers "
+            "at total_step - tfinal, then target_r · n_layers (an int, rounded down).",
+            _adalora_budget,
+            _budget_inputs,
+            "b = int((b_init - b_target) · (1 - (t - tinit) / (total_step - tfinal - tinit))³ + b_target) with "
+            "b = r · n_layers; step <= tinit gives b_init, step > total_step - tfinal gives b_target.",
+            atol=0,
+        ),
+        Exercise(
+            "adalora_importance",
+            "adalora_importance(w, grad, ibar, ubar, beta1, beta2) -> (new Ī, new Ū): the sensitivity "
+            "I = |w · grad|, its EMA Ī with beta1, and the EMA Ū of |I - Ī| with beta2 (using the new Ī).",
+            _adalora_importance,
+            _importance_inputs,
+            "Ī ← beta1 · Ī + (1 - beta1) · I first; then Ū ← beta2 · Ū + (1 - beta2) · |I - Ī| with that new Ī.",
+        ),
+        # -- lesson 11 exercises --
+        Exercise(
+            "lora_cat_combine",
+            "cat_combine(As, Bs, weights, scalings) -> (A_cat, B_cat), for n LoRA adapters As (n, r, d_in), "
+            "Bs (n, d_out, r): A_cat stacks w_i · s_i · A_i on top of each other (n·r, d_in), B_cat puts the "
+            "B_i side by side (d_out, n·r), so that B_cat A_cat = Σ_i w_i s_i B_i A_i exactly (peft's 'cat').",
+            _lora_cat,
+            _cat_inputs,
+            "A block product: [B_1, B_2] @ [A_1; A_2] = B_1 A_1 + B_2 A_2. Scale each A_i by weights[i] * "
+            "scalings[i], then torch.cat the A's along dim=0 and the B's along dim=1.",
+        ),
+        Exercise(
+            "ties_merge",
+            "ties_merge(tensors, weights, density) -> (d,): TIES-merge n flat tensors (n, d) with weights (n,). "
+            "1) trim: in each tensor keep its int(density · d) largest |entries|, zero the rest; 2) elect: per "
+            "entry, the sign of the sum of the trimmed tensors (a sum of 0 elects +); 3) disjoint mean: add "
+            "weights[i] · trimmed[i] over the tensors whose entry has the elected sign, and divide by how many "
+            "they are (at least 1).",
+            _ties_merge,
+            _ties_inputs,
+            "torch.topk(t.abs(), k=int(density * d)).indices gives the entries to keep; elected = "
+            "torch.where(trimmed.sum(0) >= 0, 1, -1); agree = trimmed.sign() == elected (a trimmed 0 never "
+            "agrees); result = (weights[:, None] * trimmed * agree).sum(0) / agree.sum(0).clamp(min=1).",
+        ),
+        # -- lesson 12 exercises --
+        Exercise(
+            "loftq_step",
+            "loftq_step(W, A, B, quantize) -> (Q, A_new, B_new): one LoftQ round. Q = quantize(W - B A); "
+            "B_new A_new = the best rank-r approximation of W - Q, with B_new = U_r √S_r and A_new = √S_r V_rᵀ.",
+            _loftq_step,
+            _loftq_inputs,
+            "r = A.shape[0]. U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False); root = S[:r].sqrt(); "
+            "B_new = U[:, :r] * root, A_new = root[:, None] * Vh[:r].",
+        ),
+        # -- lesson 13 exercises --
+        Exercise(
+            "per_layer_count",
+            "per_layer_count(method, d_in, d_out, r) -> trainable numbers one adapted (d_out x d_in) layer "
+            "gets, for method in 'lora' (A, B), 'dora' (LoRA + one magnitude per output), 'loha' (two LoRA "
+            "pairs, multiplied elementwise) and 'vera' (frozen shared random A, B; trains d and b vectors).",
+            _per_layer_count,
+            _per_layer_inputs,
+            "lora: r(d_in + d_out); dora: that + d_out; loha: twice lora; vera: d_out + r (b scales the d_out "
+            "outputs, d the r rows of the shared A).",
+            atol=0,
+        ),
+        # -- lesson 14 exercises --
+        Exercise(
+            "lora_trainable_total",
+            "lora_trainable_total(shapes, r) -> trainable numbers of LoRA rank r on every layer in shapes, "
+            "a list of (d_in, d_out) pairs (one per adapted layer).",
+            lambda shapes, r: sum(r * (d_in + d_out) for d_in, d_out in shapes),
+            _target_shapes_inputs,
+            "Each layer adds A (r x d_in) and B (d_out x r); add up over the layers.",
+            atol=0,
+        ),
+        # -- lesson 15 exercises --
+        Exercise(
+            "effective_batch_size",
+            "effective_batch_size(batch_size, grad_accum, num_processes) -> rows per optimizer step "
+            "under DDP (batch_size rows per micro-batch and per process).",
+            lambda batch_size, grad_accum, num_processes: batch_size * grad_accum * num_processes,
+            _ddp_batch_inputs,
+            "Each process runs grad_accum micro-batches of batch_size rows, then DDP averages the "
+            "gradients of all processes into one optimizer step.",
+            atol=0,
+        ),
+        Exercise(
+            "launch_command",
+            "launch_command(script, num_processes, on_cpu) -> the command line: 'python SCRIPT' for one "
+            "process, else 'accelerate launch --multi_gpu --num_processes N SCRIPT', prefixed with "
+            "'ACCELERATE_USE_CPU=1 ' when on_cpu.",
+            _launch_command,
+            _launch_inputs,
+            "One process needs no launcher. Several CPU processes need --multi_gpu plus the "
+            "environment variable ACCELERATE_USE_CPU=1: `--cpu --num_processes N` starts one process.",
             atol=0,
         ),
     ]
