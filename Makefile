@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 ARGS   ?=
-# The real-browser tests (JupyterLab + Voila via chromium) are not yet stable enough for CI: `make test MARKERS=` runs them too.
-MARKERS ?= not browser
+# Select tests by marker, e.g. `make test MARKERS="not browser"` skips the real-browser tests
+# (JupyterLab + Voila driven through chromium, ~3 min); by default everything runs.
+MARKERS ?=
 # On a machine without an NVIDIA GPU, pin torch to the CPU build (see requirements/constraints-cpu.txt);
 # GPU users get whatever torch their platform's index serves.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -32,11 +33,12 @@ browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  else echo "chromium not found and cannot install it here: browser tests will skip"; fi; }
+	  else echo "chromium not found and cannot install it here (needs root and apt-get):" \
+	    "the browser tests will skip (and fail where CI is set)"; fi; }
 
 test: install browser-deps
 	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -m "$(MARKERS)" $(ARGS)
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(if $(MARKERS),-m "$(MARKERS)") $(ARGS)
 
 # `make bench` = `peftlab bench train`; e.g. make bench ARGS="--dtypes bf16 --repeats 3", or BENCH=spectra
 BENCH ?= train

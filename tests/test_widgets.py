@@ -193,3 +193,34 @@ def test_spectrum_viewer_and_quant_explorer(tiny_llama):
     q.block_w.value = 256  # larger blocks: one absmax for more values, larger errors
     assert q.errors["NF4"].rmse > nf4_64
     assert "RMSE" in q.table.value and len(q.fig.figure.data) == 3
+
+
+def test_redraws_are_throttled_by_the_clock_and_the_time_budget(lab):
+    """The dashboard's cost is bounded: the number of redraws does not grow with the steps."""
+    lab.steps_w.value = 4
+    saved = lab.redraw_every_s, lab.draw_budget
+    try:
+        for redraw_every_s, budget, redraws in [
+            (3600.0, 1.0, 2),  # clock: the first step, then the run's end
+            (0.0, 0.0, 2),  # budget 0: after the first redraw, none until the end
+            (0.0, float("inf"), 5),  # no throttle: every step, then the end
+        ]:
+            lab.redraw_every_s, lab.draw_budget = redraw_every_s, budget
+            before = lab.loss_fig.updates
+            assert lab.on_train() and lab.wait(120), "training did not finish"
+            assert lab.loss_fig.updates - before == redraws, (redraw_every_s, budget)
+            assert lab.loss_fig.trace_lengths()[:2] == [4, 4]  # the end shows every step
+            assert lab.progress.value == 4
+    finally:
+        lab.steps_w.value = 3
+        lab.redraw_every_s, lab.draw_budget = saved
+
+
+def test_voila_and_colab_get_static_figures(monkeypatch):
+    from peftlab.widgets import live
+
+    for name in ("VOILA_BASE_URL", "SERVER_SOFTWARE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not live.voila() and live.prefer_static() is live.colab()
+    monkeypatch.setenv("SERVER_SOFTWARE", "voila/0.5.13")  # what Voila puts in its kernels' environment
+    assert live.voila() and live.prefer_static()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from peftlab.widgets.live import LiveFigure, colab, message_html
+from peftlab.widgets.live import LiveFigure, message_html, prefer_static
 
 
 class _Shown:
@@ -45,7 +45,7 @@ class RankExplorer(_Shown):
         self.r_w = W.IntSlider(value=r, min=1, max=min(self.d_in, self.d_out), description="rank r",
                                continuous_update=True)
         self.shapes = W.HTML()
-        self.fig = LiveFigure(self._figure(r), colab() if static is None else static)
+        self.fig = LiveFigure(self._figure(r), prefer_static() if static is None else static)
         self.r_w.observe(lambda _change: self.update(), names="value")
         self.widget = W.VBox([self.r_w, self.shapes, self.fig.widget])
         self.update()
@@ -92,7 +92,7 @@ class SpectrumViewer(_Shown):
         except PeftlabError as exc:
             self.spectra = {}
             self.message.value = message_html(str(exc), "error")
-        static = colab() if static is None else static
+        static = prefer_static() if static is None else static
         width = max((len(v) for v in self.spectra.values()), default=1)
         self.top_w = W.IntSlider(value=min(max_index or width, width), min=1, max=max(width, 1),
                                  description="show σ 1..")
@@ -154,7 +154,7 @@ class QuantErrorExplorer(_Shown):
         self.double_w = W.Checkbox(value=False, description="double quantisation")
         self.table = W.HTML()
         self.errors: dict[str, Any] = {}
-        self.fig = LiveFigure(self._figure(), colab() if static is None else static)
+        self.fig = LiveFigure(self._figure(), prefer_static() if static is None else static)
         for control in (self.kinds_w, self.block_w, self.double_w):
             control.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([W.HBox([self.kinds_w, W.VBox([self.block_w, self.double_w])]),

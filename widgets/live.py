@@ -9,14 +9,25 @@ refreshed by handing it the next figure from the same function:
 In a kernel with a widget manager it wraps a ``plotly.graph_objects.FigureWidget`` and copies
 the new traces into it inside ``batch_update()`` (one comm message per redraw, numpy arrays
 sent as binary buffers). The layout goes to the constructor, because Voila drops layout set
-with ``update_layout`` before display (see ENVIRONMENT.md). Where FigureWidget cannot render
-(Colab, or ``static=True``), it falls back to a plain ``go.Figure`` shown in an ``Output``
-widget and re-displayed on each update.
+with ``update_layout`` before display (see ENVIRONMENT.md). Where a FigureWidget cannot be relied
+on (:func:`prefer_static`: Colab and Voila, or ``static=True``), it falls back to a plain
+``go.Figure`` shown in an ``Output`` widget and re-displayed on each update; JupyterLab and Voila
+draw it with plotly's mime renderer (plotly.js loaded once per page), Colab from its HTML.
+
+Why not FigureWidget in Voila: plotly's FigureWidget is an anywidget whose front-end code (a
+5 MB ES module with plotly.js inside) travels and is evaluated once per figure, and anywidget
+(0.11) gives each model 2 s to load it, then drops every message to a model that missed it.
+Voila builds the page's widget models together when the page loads, and with the Lab's five
+figures on 2 busy cores all of them missed it: they drew once and never updated, whether the
+updates came from the training thread or the main one. In JupyterLab, which builds each model
+as the kernel's message arrives, the same figures met the deadline (reloading the page would
+rebuild them together, like Voila: re-run the cell then).
 """
 
 from __future__ import annotations
 
 import html
+import os
 import sys
 from typing import Any
 
@@ -24,6 +35,16 @@ from typing import Any
 def colab() -> bool:
     """True inside Google Colab, where plotly's FigureWidget is not proven to render."""
     return "google.colab" in sys.modules
+
+
+def voila() -> bool:
+    """True in a kernel that Voila started (Voila puts ``VOILA_*`` variables in its environment)."""
+    return "VOILA_BASE_URL" in os.environ or os.environ.get("SERVER_SOFTWARE", "").startswith("voila/")
+
+
+def prefer_static() -> bool:
+    """True where live FigureWidgets cannot be relied on: Colab and Voila (see the module docstring)."""
+    return colab() or voila()
 
 
 def message_html(text: str, kind: str = "info") -> str:
@@ -40,7 +61,7 @@ class LiveFigure:
 
     Args:
         figure: the first figure (a ``go.Figure`` from ``peftlab.plots``).
-        static: True for a plain re-displayed ``go.Figure`` (Colab), False for a FigureWidget.
+        static: True for a plain re-displayed ``go.Figure`` (Colab, Voila), False for a FigureWidget.
     """
 
     def __init__(self, figure: Any, static: bool = False) -> None:
@@ -62,16 +83,20 @@ class LiveFigure:
         # Set the Output's outputs directly, not `with output: display(...)`: the context
         # manager captures by the kernel's current message and misroutes output sent from the
         # background training thread. The bundle carries plotly's own mime type (JupyterLab,
-        # Voila) and self-contained HTML (Colab, which renders HTML).
+        # Voila) and, in Colab only, self-contained HTML (Colab renders HTML; to_html costs ~15x
+        # to_json, paid on every redraw).
         import json
 
         import plotly.io as pio
 
         bundle = {
             "application/vnd.plotly.v1+json": json.loads(pio.to_json(figure, validate=False)),
-            "text/html": pio.to_html(figure, include_plotlyjs="cdn", full_html=False),
             "text/plain": f"<Figure: {figure.layout.title.text or 'plotly figure'}>",
         }
+        if colab():
+            bundle["text/html"] = pio.to_html(figure, include_plotlyjs="cdn", full_html=False)
+        # the old plot is removed before the new one is drawn: keep its height so the page does not jump
+        self.widget.layout.min_height = f"{figure.layout.height or 450}px"
         self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
     def update(self, figure: Any) -> None:
@@ -105,4 +130,4 @@ class LiveFigure:
         return out
 
 
-__all__ = ["LiveFigure", "colab", "message_html"]
+__all__ = ["LiveFigure", "colab", "message_html", "prefer_static", "voila"]
