@@ -319,7 +319,8 @@ def _prepend_soft_prompt(embeds: Tensor, attention_mask: Tensor, prompt: Tensor)
 
 
 def _cat_inputs(g: torch.Generator) -> dict:
-    n, r, d_in, d_out = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 5), (1, 5), (4, 20), (4, 20)))
+    n, r, d_in, d_out = (int(torch.randint(lo, hi, (1,), generator=g))
+                         for lo, hi in ((2, 5), (1, 5), (4, 20), (4, 20)))
     return {"As": torch.randn(n, r, d_in, generator=g), "Bs": torch.randn(n, d_out, r, generator=g),
             "weights": torch.randn(n, generator=g), "scalings": 0.5 + torch.rand(n, generator=g)}
 
@@ -348,7 +349,8 @@ _COUNT_METHODS = ("lora", "dora", "loha", "vera")
 def _per_layer_inputs(g: torch.Generator) -> dict:
     return {"method": _COUNT_METHODS[int(torch.randint(0, len(_COUNT_METHODS), (1,), generator=g))],
             "d_in": int(torch.randint(1, 4096, (1,), generator=g)),
-            "d_out": int(torch.randint(1, 4096, (1,), generator=g)), "r": int(torch.randint(1, 65, (1,), generator=g))}
+            "d_out": int(torch.randint(1, 4096, (1,), generator=g)),
+            "r": int(torch.randint(1, 65, (1,), generator=g))}
 
 
 def _per_layer_count(method: str, d_in: int, d_out: int, r: int) -> int:
