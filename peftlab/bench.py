@@ -6,6 +6,8 @@
 
 Variants (same model, same random tokens, same rank, all linear layers, AdamW, no dropout):
 
+    frozen       the frozen base model's own step: forward with labels, backward down to its input
+                 embeddings, nothing trains -- the least any adapter can cost (fused LoRA's target)
     full         full fine-tuning: every weight trains (the baseline adapters are meant to beat)
     peft-lora    Hugging Face peft LoRA
     ref-lora     peftlab's reference LoRA (peftlab/methods/lora.py)
@@ -52,10 +54,11 @@ from typing import Any
 
 from peftlab.errors import ConfigError, closest
 
-VARIANTS = ("full", "peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
+VARIANTS = ("frozen", "full", "peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-# fused / peft pairs shown as ratios
-RATIO_PAIRS = (("fused-lora", "peft-lora"), ("fused-qlora", "bnb-qlora"))
+# pairs shown as ratios: fused vs peft (the targets), fused vs the frozen base, reference vs peft
+RATIO_PAIRS = (("fused-lora", "peft-lora"), ("fused-qlora", "bnb-qlora"), ("fused-lora", "frozen"),
+               ("ref-lora", "peft-lora"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class BenchRow:
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftlab bench train",
-                                description="Time one training step: full fine-tuning, peft LoRA, "
+                                description="Time one training step: the frozen base, full fine-tuning, peft LoRA, "
                                 "peftlab reference and fused LoRA, bitsandbytes QLoRA, fused QLoRA.")
     p.add_argument("--model", default="smollm2-135m", help="bundled name, folder or hub id (default: smollm2-135m)")
     p.add_argument("--batch", type=int, default=4, help="rows per step (default: 4)")
@@ -239,25 +242,31 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
                           device=device if quantization is None else None)
     model.train()
     torch.manual_seed(config.seed)
-    if variant != "full":
+    if variant in ("full", "frozen"):
+        for p in model.parameters():
+            p.requires_grad_(variant == "full")
+    else:
         backend = {"peft-lora": "peft", "bnb-qlora": "peft", "ref-lora": "reference"}.get(variant, "fused")
         model = adapt(model, "lora", backend=backend, r=config.rank, alpha=2.0 * config.rank,
                       targets="all-linear")
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
     model_device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     input_ids = torch.randint(0, model.config.vocab_size, (config.batch, config.seq_len),
                               generator=generator).to(model_device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    embed = model.get_input_embeddings()
 
     def step() -> float:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if optimizer is None:  # frozen: the gradient goes down to the input embeddings only
+            embeds = embed(input_ids).detach().requires_grad_()
+            loss = model(inputs_embeds=embeds, labels=input_ids).loss
+        else:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     step.model = model  # keep the model alive as long as the step

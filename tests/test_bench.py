@@ -31,13 +31,13 @@ def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
         assert row["peak_mb"] >= 0 and row["total_mb"] >= row["resident_mb"] > 0
         assert row["loss"] == pytest.approx(10.8, abs=0.5)  # a random model: ~ln(49152)
     by = {r["variant"]: r for r in rows}
-    assert by["full"]["trainable"] > 100 * by["ref-lora"]["trainable"]
+    assert by["full"]["trainable"] > 100 * by["ref-lora"]["trainable"] and by["frozen"]["trainable"] == 0
     assert by["ref-lora"]["trainable"] == by["peft-lora"]["trainable"] == by["bnb-qlora"]["trainable"]
     for name in VARIANTS:
         assert name in printed
     assert "load average" in printed and "peak MB" in printed
     if fused_ok:
-        assert "fused-lora / peft-lora" in printed and data["ratios"]
+        assert "fused-lora / peft-lora" in printed and "fused-lora / frozen" in printed and data["ratios"]
     html = out.read_text()
     assert "plotly" in html.lower() and "peak memory" in html and "ref-lora" in html
 

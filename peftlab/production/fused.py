@@ -58,10 +58,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -652,143 +649,6 @@ def check_fusable_method(method: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# A micro benchmark: one training step, several implementations, interleaved
-# --------------------------------------------------------------------------------------------
-VARIANTS = ("floor", "peft", "reference", "fused")
-
-
-def bench_fused_step(
-    model_name: str = "smollm2-135m",
-    variants: Sequence[str] = VARIANTS,
-    batch: int = 4,
-    seq_len: int = 128,
-    r: int = 16,
-    rounds: int = 5,
-    quantization: str | None = None,
-    threads: int | None = None,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Time one training step (forward with labels, backward, AdamW step) per implementation.
-
-    Variants: "floor" (the frozen base model, forward + backward to its input embeddings: the
-    least any adapter can cost), "peft" (Hugging Face peft LoRA), "reference" (peftlab's reference
-    LoRA), "fused" (backend="fused"), "fused-layers" (fused layers, transformers' own loss).
-    All get r=``r``, alpha=2r, all-linear targets and the same random tokens. The variants take
-    turns, round after round (A B C D A B C D ...), after one warm-up step each, so that a machine
-    shared with other work slows all of them alike; the median is reported.
-
-    Memory: "peak_mb" is the peak above what was resident just before the step (activations,
-    gradients, temporaries; CUDA: allocated bytes; CPU: peak RSS, Linux only), "resident_mb" what
-    was resident before it. On CPU, run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment so
-    that freed tensors go back to the system and the next variant's peak is not hidden.
-
-    ``log`` (e.g. ``print``) receives one line per measured step.
-
-    Returns:
-        {variant: {"median_s", "min_s", "cpu_median_s", "peak_mb", "resident_mb", "loss"}}:
-        wall-clock seconds, process CPU seconds (on a busy machine with one torch thread, the
-        steadier measure of the work done), MB, and the loss of the warm-up step.
-    """
-    from peftlab.api import adapt
-    from peftlab.models import load_model
-    from peftlab.train import peak_memory_mb, reset_peak_memory
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    unknown = set(variants) - set(VARIANTS) - {"fused-layers"}
-    if unknown:
-        raise ConfigError(f"Unknown variants {sorted(unknown)}. Expected some of "
-                          f"{', '.join(VARIANTS + ('fused-layers',))}.")
-    steps: dict[str, Callable[[], float]] = {}
-    models = {}
-    for name in variants:
-        model, _ = load_model(model_name, quantization=quantization)
-        model.train()
-        if name == "floor":
-            for p in model.parameters():
-                p.requires_grad_(False)
-        else:
-            backend = {"peft": "peft", "reference": "reference"}.get(name, "fused")
-            model = adapt(model, "lora", backend=backend, r=r, alpha=2.0 * r, targets="all-linear")
-            if name == "fused-layers":
-                remove_fused_loss(model)
-        models[name] = model
-        steps[name] = _make_step(model, name == "floor", batch, seq_len, seed)
-
-    device = next(models[variants[0]].parameters()).device
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    cpu: dict[str, list[float]] = {n: [] for n in variants}
-    peaks: dict[str, float] = {n: 0.0 for n in variants}
-    resident: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    for name in variants:  # warm-up: first-step allocations and lazy initialisation
-        losses[name] = steps[name]()
-    for _ in range(rounds):
-        for name in variants:
-            _sync(device)
-            resident[name] = _current_memory_mb(device)
-            reset_peak_memory(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-            peaks[name] = max(peaks[name], peak_memory_mb(device) - resident[name])
-            if log is not None:
-                log(f"{name}: {times[name][-1]:.3f} s wall, {cpu[name][-1]:.3f} s cpu, "
-                    f"peak +{peaks[name]:.0f} MB")
-    return {
-        name: {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
-               "cpu_median_s": statistics.median(cpu[name]), "peak_mb": peaks[name],
-               "resident_mb": resident[name], "loss": losses[name]}
-        for name in variants
-    }
-
-
-def _make_step(model: nn.Module, floor: bool, batch: int, seq_len: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    embed = model.get_input_embeddings()
-
-    def step() -> float:
-        if floor:  # the frozen model's own step: gradient down to its input embeddings only
-            embeds = embed(input_ids).detach().requires_grad_()
-            out = model(inputs_embeds=embeds, labels=input_ids)
-        else:
-            out = model(input_ids=input_ids, labels=input_ids)
-        out.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return out.loss.item()
-
-    return step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _current_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
-
-
 __all__ = [
     "FUSED_METHODS",
     "BasePlan",
@@ -805,5 +665,4 @@ __all__ = [
     "fuse",
     "unfuse",
     "check_fusable_method",
-    "bench_fused_step",
 ]
