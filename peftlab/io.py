@@ -18,6 +18,10 @@ the same two files, keys under ``base_model.model.``, and an adapter_config.json
 ``peft_type`` is ``PEFTLAB_<METHOD>`` (e.g. ``PEFTLAB_BITFIT``) with peftlab's own config fields;
 peft cannot load those, peftlab's reference backend can.
 
+An X-LoRA adapter is saved as peft's XLoraModel reads it: adapter_config.json (peft_type XLORA,
+``adapters`` = {"0": <folder>/0, ...}), the router in adapter_model.safetensors, and each LoRA
+expert in its own subfolder 0/, 1/, ... (peftlab.methods.xlora.write_folder).
+
 Writes are atomic. Both files go into a temporary folder next to the destination, are flushed to
 disk (fsync), and only then is the folder swapped into place with one rename; so a crash, a full
 disk or a SIGKILL at any moment leaves either the old complete adapter or the new complete one,
@@ -225,6 +229,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             _write_peft(model, tmp, name)
     else:
         name, spec, config = _reference_adapter(model, adapter_name)
+        if spec.name == "xlora":  # the router here, each expert in a subfolder (peft's layout)
+            from peftlab.methods.xlora import write_folder
+
+            with atomic_dir(path) as tmp:
+                write_folder(model, tmp, name, final=Path(path).expanduser().resolve())
+            return Path(path)
         peft_config = _peft_config_for(model, spec, config, name)  # fails early, before any write
         with atomic_dir(path) as tmp:
             _write_reference(model, tmp, name, peft_config)
@@ -234,10 +244,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 _ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "README.md"}
 
 
+def _xlora_experts(folder: Path) -> set[str]:
+    """Names of the expert subfolders of a saved X-LoRA adapter (none for other folders)."""
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    adapters = raw.get("adapters") if isinstance(raw, dict) and _peft_type(raw) == "XLORA" else None
+    if not isinstance(adapters, dict):
+        return set()
+    return {str(k) for k in adapters if (folder / str(k)).is_dir() and not (folder / str(k)).is_symlink()
+            and all(p.name in _ADAPTER_FILES for p in (folder / str(k)).iterdir())}
+
+
 def _check_replaceable(folder: Path) -> None:
     """The save replaces the folder as a whole: refuse a folder that holds anything else."""
     if folder.is_dir():
-        others = sorted(p.name for p in folder.iterdir() if p.name not in _ADAPTER_FILES)
+        experts = _xlora_experts(folder)  # a saved X-LoRA adapter keeps its experts in subfolders
+        others = sorted(p.name for p in folder.iterdir() if p.name not in _ADAPTER_FILES | experts)
         if others:
             raise AdapterFileError(
                 f"{folder} already exists and holds other things than an adapter ({', '.join(others[:3])}"
@@ -352,6 +376,11 @@ def _is_peft(model: nn.Module) -> bool:
     return type(model).__module__.startswith("peft.")
 
 
+def _peft_type(raw: dict) -> str:
+    """adapter_config.json's peft_type without an enum prefix: "LORA", "XLORA", "PEFTLAB_BITFIT"."""
+    return str(raw.get("peft_type", "")).split(".")[-1].upper()
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -410,6 +439,10 @@ def load_adapter(
         return _load_with_peft(model, folder, adapter_name)
     if backend != "reference":
         raise ConfigError(f"Unknown backend {backend!r}. Expected 'reference' or 'peft'.")
+    if _peft_type(raw_config) == "XLORA":  # a router file plus a subfolder per expert
+        from peftlab.methods.xlora import read_folder
+
+        return read_folder(model, folder, raw_config, adapter_name)
     method, config = _reference_config(raw_config, folder)
     state = read_adapter_weights(folder)
     hyperparameters = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -592,12 +625,19 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     # file holds the prompt an encoder computed, not the encoder. It loads that prompt as a plain
     # table, which can train on: it is made trainable below, as the reference backend does.
     prompt_learning = peft.PeftConfig.from_pretrained(str(folder)).is_prompt_learning
+    config = None
+    if _peft_type(read_adapter_config(folder)) == "XLORA" and not _is_peft(model):
+        from peftlab.methods.xlora import peft_config_from_folder
+
+        config = peft_config_from_folder(folder)  # experts from the subfolders, wherever the folder is now
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False  # peft refuses X-LoRA with a cache (each step needs a full pass)
     if _is_peft(model):
         model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=not prompt_learning)
         model.set_adapter(adapter_name)
     else:
         model = peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
-                                               is_trainable=not prompt_learning)
+                                               is_trainable=not prompt_learning, config=config)
     if prompt_learning:
         model.prompt_encoder[adapter_name].requires_grad_(True)
     return model
@@ -625,6 +665,10 @@ class _Snapshot:
         for path, module in list(self.model.named_modules()):
             if not isinstance(module, (AdaptedLayer, TrainableCopy)):
                 continue
+            new = isinstance(module, AdaptedLayer) and adapter_name in module.adapters and (
+                adapter_name not in self.wrappers.get(id(module), ((), set()))[1])
+            if new and hasattr(module.adapters[adapter_name], "release"):
+                module.adapters[adapter_name].release()  # hooks it keeps elsewhere (parallel bottleneck)
             if id(module) not in self.wrappers:  # wrapped by this load: put the original back
                 original = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
                 _set_module(self.model, path, original)

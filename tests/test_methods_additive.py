@@ -27,6 +27,7 @@ from peftlab.api import make_config, records
 from peftlab.errors import AdapterFileError, ConfigError
 from peftlab.inject import adapted_layers
 from peftlab.methods import get_method
+from peftlab.methods.bottleneck import layer_parameter_count
 from peftlab.models import _tiny_bert, _tiny_llama
 from peftlab.production import hf_peft, merged
 
@@ -132,11 +133,13 @@ def test_closed_forms_by_hand():
     # 2 LayerNorm biases per layer, the embedding LayerNorm, the pooler (classifier: modules_to_save)
     assert count(bert, "bitfit") == 2 * (4 * 64 + 128 + 64 + 2 * 64) + 64 + 64
     assert count(llama, "bitfit", include_norms=True) == 2 * 2 * 64 + 64  # 2 RMSNorms per layer + final
-    spec = get_method("bottleneck")
-    houlsby = make_config(spec, llama)
-    assert spec.params_per_layer(128, 64, houlsby) == 2 * 4 * 64 + 4 + 64  # r = 64 // 16
-    parallel = make_config(spec, llama, kind="parallel", r=8)
-    assert spec.params_per_layer(128, 64, parallel) == 8 * (128 + 64) + 8 + 64
+    # bottleneck on o_proj (64 -> 64) and down_proj (128 -> 64) of 2 layers; r = 64 // 16 = 4
+    assert count(llama, "bottleneck") == 2 * 2 * (2 * 4 * 64 + 4 + 64)
+    # parallel: down reads the 64-wide sublayer input x̂ on both, not down_proj's 128-wide input
+    assert count(llama, "bottleneck", kind="parallel", r=8) == 2 * 2 * (8 * (64 + 64) + 8 + 64)
+    assert count(bert, "bottleneck", kind="parallel", r=8) == 2 * 2 * (8 * (64 + 64) + 8 + 64)
+    parallel = make_config(get_method("bottleneck"), llama, kind="parallel", r=8)
+    assert layer_parameter_count(64, parallel, d_model=96) == 8 * (96 + 64) + 8 + 64
 
 
 @pytest.mark.parametrize("build,method", SUPPORTED, ids=ids_of(SUPPORTED))
@@ -428,7 +431,7 @@ def test_bitfit_save_load_round_trip(tmp_path):
 BOTTLENECK_CASES = [(b, kind) for b in (_tiny_llama, _tiny_bert) for kind in ("houlsby", "parallel")]
 
 
-def test_bottleneck_reads_the_output_or_the_input():
+def test_houlsby_reads_the_sublayer_output():
     model = peftlab.adapt(_tiny_bert(), "bottleneck", targets=("output.dense",), non_linearity="gelu")
     randomise(model)
     layer = adapted_layers(model)["bert.encoder.layer.0.attention.output.dense"]
@@ -437,14 +440,217 @@ def test_bottleneck_reads_the_output_or_the_input():
     h = layer.base_layer(x)
     serial = h + 1.0 * adapter.up(F.gelu(adapter.down(h)))  # Houlsby: on the sublayer output
     assert torch.allclose(layer(x), serial, atol=ATOL)
-    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=8, non_linearity="tanh")
+
+
+def capture(model: nn.Module, spots: dict[str, str]) -> tuple[dict, list]:
+    """{key: tensor} filled during the next forward: spots maps key -> "module path:in" (its first
+    input) or "module path:out" (its output)."""
+    seen, hooks = {}, []
+    for key, spot in spots.items():
+        path, what = spot.split(":")
+        module = model.get_submodule(path)
+        if what == "in":
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, k, key=key: seen.__setitem__(key, a[0] if a else k["hidden_states"]), with_kwargs=True))
+        else:
+            hooks.append(module.register_forward_hook(lambda m, a, o, key=key: seen.__setitem__(key, o)))
+    return seen, hooks
+
+
+def test_parallel_adapter_is_he_et_al_on_llama():
+    """y = sublayer(x̂) + s·up(f(down(x̂))), x̂ the RMSNorm-ed residual stream both sublayers read."""
+    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=8, non_linearity="tanh").eval()
     randomise(model)
-    layer = adapted_layers(model)["model.layers.0.mlp.down_proj"]
-    adapter = layer.adapters["default"]
-    assert adapter.down.weight.shape == (8, 128) and adapter.scaling == 4.0  # reads the d_ff input
-    x = torch.randn(3, 128)
-    parallel = layer.base_layer(x) + 4.0 * adapter.up(torch.tanh(adapter.down(x)))
-    assert torch.allclose(layer(x), parallel, atol=ATOL)
+    block = "model.layers.1"  # layer 1: its x̂ depends on layer 0's adapters too
+    seen, hooks = capture(model, {
+        "attn_x": f"{block}.input_layernorm:out", "mlp_x": f"{block}.post_attention_layernorm:out",
+        "context": f"{block}.self_attn.o_proj:in", "attn_y": f"{block}.self_attn.o_proj:out",
+        "mlp_y": f"{block}.mlp:out"})
+    with torch.no_grad():
+        model(**batch(model))
+    for hook in hooks:
+        hook.remove()
+    attn, mlp = model.get_submodule(f"{block}.self_attn"), model.get_submodule(f"{block}.mlp")
+    o, down = attn.o_proj.adapters["default"], mlp.down_proj.adapters["default"]
+    assert o.down.weight.shape == down.down.weight.shape == (8, 64)  # reads x̂ (64), not the 128-wide d_ff
+    with torch.no_grad():
+        x = seen["mlp_x"]  # the whole feed-forward sublayer, by hand
+        ffn = F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                       mlp.down_proj.base_layer.weight)
+        expected = ffn + 4.0 * F.linear(torch.tanh(F.linear(x, down.down.weight, down.down.bias)),
+                                        down.up.weight, down.up.bias)
+        assert (seen["mlp_y"] - expected).abs().max() < ATOL
+        x = seen["attn_x"]  # attention: W_o · context, plus the branch from x̂
+        expected = attn.o_proj.base_layer(seen["context"]) + 4.0 * o.up(torch.tanh(o.down(x)))
+        assert (seen["attn_y"] - expected).abs().max() < ATOL
+        wrong = attn.o_proj.base_layer(seen["context"]) + 4.0 * o.up(torch.tanh(o.down(seen["context"])))
+        assert (seen["attn_y"] - wrong).abs().max() > 1e-3  # the o_proj input would be another adapter
+
+
+def test_parallel_adapter_is_he_et_al_on_bert():
+    """BERT: the attention branch reads the block input, the feed-forward one the attention
+    block's LayerNorm output; both add to the projection output before dropout, residual, norm."""
+    model = peftlab.adapt(random_biases(_tiny_bert()), "bottleneck", kind="parallel", r=8,
+                          non_linearity="gelu").eval()
+    randomise(model)
+    block = "bert.encoder.layer.1"
+    seen, hooks = capture(model, {
+        "attn_x": f"{block}.attention:in", "context": f"{block}.attention.output.dense:in",
+        "attn_y": f"{block}.attention.output.dense:out", "ffn_x": f"{block}.attention.output.LayerNorm:out",
+        "inner": f"{block}.output.dense:in", "ffn_y": f"{block}.output.dense:out"})
+    with torch.no_grad():
+        model(**batch(model))
+    for hook in hooks:
+        hook.remove()
+    attn_dense = model.get_submodule(f"{block}.attention.output.dense")
+    ffn_dense, intermediate = model.get_submodule(f"{block}.output.dense"), model.get_submodule(f"{block}.intermediate")
+    a, f = attn_dense.adapters["default"], ffn_dense.adapters["default"]
+    with torch.no_grad():
+        expected = attn_dense.base_layer(seen["context"]) + 4.0 * a.up(F.gelu(a.down(seen["attn_x"])))
+        assert (seen["attn_y"] - expected).abs().max() < ATOL
+        x = seen["ffn_x"]  # the feed-forward sublayer by hand: W2 GELU(W1 x̂ + b1) + b2
+        inner = F.gelu(F.linear(x, intermediate.dense.weight, intermediate.dense.bias))
+        assert (inner - seen["inner"]).abs().max() < ATOL
+        expected = ffn_dense.base_layer(inner) + 4.0 * f.up(F.gelu(f.down(x)))
+        assert (seen["ffn_y"] - expected).abs().max() < ATOL
+
+
+def _tiny_other(model_type: str) -> nn.Module:
+    """A 1-layer GPT-2, OPT or DistilBERT built from a config (no download), seeded."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = {"gpt2": lambda: tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000),
+              "opt": lambda: tf.OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=48, num_attention_heads=2,
+                                          word_embed_proj_dim=32, vocab_size=1000),
+              "distilbert": lambda: tf.DistilBertConfig(n_layers=1, dim=32, hidden_dim=48, n_heads=2,
+                                                        vocab_size=1000)}[model_type]()
+    auto = tf.AutoModelForSequenceClassification if model_type == "distilbert" else tf.AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+# (model_type, feed-forward's last layer, the norm whose output is the feed-forward input x̂)
+OTHER_ARCHS = [("gpt2", "transformer.h.0.mlp.c_proj", "transformer.h.0.ln_2"),
+               ("opt", "model.decoder.layers.0.fc2", "model.decoder.layers.0.final_layer_norm"),
+               ("distilbert", "distilbert.transformer.layer.0.ffn.lin2",
+                "distilbert.transformer.layer.0.sa_layer_norm")]
+
+
+@pytest.mark.parametrize("model_type,target,norm", OTHER_ARCHS, ids=[a[0] for a in OTHER_ARCHS])
+def test_parallel_adapter_sources_of_other_architectures(model_type, target, norm):
+    model = peftlab.adapt(_tiny_other(model_type), "bottleneck", kind="parallel", r=4).eval()
+    randomise(model)
+    seen, hooks = capture(model, {"x": f"{norm}:out", "inner": f"{target}:in", "y": f"{target}:out"})
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 1000, (2, 6), generator=torch.Generator().manual_seed(0)))
+        for hook in hooks:
+            hook.remove()
+        layer = model.get_submodule(target)
+        adapter = layer.adapters["default"]
+        expected = layer.base_layer(seen["inner"]) + 4.0 * adapter.up(F.relu(adapter.down(seen["x"])))
+        assert (seen["y"] - expected).abs().max() < ATOL
+    assert len(adapted_layers(model)) == 2  # the attention output projection too
+
+
+def test_parallel_adapter_trains_and_follows_the_sublayer_input():
+    torch.manual_seed(0)
+    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=4)
+    randomise(model)
+    out = model(**batch(model))
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 * 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # batches of another shape, in train and eval mode: each call reads its own x̂
+    for mode, shape in ((True, (3, 5)), (False, (1, 9)), (True, (2, 7))):
+        model.train(mode)
+        ids = torch.randint(5, 1000, shape, generator=torch.Generator().manual_seed(shape[0]))
+        assert model(input_ids=ids).logits.shape == (*shape, model.config.vocab_size)
+    layer = adapted_layers(model)["model.layers.0.self_attn.o_proj"]
+    assert layer.adapters["default"].tap.value is None  # nothing outlives a call
+    with pytest.raises(ConfigError, match="reads the input of 'q_proj'.*none was caught"):
+        layer(torch.randn(2, 64))  # alone, the layer has no sublayer input
+
+
+def test_parallel_adapter_with_gradient_checkpointing():
+    """Recomputation in backward reads x̂ again: same loss and gradients, both checkpoint modes."""
+    def step(reentrant: bool | None) -> tuple[float, dict]:
+        torch.manual_seed(0)
+        model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=4).train()
+        randomise(model)
+        if reentrant is not None:
+            model.config.use_cache = False
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        calls = []
+        layer = adapted_layers(model)["model.layers.0.self_attn.o_proj"]
+        layer.register_forward_hook(lambda *_: calls.append(1))
+        loss = model(**batch(model)).loss
+        loss.backward()
+        assert len(calls) == (1 if reentrant is None else 2)  # checkpointing ran the layer again
+        assert layer.adapters["default"].tap.value is None  # (non-reentrant stops recomputing early)
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = step(None)
+    for reentrant in (False, True):
+        again, other = step(reentrant)
+        assert again == pytest.approx(loss, abs=1e-6)
+        assert set(other) == set(grads) and all(other[n] is not None for n in grads)
+        assert max((grads[n] - other[n]).abs().max().item() for n in grads) < ATOL
+
+
+def test_parallel_hooks_come_and_go_with_the_adapter():
+    from peftlab import compose
+
+    base = _tiny_llama().eval()
+    inputs = batch(base)
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    model = peftlab.adapt(copy.deepcopy(base), "bottleneck", kind="parallel", r=4).eval()
+    randomise(model)
+    attn = model.model.layers[0].self_attn
+    hooks = lambda: len(attn._forward_pre_hooks) + len(attn._forward_hooks)  # noqa: E731
+    assert hooks() == 2
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        # another adapter wraps the source layers: x̂ is now read at the wrapper, still the same
+        compose.add_adapter(model, "other", "lora", r=2, targets=("q_proj", "up_proj"))
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+        compose.delete_adapter(model, "other")
+        assert (model(**inputs).logits - expected).abs().max() < ATOL
+        compose.add_adapter(model, "second", "bottleneck", kind="parallel", r=2)
+        with pytest.raises(ConfigError, match="mixed batch"):
+            model(**inputs, adapter_names=["default", "second"])
+        compose.delete_adapter(model, "second")
+        assert hooks() == 2
+        compose.delete_adapter(model, "default")
+        assert hooks() == 0 and (model(**inputs).logits - plain).abs().max() < ATOL
+    # a refused adapt leaves neither wrapped layers nor hooks behind
+    with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj' needs its sublayer's input.*o_proj"):
+        peftlab.adapt(model, "bottleneck", kind="parallel", targets="all-linear")
+    assert not adapted_layers(model) and hooks() == 0
+
+
+def test_parallel_sources_can_be_given():
+    """Any layer that reads the sublayer input will do: k_proj and gate_proj give the same x̂."""
+    inputs = batch(_tiny_llama())
+    outputs = []
+    for sources in (None, {"o_proj": "k_proj", "down_proj": "gate_proj"}):
+        model = _tiny_llama()
+        torch.manual_seed(0)  # the same down projections at init
+        model = peftlab.adapt(model, "bottleneck", kind="parallel", r=4, sources=sources).eval()
+        randomise(model)
+        with torch.no_grad():
+            outputs.append(model(**inputs).logits)
+    assert (outputs[0] - outputs[1]).abs().max() < ATOL
+    with pytest.raises(ConfigError, match="'model.layers.0.self_attn.nope'.*not a linear layer"):
+        peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", sources={"o_proj": "nope", "down_proj": "up_proj"})
+    with pytest.raises(ConfigError, match="for kind='parallel' only"):
+        peftlab.adapt(_tiny_llama(), "bottleneck", sources={"o_proj": "q_proj"})
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(ConfigError, match="does not know where.*Sequential.*sources="):
+        peftlab.adapt(plain, "bottleneck", kind="parallel", targets=("2",))
+    model = peftlab.adapt(plain, "bottleneck", kind="parallel", r=2, targets=("2",), sources={"2": "0"})
+    assert model[2].adapters["default"].down.in_features == 8
 
 
 @pytest.mark.parametrize("build,kind", BOTTLENECK_CASES, ids=[f"{b.__name__[1:]}-{k}" for b, k in BOTTLENECK_CASES])
@@ -479,18 +685,38 @@ def test_fused_bottleneck_equals_reference(build, kind):
     assert set(adapted_layers(fused)) == set(adapted_layers(ours))
 
 
-def test_bottleneck_cannot_merge_and_round_trips(tmp_path):
-    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=4).eval()
+@pytest.mark.parametrize("build", (_tiny_llama, _tiny_bert), ids=("llama", "bert"))
+def test_bottleneck_cannot_merge_and_round_trips(tmp_path, build):
+    model = peftlab.adapt(build(), "bottleneck", kind="parallel", r=4).eval()
     randomise(model)
     with pytest.raises(ConfigError, match="non-linearity .* no fixed ΔW"):
         peftlab.merge(model)
     inputs = batch(model)
-    expected = model(**inputs).logits
+    with torch.no_grad():
+        expected = model(**inputs).logits
     peftlab.save_adapter(model, tmp_path / "bn")
     config = json.loads((tmp_path / "bn" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PEFTLAB_BOTTLENECK" and config["kind"] == "parallel" and config["r"] == 4
+    again = peftlab.load_adapter(build(), tmp_path / "bn").eval()
+    with torch.no_grad():
+        assert (again(**inputs).logits - expected).abs().max() < ATOL
+
+
+
+def test_parallel_sources_round_trip(tmp_path):
+    sources = {"o_proj": "k_proj", "down_proj": "gate_proj"}
+    model = peftlab.adapt(_tiny_llama(), "bottleneck", kind="parallel", r=4, sources=sources).eval()
+    randomise(model)
+    inputs = batch(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    peftlab.save_adapter(model, tmp_path / "bn")
+    assert json.loads((tmp_path / "bn" / "adapter_config.json").read_text())["sources"] == sources
     again = peftlab.load_adapter(_tiny_llama(), tmp_path / "bn").eval()
-    assert (again(**inputs).logits - expected).abs().max() < ATOL
+    assert records(again)["default"].config.sources == sources
+    assert again.model.layers[0].mlp.down_proj.adapters["default"].tap.source == "gate_proj"
+    with torch.no_grad():
+        assert (again(**inputs).logits - expected).abs().max() < ATOL
 
 
 def test_bottleneck_config_errors():

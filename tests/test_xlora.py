@@ -126,3 +126,170 @@ def test_bad_experts_are_refused(tiny_llama):
     peftlab.adapt(model, "ia3")
     with pytest.raises(ConfigError, match=r"not LoRA adapters.*default \(ia3\)"):
         peftlab.adapt(model, "xlora", adapter_name="mix", experts=("default", "nope"))
+
+
+# --------------------------------------------------------------------------------------------
+# A whole X-LoRA model on disk, in peft's folder format
+# --------------------------------------------------------------------------------------------
+def _mixed(tiny_llama, names=("math", "code", "poem"), **options):
+    """(reference X-LoRA model over trained-looking experts with a random router, its plain base)."""
+    model, _ = tiny_llama
+    base = copy.deepcopy(model)
+    _experts(model, names)
+    peftlab.adapt(model, "xlora", experts=names, **options)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in xlora.router_of(model).parameters():
+            param.normal_(0, 0.5)
+    return model.eval(), base
+
+
+def _outputs(model):
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("options", OPTIONS[:3], ids=["default", "layerwise-topk-softmax", "depth3"])
+def test_save_load_round_trip_and_peft_loads_the_folder(tiny_llama, tmp_path, options):
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, base = _mixed(tiny_llama, **options)
+    expected = _outputs(model)
+    scalings = xlora.last_scalings(model).clone()
+    folder = peftlab.save_adapter(model, tmp_path / "mix")
+    # peft's layout: the X-LoRA config and router at the top, expert i in subfolder i
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "XLORA" and config["task_type"] == "CAUSAL_LM" and config["hidden_size"] == 64
+    assert config["adapters"] == {str(i): str((tmp_path / "mix" / str(i)).resolve()) for i in range(3)}
+    assert all(config[k] == v for k, v in options.items())
+    for i, name in enumerate(("math", "code", "poem")):
+        expert = json.loads((folder / str(i) / "adapter_config.json").read_text())
+        assert expert["peft_type"] == "LORA" and expert["r"] == 2 + i
+    assert set(load_file(folder / "adapter_model.safetensors")) == {
+        xlora.ROUTER_KEY + k for k in xlora.router_of(model).state_dict()}
+
+    loaded = peftlab.load_adapter(copy.deepcopy(base), folder).eval()
+    torch.testing.assert_close(_outputs(loaded), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(xlora.last_scalings(loaded), scalings, atol=ATOL, rtol=0)
+    assert compose.list_adapters(loaded) == ["math", "code", "poem", "default"]
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}  # the router only, as before
+
+    plain = copy.deepcopy(base)
+    plain.config.use_cache = False  # peft refuses X-LoRA with a cache
+    theirs = PeftModel.from_pretrained(plain, str(folder)).eval()
+    torch.testing.assert_close(_outputs(theirs), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(theirs.base_model.internal_xlora_scalings, scalings, atol=ATOL, rtol=0)
+
+    # peft reads the absolute paths in adapter_config.json; moved, the folder loads from its subfolders
+    moved = folder.rename(tmp_path / "moved")
+    torch.testing.assert_close(_outputs(peftlab.load_adapter(copy.deepcopy(base), moved)), expected, atol=ATOL, rtol=0)
+    theirs = peftlab.load_adapter(copy.deepcopy(base), moved, backend="peft").eval()
+    torch.testing.assert_close(_outputs(theirs), expected, atol=ATOL, rtol=0)
+
+
+def test_fresh_trained_experts_round_trip(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    base = copy.deepcopy(model)
+    peftlab.adapt(model, "xlora", n_experts=2, r=2)
+    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(), loss.backward(), opt.step()
+    model.eval()
+    expected = _outputs(model)
+    loaded = peftlab.load_adapter(copy.deepcopy(base), peftlab.save_adapter(model, tmp_path / "mix")).eval()
+    torch.testing.assert_close(_outputs(loaded), expected, atol=ATOL, rtol=0)
+    assert compose.list_adapters(loaded) == ["default_expert0", "default_expert1", "default"]
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}  # experts train on
+    assert any(".adapters.default_expert1.lora_B" in n for n in trainable)
+
+
+def test_bad_folders_are_refused_and_leave_the_model_alone(tiny_llama, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from peftlab.errors import AdapterFileError
+
+    model, base = _mixed(tiny_llama)
+    folder = peftlab.save_adapter(model, tmp_path / "mix")
+    fresh = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    def untouched():
+        assert not compose.list_adapters(fresh) and not peftlab.inject.adapted_layers(fresh)
+        router = getattr(fresh, "xlora_router", None)
+        assert router is None or not len(router.adapters)
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "xlora_depth": 2, "xlora_size": 8}))
+    with pytest.raises(AdapterFileError, match="router .* does not fit adapter_config.json"):
+        peftlab.load_adapter(fresh, folder)  # fails after the experts and router were built
+    untouched()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({}, folder / "adapter_model.safetensors")  # what peft 0.21's own save_pretrained can leave
+    with pytest.raises(AdapterFileError, match="no router tensors"):
+        peftlab.load_adapter(fresh, folder)
+    untouched()
+    folder = peftlab.save_adapter(model, tmp_path / "mix")
+    (folder / "1" / "adapter_config.json").unlink()
+    with pytest.raises(AdapterFileError, match=r"Expert '1' .* neither in"):
+        peftlab.load_adapter(fresh, folder)
+    untouched()
+    peftlab.adapt(fresh, "lora", adapter_name="code", r=2)
+    with pytest.raises(ConfigError, match=r"already has adapters named \['code'\]"):
+        peftlab.load_adapter(fresh, peftlab.save_adapter(model, tmp_path / "again"))
+    # saving replaces a saved X-LoRA folder, experts included, but nothing else
+    (folder / "runs").mkdir()
+    (folder / "runs" / "adapter_config.json").write_text("{}")  # looks like an adapter, is no expert
+    with pytest.raises(AdapterFileError, match="holds other things than an adapter.*runs"):
+        peftlab.save_adapter(model, folder)
+
+
+def test_saving_is_atomic(tiny_llama, tmp_path, monkeypatch):
+    """A save that fails or is killed part-way leaves the previous complete folder, never a mix."""
+    import json
+
+    from test_io import _kill_while_writing
+
+    from peftlab import io
+
+    model, base = _mixed(tiny_llama)
+    expected = _outputs(model)
+    folder = peftlab.save_adapter(model, tmp_path / "mix")
+    write, calls = io._write_reference, []
+
+    def fail_on_second_expert(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(io, "_write_reference", fail_on_second_expert)
+    with torch.no_grad():
+        for param in xlora.router_of(model).parameters():
+            param.mul_(-1)  # a different router, which must not reach the disk
+    with pytest.raises(OSError, match="disk full"):
+        peftlab.save_adapter(model, folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix"]  # no half-written folder left
+    torch.testing.assert_close(_outputs(peftlab.load_adapter(copy.deepcopy(base), folder)), expected,
+                               atol=ATOL, rtol=0)
+
+    # SIGKILL at random moments while two X-LoRA models (2 and 3 experts) replace each other
+    small, _ = _mixed((copy.deepcopy(base), None), names=("a", "b"))
+    versions = {2: _outputs(small), 3: _outputs(model)}
+    for seed in range(3):
+        _kill_while_writing(tmp_path / "dest", lambda dest, v: peftlab.save_adapter(small if v == 1 else model, dest),
+                            seed)
+        n = len(json.loads((tmp_path / "dest" / "adapter_config.json").read_text())["adapters"])
+        loaded = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "dest")
+        torch.testing.assert_close(_outputs(loaded), versions[n], atol=ATOL, rtol=0)

@@ -16,7 +16,7 @@ from peftlab.inject import Adapter, find_targets, inject
 from peftlab.methods.adalora import AdaLoRAConfig, build_adalora
 from peftlab.methods.base import AdapterConfig
 from peftlab.methods.bitfit import BitFitConfig, bitfit_parameter_count, build_bitfit
-from peftlab.methods.bottleneck import BOTTLENECK_TARGETS, Bottleneck, BottleneckConfig, bottleneck_parameter_count
+from peftlab.methods.bottleneck import BOTTLENECK_TARGETS, BottleneckConfig, bottleneck_parameter_count, build_bottleneck
 from peftlab.methods.boft import BOFT, BOFTConfig, boft_parameter_count
 from peftlab.methods.dora import DoRA, DoRAConfig
 from peftlab.methods.ia3 import IA3_TARGETS, IA3Config, build_ia3, ia3_parameter_count, resolve_ia3
@@ -272,15 +272,16 @@ METHODS: dict[str, Method] = {
     "bottleneck": Method(
         name="bottleneck",
         config=BottleneckConfig,
-        build=layer_method(Bottleneck),
+        build=build_bottleneck,
         family="additive",
-        description="A small down-f-up MLP after (kind='houlsby') or beside (kind='parallel') the attention and feed-forward output projections.",
+        description="A small down-f-up MLP on each attention and feed-forward sublayer: after it, on its output (kind='houlsby'), or beside it, from its input (kind='parallel').",
         paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, https://arxiv.org/abs/1902.00751; He et al. 2021, Towards a Unified View of Parameter-Efficient Transfer Learning, https://arxiv.org/abs/2110.04366",
-        formula="2 · r · d_out + r + d_out per layer (houlsby); r · (d_in + d_out) + r + d_out (parallel); r = d_out // reduction_factor unless given",
-        params_per_layer=bottleneck_parameter_count,
+        formula="2 · r · d_out + r + d_out per layer (houlsby); r · (d_model + d_out) + r + d_out (parallel, d_model: the sublayer input's width); r = d_out // reduction_factor unless given",
+        params_per_layer=None,  # parallel: down's width is the sublayer's input, not the layer's
         mergeable=False,
         peft_type=None,  # production path: peftlab.production.merged.fuse_bottleneck
         default_targets=BOTTLENECK_TARGETS,
+        parameter_count=bottleneck_parameter_count,
     ),
     "llama_adapter": Method(
         name="llama_adapter",

@@ -25,13 +25,19 @@ creates ``n_experts`` fresh LoRA experts and trains them with the router (fresh 
 zero, so a router alone would have nothing to mix). Pass ``experts=("a", "b")`` (LoRA adapters
 already on the model) or ``experts={"a": "path/to/a", ...}`` (saved LoRA adapters) to mix
 trained experts: then only the router trains, as in the paper.
+
+``peftlab.save_adapter`` writes a whole X-LoRA adapter in peft's folder format (router at the
+top, each expert in a subfolder, :func:`write_folder`); ``peftlab.load_adapter`` and
+``peft.PeftModel.from_pretrained`` both load it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -271,23 +277,28 @@ def last_scalings(model: nn.Module, adapter_name: str = "default") -> Tensor | N
 # --------------------------------------------------------------------------------------------
 def to_peft_config(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default"):
     """Save the experts to ``folder/0``, ``folder/1``, ... (peft's XLoraModel names its experts
-    by position and needs them on disk) and return the equivalent ``peft.XLoraConfig``."""
-    from pathlib import Path
-
-    from peftlab.api import records
+    by position and needs them on disk) and return the equivalent ``peft.XLoraConfig``.
+    (To save the whole X-LoRA adapter, router included, use ``peftlab.save_adapter``.)"""
     from peftlab.io import save_adapter
+
+    names = expert_names(model, adapter_name)
+    paths = [str(save_adapter(model, Path(folder) / str(i), adapter_name=name)) for i, name in enumerate(names)]
+    return peft_config(model, adapter_name, paths)
+
+
+def peft_config(model: nn.Module, adapter_name: str, expert_folders: list[str], **extra):
+    """``peft.XLoraConfig`` for a reference X-LoRA adapter whose experts are saved, in router
+    order, in ``expert_folders``; ``extra``: further peft config fields."""
+    from peftlab.api import records
     from peftlab.production.hf_peft import import_peft, task_type
 
     peft = import_peft()
     config: XLoRAConfig = records(model)[adapter_name].config
-    names = expert_names(model, adapter_name)
-    paths = {}
-    for i, name in enumerate(names):
-        paths[str(i)] = str(save_adapter(model, Path(folder) / str(i), adapter_name=name))
     trainable = config.experts is None if config.use_trainable_adapters is None else config.use_trainable_adapters
-    kwargs = peft_kwargs(dataclasses.replace(config, experts=paths, use_trainable_adapters=trainable,
+    kwargs = peft_kwargs(dataclasses.replace(config, experts=dict(enumerate(expert_folders)),
+                                             use_trainable_adapters=trainable,
                                              hidden_size=router_of(model, adapter_name).config.hidden_size), model)
-    return peft.XLoraConfig(task_type=task_type(model), **kwargs)
+    return peft.XLoraConfig(task_type=task_type(model), **kwargs, **extra)
 
 
 def expert_names(model: nn.Module, adapter_name: str = "default") -> tuple[str, ...]:
@@ -307,6 +318,148 @@ def copy_router_to_peft(model: nn.Module, peft_model: nn.Module, adapter_name: s
     theirs = peft_model.base_model.internal_xlora_classifier.layers
     for mine, other in zip(router_of(model, adapter_name).layers.parameters(), theirs.parameters()):
         other.copy_(mine)
+
+
+# --------------------------------------------------------------------------------------------
+# On disk: peft's X-LoRA folder
+# --------------------------------------------------------------------------------------------
+ROUTER_KEY = "base_model.internal_xlora_classifier."  # peft's names for the router's tensors
+_PEFT_FIELDS = ("hidden_size", "enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings",
+                "top_k_lora", "xlora_depth", "xlora_size", "xlora_dropout_p", "use_trainable_adapters",
+                "scaling_pass_value", "global_scaling_weight")
+
+
+def write_folder(model: nn.Module, folder: Path, adapter_name: str, final: Path) -> None:
+    """Write one X-LoRA adapter into ``folder`` the way peft's XLoraModel reads it; ``final`` is
+    where the folder ends up (peftlab.save_adapter writes it elsewhere, then renames it there):
+
+        final/
+        ├── adapter_config.json        peft's XLoraConfig: hidden_size, the router's options, and
+        │                              adapters = {"0": "<final>/0", "1": "<final>/1", ...}
+        ├── adapter_model.safetensors  the router (base_model.internal_xlora_classifier.layers.*)
+        │                              and any trained head (base_model.model.<module>.weight)
+        ├── 0/                         expert 0, the router's first column: a LoRA adapter folder
+        └── 1/ ...
+
+    peft names its experts "0", "1", ... and activates them by those keys, so the keys are
+    positions, in router order; the file's metadata keeps peftlab's names for the experts.
+    """
+    from safetensors.torch import save_file
+
+    from peftlab.api import records
+    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, _peft_config_for, _write_reference, base_model_name
+    from peftlab.methods import get_method
+    from peftlab.production.hf_peft import reference_state_dict
+
+    names, recs = expert_names(model, adapter_name), records(model)
+    experts = [_peft_config_for(model, get_method(recs[n].method), recs[n].config, n) for n in names]  # fail early
+    config = peft_config(model, adapter_name, [str(final / str(i)) for i in range(len(names))],
+                         base_model_name_or_path=base_model_name(model), inference_mode=True)
+    for i, (name, expert) in enumerate(zip(names, experts)):
+        (folder / str(i)).mkdir()
+        _write_reference(model, folder / str(i), name, expert)
+    router = {ROUTER_KEY + k: v for k, v in router_of(model, adapter_name).state_dict().items()}
+    tensors = {**router, **reference_state_dict(model, adapter_name)}  # + the adapter's modules_to_save
+    heads = recs[adapter_name].config.modules_to_save or ()
+    metadata = {"format": "pt", "peftlab_experts": json.dumps(names), "peftlab_modules_to_save": json.dumps(heads)}
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, folder / WEIGHTS_NAME,
+              metadata=metadata)
+    auto_mapping = None if config.task_type else {"base_model_class": type(model).__name__,
+                                                   "parent_library": type(model).__module__}
+    config.save_pretrained(str(folder), auto_mapping_dict=auto_mapping)
+    # peft sorts every key, and so would put expert "10" before "2": keep the router's order
+    raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw["adapters"] = dict(config.adapters)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: raw[k] for k in sorted(raw)}, indent=2) + "\n", encoding="utf-8")
+
+
+def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "default") -> nn.Module:
+    """Load what :func:`write_folder` (or peft's XLoraModel) wrote into ``model``: each expert from
+    its subfolder (else from the path adapter_config.json gives), then the router and any head.
+    On any error the model is left as it was."""
+    from peftlab.api import adapt, records
+    from peftlab.errors import AdapterFileError
+    from peftlab.io import (CONFIG_NAME, WEIGHTS_NAME, _load_state, _resolve_modules_to_save, _Snapshot,
+                            read_adapter_weights)
+    from peftlab.production.hf_peft import PREFIX
+
+    adapters = raw.get("adapters")
+    if not isinstance(adapters, dict) or not adapters:
+        raise AdapterFileError(
+            f"{folder / CONFIG_NAME} lists no experts ('adapters' is {adapters!r}). Expected "
+            "{'0': <folder of expert 0>, ...}, as peft's XLoraConfig saves it; save the X-LoRA adapter again.")
+    metadata = _metadata(folder / WEIGHTS_NAME)
+    names = json.loads(metadata.get("peftlab_experts", "null"))  # peftlab's names (a folder peft wrote has none)
+    names = names or [f"{adapter_name}_expert{i}" for i in range(len(adapters))]
+    experts = {}
+    for name, (key, stored) in zip(names, adapters.items()):
+        here = folder / str(key)
+        path = here if (here / CONFIG_NAME).is_file() else Path(str(stored))
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterFileError(
+                f"Expert {key!r} of the X-LoRA adapter in {folder} is neither in {here} nor in {stored}. Expected "
+                "each expert's LoRA adapter in a subfolder named by its key, as peftlab.save_adapter writes "
+                "it; copy the whole folder, subfolders included.")
+        experts[name] = str(path)
+    taken = [n for n in (adapter_name, *names) if n in records(model)]
+    if taken:
+        raise ConfigError(
+            f"The model already has adapters named {taken}, and loading this X-LoRA adapter adds adapters "
+            f"{[adapter_name, *names]} (it and its experts). Expected new names; try another adapter_name, "
+            "or a model without these adapters (peftlab.compose.delete_adapter).")
+    state = read_adapter_weights(folder)
+    router = {k[len(ROUTER_KEY):]: v for k, v in state.items() if k.startswith(ROUTER_KEY)}
+    heads = {k: v for k, v in state.items() if not k.startswith(ROUTER_KEY)}
+    if not router:
+        raise AdapterFileError(
+            f"{folder / WEIGHTS_NAME} holds no router tensors ({ROUTER_KEY}*). Expected the X-LoRA "
+            "classifier's weights, as peftlab.save_adapter writes them (a folder from peft's own "
+            "save_pretrained can lack them); save the X-LoRA model again.")
+    saved_heads = json.loads(metadata.get("peftlab_modules_to_save", "null"))
+    if saved_heads is None:  # written by peft: the heads are the modules the extra tensors belong to
+        saved_heads = sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in heads})
+    options = {f: raw[f] for f in _PEFT_FIELDS if f in raw}
+    trained_on = raw.get("base_model_name_or_path")
+    hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
+    undo = _Snapshot(model)
+    try:
+        adapt(model, "xlora", adapter_name=adapter_name, experts=experts,
+              modules_to_save=_resolve_modules_to_save(model, tuple(saved_heads)), **options)
+        try:
+            router_of(model, adapter_name).load_state_dict(router)
+        except RuntimeError as err:  # missing, extra or misshapen tensors
+            raise AdapterFileError(f"The router in {folder / WEIGHTS_NAME} does not fit adapter_config.json "
+                                   f"(hidden_size, xlora_depth, experts, layers): {err}") from err
+        _load_state(model, heads, adapter_name, hint)
+    except BaseException as err:
+        for name in (adapter_name, *names):
+            undo.restore(name)
+        if adapter_name in getattr(getattr(model, "xlora_router", None), "adapters", {}):
+            remove_router(model, adapter_name)
+        if isinstance(err, ConfigError):
+            raise AdapterFileError(f"The X-LoRA adapter in {folder} does not fit this model: {err}{hint} "
+                                   "Expected the base model it was trained on; load that one.") from err
+        raise
+    return model
+
+
+def peft_config_from_folder(folder: Path):
+    """peft's XLoraConfig from a saved folder, each expert read from the folder's own subfolder
+    (peft itself reads the absolute paths saved in it, which break when the folder moves)."""
+    from peftlab.production.hf_peft import import_peft
+
+    config = import_peft().XLoraConfig.from_pretrained(str(folder))
+    config.adapters = {k: str(folder / k) if (folder / k).is_dir() else v for k, v in config.adapters.items()}
+    return config
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    if file.suffix != ".safetensors" or not file.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.metadata() or {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +500,9 @@ def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:
     ``experts`` must be {name: folder}. (A reference X-LoRA model: see :func:`to_peft_config`.)"""
     if not isinstance(config.experts, dict) or model is None:
         raise ConfigError(
-            "peft's X-LoRA loads its experts from saved adapter folders, and a whole X-LoRA adapter "
-            "is not saved as one folder yet. Expected backend='peft' with experts={name: folder}. "
-            "For a reference X-LoRA model use peftlab.methods.xlora.to_peft_config(model, folder) to "
-            "build the peft model, and save each expert with save_adapter(model, path, adapter_name=...)."
+            "peft's X-LoRA loads its experts from saved adapter folders. Expected backend='peft' with "
+            "experts={name: folder}. For a reference X-LoRA model, save it with peftlab.save_adapter(model, "
+            "folder) and load that folder with peft (peftlab.load_adapter(base, folder, backend='peft'))."
         )
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # peft refuses X-LoRA with a cache (each step needs a full pass)

@@ -16,18 +16,21 @@ a practitioner would ship, written here and tested against the reference:
   folded in:
 
       y = addmm(b, x, Wᵀ)                         the frozen base layer
-      z = addmm(a, y or x, Aᵀ)                    down projection (houlsby reads y, parallel x)
+      z = addmm(a, y or x̂, Aᵀ)                    down projection (houlsby reads y, parallel the
+                                                  sublayer input x̂, handed over as the reference's)
       h = addmm(y + s·u, f(z), Uᵀ, alpha=s)       up projection, scaled, added to y
 
-  Without gradients (evaluation, generation) the down projection is folded into the base matmul,
-  so one GEMM of width d_out + r replaces two:
+  Without gradients (evaluation, generation) Houlsby's down projection is folded into the base
+  matmul, so one GEMM of width d_out + r replaces two:
 
-      parallel   [y | z] = x [W; A]ᵀ + [b | a]                   (both read x)
       houlsby    [y | z] = x [W; A W]ᵀ + [b | A b + a]           (z = A (W x + b) + a)
 
   The folded weight is cached and rebuilt whenever a parameter changes (torch's version
   counters), so training after evaluation stays correct. While training, folding would make
   autograd compute a gradient for the frozen W rows too, so the training path keeps them apart.
+  The parallel adapter's down projection reads x̂, not this layer's input x, so it has no GEMM
+  here to share (its natural partner, the sublayer's first projection, lives in another module):
+  it runs as its own addmm in both paths.
 """
 
 from __future__ import annotations
@@ -108,20 +111,25 @@ class FusedBottleneck(nn.Module):
         self.down, self.up = adapter.down, adapter.up  # (r, width) + a, (d_out, r) + u
         self.serial, self.scaling = adapter.serial, adapter.scaling
         self.activation = adapter.non_linearity
-        self.__dict__["_original"] = layer  # for unfuse; not a submodule (no duplicate names)
-        self._folded: tuple | None = None  # (parameter versions, [W; A'] weight, [b | a'] bias)
+        # for unfuse, and (parallel) the reference's sublayer_input; not submodules (no duplicate names)
+        self.__dict__["_original"], self.__dict__["_adapter"] = layer, adapter
+        self._folded: tuple | None = None  # (parameter versions, [W; A W] weight, [b | A b + a] bias)
 
     def forward(self, x: Tensor) -> Tensor:
         W, b = self.base_layer.weight, self.base_layer.bias
         A, a, U, u = self.down.weight, self.down.bias, self.up.weight, self.up.bias
         x2 = x.reshape(-1, x.shape[-1]).to(W.dtype)  # (N, d_in)
-        if torch.is_grad_enabled():
-            y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()  # (N, d_out)
-            z = torch.addmm(a, y if self.serial else x2, A.t())  # (N, r)
-        else:  # one GEMM for the base and the down projection
+        if self.serial and not torch.is_grad_enabled():  # one GEMM for the base and the down projection
             weight, bias = self._folded_weight()
             yz = torch.addmm(bias, x2, weight.t())  # (N, d_out + r)
             y, z = yz[:, : W.shape[0]], yz[:, W.shape[0]:]
+        else:
+            y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()  # (N, d_out)
+            if self.serial:
+                z = torch.addmm(a, y, A.t())  # (N, r)
+            else:  # parallel: down reads the sublayer input x̂ (the reference's own), not x
+                x_hat = self._adapter.sublayer_input(x)  # (..., d_model)
+                z = torch.addmm(a, x_hat.reshape(-1, x_hat.shape[-1]).to(A.dtype), A.t())  # (N, r)
         out = torch.addmm(y + self.scaling * u, ACTIVATIONS[self.activation](z), U.t(), alpha=self.scaling)
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
@@ -132,10 +140,8 @@ class FusedBottleneck(nn.Module):
         versions = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._folded is None or self._folded[0] != versions:
             b0 = b if b is not None else W.new_zeros(W.shape[0])
-            if self.serial:  # z = A (W x + b) + a = (A W) x + (A b + a)
-                weight, bias = torch.cat([W, A @ W]), torch.cat([b0, A @ b0 + a])
-            else:  # z = A x + a
-                weight, bias = torch.cat([W, A]), torch.cat([b0, a])
+            # z = A (W x + b) + a = (A W) x + (A b + a)
+            weight, bias = torch.cat([W, A @ W]), torch.cat([b0, A @ b0 + a])
             self._folded = (versions, weight, bias)
         return self._folded[1], self._folded[2]
 
