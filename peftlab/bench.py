@@ -23,9 +23,12 @@ How it is measured, and why:
   step time is reported. Ratios (fused / peft) come from the same run, never from two runs.
 - Peak memory of a step = the peak above what was resident just before it (activations,
   gradients, optimiser states, temporaries); "total" = resident + that peak. CUDA: allocated
-  bytes (``torch.cuda.max_memory_allocated``); CPU: the process's peak RSS (Linux VmHWM, reset
-  before each step). On CPU, glibc keeps freed memory, which would hide the next variant's peak:
-  the benchmark lowers glibc's mmap threshold (``mallopt``) so large tensors go back to the OS.
+  bytes (``torch.cuda.max_memory_allocated``), read during the timed steps. CPU: the process's
+  peak RSS (Linux VmHWM, reset before the step), read in a separate child process that loads one
+  variant at a time: glibc keeps freed memory, which would hide a step's peak, so the child
+  lowers glibc's mmap threshold (``mallopt``) and large tensors go back to the OS at once. That
+  setting makes every allocation a fresh page-faulted mapping (CPU steps ~1.5x slower, and
+  unevenly so), so the timed steps run in the parent with the allocator as users have it.
 - "bf16" loads the weights in bfloat16 (no autocast: the fused kernels run their own dtype);
   QLoRA's compute dtype is the run's dtype. peft's QLoRA here skips
   ``prepare_model_for_kbit_training`` (which would up-cast norms and turn on gradient
@@ -157,8 +160,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     """Run every dtype's variants interleaved; returns one row per (dtype, variant)."""
     import torch
 
-    _release_freed_memory_to_os()
     rows: list[BenchRow] = []
+    device = _bench_device()
     for dtype_name in config.dtypes:
         dtype = getattr(torch, DTYPES[dtype_name])
         steps: dict[str, Callable[[], float]] = {}
@@ -176,7 +179,6 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
                 row.status = f"failed: {type(err).__name__}: {_first_line(err)}"
             if log:
                 log(f"[{dtype_name}] {variant}: {row.status}")
-        device = _bench_device()
         for variant, step in list(steps.items()):  # warm-up
             try:
                 by_variant[variant].loss = step()
@@ -199,18 +201,56 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
                     peaks[variant].append(peak_mb(device) - resident)
                     row.resident_mb = resident
                 if log:
-                    log(f"[{dtype_name}] round {round_ + 1}/{config.repeats} {variant}: "
-                        f"{row.times[-1]:.3f} s, peak +{peaks[variant][-1]:,.0f} MB")
-        for variant in steps:
+                    log(f"[{dtype_name}] round {round_ + 1}/{config.repeats} {variant}: {row.times[-1]:.3f} s")
+        measured = list(steps)
+        steps.clear()
+        gc.collect()  # free this dtype's models before loading the next (or the memory child's)
+        if device.type != "cuda" and measured:
+            memory = memory_in_child(config, dtype_name, measured)
+            for variant in measured:
+                peaks[variant] = [memory[variant][0]]
+                by_variant[variant].resident_mb = memory[variant][1]
+        for variant in measured:
             row = by_variant[variant]
             row.median_s = statistics.median(row.times)
             row.min_s = min(row.times)
             row.peak_mb = max(max(peaks[variant]), 0.0)
             row.total_mb = row.resident_mb + row.peak_mb
+            if log:
+                log(f"[{dtype_name}] {variant}: peak +{row.peak_mb:,.0f} MB above {row.resident_mb:,.0f} MB")
         rows.extend(by_variant[v] for v in config.only)
-        steps.clear()
-        gc.collect()  # free this dtype's models before loading the next
     return rows
+
+
+def memory_in_child(config: BenchConfig, dtype_name: str, variants: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """{variant: (peak MB above resident, resident MB)} of one step, measured in a fresh process.
+
+    The child lowers glibc's mmap threshold (see the module docstring) and loads one variant at a
+    time: warm-up step (optimiser states exist from then on), then one measured step.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_memory_child, (config, dtype_name, tuple(variants)))
+
+
+def _memory_child(config: BenchConfig, dtype_name: str, variants: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    import torch
+
+    _release_freed_memory_to_os()
+    device = _bench_device()
+    out = {}
+    for variant in variants:
+        step, _ = _build_step(variant, config, getattr(torch, DTYPES[dtype_name]))
+        step()
+        gc.collect()
+        resident = current_memory_mb(device)
+        reset_peak(device)
+        step()
+        out[variant] = (peak_mb(device) - resident, resident)
+        del step
+        gc.collect()
+    return out
 
 
 def unavailable_reason(variant: str) -> str | None:
@@ -374,7 +414,9 @@ def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
                         f"peak {r['peak']:.2f}x   total {r['total']:.2f}x")
     text.append("")
     text.append("peak MB: above what was resident before the step; total MB: resident + peak "
-                f"({'CUDA allocated' if _bench_device().type == 'cuda' else 'process RSS'}).")
+                + ("(CUDA allocated)." if _bench_device().type == "cuda" else
+                   "(process RSS, one variant per process, freed memory returned at once).")
+                + " Step times: the allocator as users have it.")
     return "\n".join(text)
 
 
