@@ -360,9 +360,27 @@ def _per_layer_count(method: str, d_in: int, d_out: int, r: int) -> int:
     return spec.params_per_layer(d_in, d_out, spec.config(r=r))
 
 
+def _training_bytes_inputs(g: torch.Generator) -> dict:
+    n_params = int(torch.randint(1, 10**9, (1,), generator=g))
+    return {"n_params": n_params, "n_trainable": int(torch.randint(0, n_params + 1, (1,), generator=g))}
+
+
 EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in [
+        # -- lesson 00 exercises --
+        Exercise(
+            "adamw_training_bytes",
+            "adamw_training_bytes(n_params, n_trainable) -> bytes that fp32 training with AdamW keeps for the "
+            "parameters: every weight, plus a gradient and AdamW's two moments for each trainable one "
+            "(activations not counted).",
+            lambda n_params, n_trainable: 4 * n_params + 12 * n_trainable,
+            _training_bytes_inputs,
+            "fp32 is 4 bytes a number. Frozen weights need only themselves; a trainable weight also has a "
+            "gradient and two moments (exp_avg, exp_avg_sq): 4 numbers in all.",
+            atol=0,
+        ),
+        # -- lesson 01 exercises --
         Exercise(
             "lora_forward",
             "lora_forward(x, W, A, B, alpha, r) -> h = x W^T + (alpha / r) (x A^T) B^T, for x of shape (n, d_in).",
