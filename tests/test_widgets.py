@@ -57,6 +57,15 @@ def test_module_picker_lists_shapes_and_switches_to_custom(lab):
     lab.targets_w.value = "method default"
 
 
+def test_per_layer_counts_of_bottleneck_adapters():
+    from peftlab.widgets import plan
+
+    houlsby = plan.Choice(model="tiny-llama", method="bottleneck", r=8)
+    # down (8 x 64) + 8 + up (64 x 8) + 64, whatever the layer's input width
+    assert plan.per_layer_params("bottleneck", 128, 64, houlsby) == 8 * 64 + 8 + 64 * 8 + 64
+    assert plan.per_layer_params("prompt_tuning", 64, 64, plan.Choice(method="prompt_tuning")) is None
+
+
 def test_other_methods_and_nf4_preview(lab):
     lab.method_w.value = "dora"  # built from weight values: counted with its closed form on meta
     assert _trainable(lab) == 2 * (8 * (64 + 64) + 64 + 8 * (64 + 32) + 32)
