@@ -114,9 +114,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if isinstance(module, inject.AdaptedLayer) and adapter_name in module.adapters:
             if module.merged:
                 module.unmerge()  # take every merged update out before removing one of them
-            release = getattr(module.adapters[adapter_name], "release", None)
-            if release is not None:  # hooks the adapter keeps elsewhere (a parallel bottleneck's)
-                release()
+            module.adapters[adapter_name].release()  # hooks it keeps outside the layer, if any
             del module.adapters[adapter_name]
             module.active = [a for a in module.active if a != adapter_name]
             if not len(module.adapters):

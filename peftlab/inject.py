@@ -106,6 +106,9 @@ class Adapter(nn.Module):
         """The change of the base layer's bias that merging adds; None: the bias stays as it is."""
         return None
 
+    def release(self) -> None:
+        """Undo what the adapter set up outside its layer (hooks); called as it is removed."""
+
 
 class AdaptedLayer(nn.Module):
     """A frozen base layer plus named adapters; runs the active ones, skipping merged ones."""

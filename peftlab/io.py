@@ -665,17 +665,16 @@ class _Snapshot:
         for path, module in list(self.model.named_modules()):
             if not isinstance(module, (AdaptedLayer, TrainableCopy)):
                 continue
-            new = isinstance(module, AdaptedLayer) and adapter_name in module.adapters and (
-                adapter_name not in self.wrappers.get(id(module), ((), set()))[1])
-            if new and hasattr(module.adapters[adapter_name], "release"):
-                module.adapters[adapter_name].release()  # hooks it keeps elsewhere (parallel bottleneck)
-            if id(module) not in self.wrappers:  # wrapped by this load: put the original back
+            container = module.adapters if isinstance(module, AdaptedLayer) else module.copies
+            active, held = self.wrappers.get(id(module), (None, set()))
+            added = adapter_name in container and adapter_name not in held
+            if added and isinstance(module, AdaptedLayer):
+                container[adapter_name].release()  # hooks it keeps outside the layer, if any
+            if active is None:  # wrapped by this load: put the original back
                 original = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
                 _set_module(self.model, path, original)
                 continue
-            active, held = self.wrappers[id(module)]
-            container = module.adapters if isinstance(module, AdaptedLayer) else module.copies
-            if adapter_name in container and adapter_name not in held:
+            if added:
                 del container[adapter_name]
             module.active = active
         for param, flag in self.requires_grad.items():

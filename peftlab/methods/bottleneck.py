@@ -185,7 +185,7 @@ class Bottleneck(Adapter):
         return x_hat
 
     def release(self) -> None:
-        """Take a parallel adapter's hooks off the model (called when the adapter is deleted)."""
+        """Take a parallel adapter's hooks off the model (called as the adapter is removed)."""
         if self.tap is not None:
             self.tap.remove()
 
