@@ -190,16 +190,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             for variant, step in steps.items():
                 row = by_variant[variant]
                 for _ in range(config.steps):
-                    gc.collect()
-                    _sync(device)
-                    resident = current_memory_mb(device)
-                    reset_peak(device)
-                    start = time.perf_counter()
-                    step()
-                    _sync(device)
-                    row.times.append(time.perf_counter() - start)
-                    peaks[variant].append(peak_mb(device) - resident)
-                    row.resident_mb = resident
+                    seconds, peak, row.resident_mb = _measured_step(step, device)
+                    row.times.append(seconds)
+                    peaks[variant].append(peak)
                 if log:
                     log(f"[{dtype_name}] round {round_ + 1}/{config.repeats} {variant}: {row.times[-1]:.3f} s")
         measured = list(steps)
@@ -243,14 +236,22 @@ def _memory_child(config: BenchConfig, dtype_name: str, variants: tuple[str, ...
     for variant in variants:
         step, _ = _build_step(variant, config, getattr(torch, DTYPES[dtype_name]))
         step()
-        gc.collect()
-        resident = current_memory_mb(device)
-        reset_peak(device)
-        step()
-        out[variant] = (peak_mb(device) - resident, resident)
+        out[variant] = _measured_step(step, device)[1:]
         del step
         gc.collect()
     return out
+
+
+def _measured_step(step: Callable[[], float], device) -> tuple[float, float, float]:
+    """(seconds, peak MB above resident, resident MB) of one ``step()``."""
+    gc.collect()
+    _sync(device)
+    resident = current_memory_mb(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start, peak_mb(device) - resident, resident
 
 
 def unavailable_reason(variant: str) -> str | None:
