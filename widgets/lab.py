@@ -321,8 +321,7 @@ class Lab:
         options = []
         for suffix, (d_in, d_out, n) in modules.items():
             try:
-                per = plan.per_layer_params(choice.method, d_in, d_out, choice,
-                                            getattr(meta.config, "hidden_size", None))
+                per = plan.per_layer_params(choice.method, d_in, d_out, choice)
             except Exception:  # noqa: BLE001 (e.g. r larger than this layer)
                 per = None
             adds = f"+{_fmt_int(per)} each" if per is not None else "method-specific"

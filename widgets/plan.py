@@ -155,23 +155,17 @@ def linear_modules(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def per_layer_params(method: str, d_in: int, d_out: int, choice: Choice, d_model: int | None = None) -> int | None:
-    """Trainable parameters the method adds to one (d_in -> d_out) layer, if it has a closed form.
-
-    ``d_model`` (the model's hidden size) is what a parallel bottleneck adapter reads.
-    """
+def per_layer_params(method: str, d_in: int, d_out: int, choice: Choice) -> int | None:
+    """Trainable parameters the method adds to one (d_in -> d_out) layer, if it has a closed form."""
     from peftlab.api import make_config
     from peftlab.methods import get_method
 
     spec = get_method(method)
     hp = {k: v for k, v in choice.hyperparameters().items() if k != "targets"}
-    if method == "bottleneck":  # not per layer alone: a parallel adapter reads the sublayer input
+    if method == "bottleneck":  # the Lab's kind, houlsby: down reads the layer's own output
         from peftlab.methods.bottleneck import layer_parameter_count
 
-        config = make_config(spec, None, **hp)
-        if config.kind == "parallel" and d_model is None:
-            return None
-        return int(layer_parameter_count(d_out, config, d_model))
+        return int(layer_parameter_count(d_out, make_config(spec, None, **hp)))
     if spec.params_per_layer is None:
         return None
     return int(spec.params_per_layer(d_in, d_out, make_config(spec, None, **hp)))
