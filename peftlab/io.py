@@ -627,11 +627,10 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     prompt_learning = peft.PeftConfig.from_pretrained(str(folder)).is_prompt_learning
     config = None
     if _peft_type(read_adapter_config(folder)) == "XLORA" and not _is_peft(model):
-        from peftlab.methods.xlora import peft_config_from_folder
+        from peftlab.methods.xlora import peft_config_from_folder, turn_off_cache
 
         config = peft_config_from_folder(folder)  # experts from the subfolders, wherever the folder is now
-        if getattr(getattr(model, "config", None), "use_cache", False):
-            model.config.use_cache = False  # peft refuses X-LoRA with a cache (each step needs a full pass)
+        turn_off_cache(model)
     if _is_peft(model):
         model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=not prompt_learning)
         model.set_adapter(adapter_name)

@@ -188,8 +188,14 @@ def build_xlora(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> Non
     weight = next(model.parameters())
     home.adapters[adapter_name] = XLoRARouter(config, len(names), len(layers)).to(weight.device, weight.dtype)
     home.states[adapter_name] = state
+    turn_off_cache(model)
+
+
+def turn_off_cache(model: nn.Module) -> None:
+    """X-LoRA's scaling pass needs the whole sequence at every step: no key/value cache (peft
+    refuses X-LoRA with one)."""
     if getattr(getattr(model, "config", None), "use_cache", False):
-        model.config.use_cache = False  # each step's scaling pass needs the whole sequence (peft: same)
+        model.config.use_cache = False
 
 
 def _experts(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> tuple[str, ...]:
@@ -324,9 +330,10 @@ def copy_router_to_peft(model: nn.Module, peft_model: nn.Module, adapter_name: s
 # On disk: peft's X-LoRA folder
 # --------------------------------------------------------------------------------------------
 ROUTER_KEY = "base_model.internal_xlora_classifier."  # peft's names for the router's tensors
-_PEFT_FIELDS = ("hidden_size", "enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings",
-                "top_k_lora", "xlora_depth", "xlora_size", "xlora_dropout_p", "use_trainable_adapters",
-                "scaling_pass_value", "global_scaling_weight")
+# the router's options, named alike in XLoRAConfig and peft's XLoraConfig
+_ROUTER_OPTIONS = ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "top_k_lora",
+                   "xlora_depth", "xlora_size", "xlora_dropout_p", "scaling_pass_value", "global_scaling_weight")
+_PEFT_FIELDS = ("hidden_size", "use_trainable_adapters", *_ROUTER_OPTIONS)  # read back from adapter_config.json
 
 
 def write_folder(model: nn.Module, folder: Path, adapter_name: str, final: Path) -> None:
@@ -393,12 +400,11 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
     names = names or [f"{adapter_name}_expert{i}" for i in range(len(adapters))]
     experts = {}
     for name, (key, stored) in zip(names, adapters.items()):
-        here = folder / str(key)
-        path = here if (here / CONFIG_NAME).is_file() else Path(str(stored))
+        path = _expert_folder(folder, key, stored)
         if not (path / CONFIG_NAME).is_file():
             raise AdapterFileError(
-                f"Expert {key!r} of the X-LoRA adapter in {folder} is neither in {here} nor in {stored}. Expected "
-                "each expert's LoRA adapter in a subfolder named by its key, as peftlab.save_adapter writes "
+                f"Expert {key!r} of the X-LoRA adapter in {folder} is neither in {folder / str(key)} nor in "
+                f"{stored}. Expected each expert's LoRA adapter in a subfolder named by its key, as peftlab.save_adapter writes "
                 "it; copy the whole folder, subfolders included.")
         experts[name] = str(path)
     taken = [n for n in (adapter_name, *names) if n in records(model)]
@@ -449,8 +455,16 @@ def peft_config_from_folder(folder: Path):
     from peftlab.production.hf_peft import import_peft
 
     config = import_peft().XLoraConfig.from_pretrained(str(folder))
-    config.adapters = {k: str(folder / k) if (folder / k).is_dir() else v for k, v in config.adapters.items()}
+    config.adapters = {k: str(_expert_folder(folder, k, v)) for k, v in config.adapters.items()}
     return config
+
+
+def _expert_folder(folder: Path, key: str, stored: str) -> Path:
+    """Expert ``key``'s folder: the saved folder's own subfolder, else the path stored with it."""
+    from peftlab.io import CONFIG_NAME
+
+    here = folder / str(key)
+    return here if (here / CONFIG_NAME).is_file() else Path(str(stored))
 
 
 def _metadata(file: Path) -> dict[str, str]:
@@ -504,12 +518,9 @@ def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:
             "experts={name: folder}. For a reference X-LoRA model, save it with peftlab.save_adapter(model, "
             "folder) and load that folder with peft (peftlab.load_adapter(base, folder, backend='peft'))."
         )
-    if getattr(model.config, "use_cache", False):
-        model.config.use_cache = False  # peft refuses X-LoRA with a cache (each step needs a full pass)
-    fields = ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "top_k_lora",
-              "xlora_depth", "xlora_size", "xlora_dropout_p", "scaling_pass_value", "global_scaling_weight")
+    turn_off_cache(model)
     # peft names the experts "0", "1", ... internally and activates them under those names
     return {"hidden_size": config.hidden_size or model.config.hidden_size,
             "adapters": {str(i): str(path) for i, path in enumerate(config.experts.values())},
             "use_trainable_adapters": bool(config.use_trainable_adapters),
-            **{f: getattr(config, f) for f in fields}}
+            **{f: getattr(config, f) for f in _ROUTER_OPTIONS}}
