@@ -102,7 +102,7 @@ def adapt(
 
 
 # peft methods that build their update from the base weight's stored shape: on a 4-bit base that
-# is the packed uint8 tensor, so peft 0.21 fails later with a bare shape error (ENVIRONMENT.md).
+# is the packed uint8 tensor, so peft 0.21 fails later with a bare shape error.
 PEFT_FAILS_ON_4BIT = ("loha", "lokr")
 
 

@@ -202,7 +202,7 @@ def test_linear4bit_ref_equals_bnb_linear4bit(dtype):
                                quant_type="nf4")
     theirs.load_state_dict(linear.state_dict())
     theirs = theirs.to("cpu")  # bnb quantises when the module is moved
-    theirs.support_avx512bf16_for_cpu = False  # else eval forwards repack (ENVIRONMENT.md trap)
+    theirs.support_avx512bf16_for_cpu = False  # else eval forwards repack the weight for a CPU kernel
     # bnb's module keeps an fp32 weight (load_state_dict copies bf16 values into it): same codes
     theirs_w = bnbf.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
     assert torch.equal(nf4.dequantize_4bit(ours.packed, ours.state, theirs_w.dtype), theirs_w)

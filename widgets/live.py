@@ -9,7 +9,7 @@ refreshed by handing it the next figure from the same function:
 In a kernel with a widget manager it wraps a ``plotly.graph_objects.FigureWidget`` and copies
 the new traces into it inside ``batch_update()`` (one comm message per redraw, numpy arrays
 sent as binary buffers). The layout goes to the constructor, because Voila drops layout set
-with ``update_layout`` before display (see ENVIRONMENT.md). Where a FigureWidget cannot be relied
+with ``update_layout`` before display. Where a FigureWidget cannot be relied
 on (:func:`prefer_static`: Colab and Voila, or ``static=True``), it falls back to a plain
 ``go.Figure`` shown in an ``Output`` widget and re-displayed on each update; JupyterLab and Voila
 draw it with plotly's mime renderer (plotly.js loaded once per page), Colab from its HTML.

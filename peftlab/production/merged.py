@@ -1,7 +1,7 @@
 """Production paths for the methods Hugging Face peft lacks: BitFit and bottleneck adapters.
 
-Every peftlab method exists twice, a readable reference and a production path, proven equal
-(DESIGN.md). Where peft has the method, peft is the production path; for these two it is the form
+Every peftlab method exists twice, a readable reference and a production path, proven equal.
+Where peft has the method, peft is the production path; for these two it is the form
 a practitioner would ship, written here and tested against the reference:
 
 - **BitFit** (Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199): no wrapper at all. The
