@@ -130,6 +130,32 @@ def test_swiglu_mlp_is_fused(llama, monkeypatch):
     assert "forward" not in mlp.__dict__ and not fused.has_fused_loss(model)
 
 
+def test_dense_linear_equals_f_linear():
+    """The frozen-weight matmuls (oneDNN for fp32 on x86 CPUs): x Wᵀ + b, dy W through a
+    transposed view, several leading dims, no rows; bf16 goes to PyTorch's own matmul."""
+    torch.manual_seed(0)
+    x, w, b, dy = torch.randn(2, 5, 24), torch.randn(40, 24), torch.randn(40), torch.randn(7, 40)
+    assert_close(fused.dense_linear(x, w, b), F.linear(x, w, b), "x W^T + b")
+    assert_close(fused.dense_linear(dy, w.T), dy @ w, "dy W")
+    assert fused.dense_linear(torch.randn(0, 24), w).shape == (0, 40)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(fused.dense_linear(xb, wb), F.linear(xb, wb))
+
+
+def test_parity_without_onednn(llama, monkeypatch):
+    """USE_ONEDNN = False (PyTorch's own matmul everywhere) gives the same loss and gradients."""
+    ref, fz = _model_pair(llama, "lora")
+    ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(3))
+    _, dx_on = _loss_and_input_grad(fz, ids, ids)
+    grads_on = trainable_grads(fz)
+    fz.zero_grad()
+    monkeypatch.setattr(fused, "USE_ONEDNN", False)
+    _, dx_off = _loss_and_input_grad(fz, ids, ids)
+    assert_close(dx_off, dx_on, "input-embedding gradient")
+    for name, grad in trainable_grads(fz).items():
+        assert_close(grad, grads_on[name], name)
+
+
 def test_fallbacks_stay_correct():
     """Two active adapters, LoRA on an embedding, a disabled adapter: reference forward."""
     torch.manual_seed(0)
