@@ -130,16 +130,28 @@ def test_swiglu_mlp_is_fused(llama, monkeypatch):
     assert "forward" not in mlp.__dict__ and not fused.has_fused_loss(model)
 
 
-def test_dense_linear_equals_f_linear():
-    """The frozen-weight matmuls (oneDNN for fp32 on x86 CPUs): x Wᵀ + b, dy W through a
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """The tiny test models sit below ONEDNN_MIN_MACS; run their matmuls through oneDNN anyway
+    (where this machine has it), so the parity tests cover the kernels the benchmark times."""
+    monkeypatch.setattr(fused, "ONEDNN_MIN_MACS", 0)
+
+
+def test_dense_linear_equals_f_linear(monkeypatch):
+    """The fused Functions' matmuls (oneDNN for fp32 on x86 CPUs): x Wᵀ + b, dy W through a
     transposed view, several leading dims, no rows; bf16 goes to PyTorch's own matmul."""
     torch.manual_seed(0)
+    calls = []
+    op = fused._onednn_linear()
+    if op is not None:
+        monkeypatch.setattr(fused, "_onednn_linear", lambda: lambda *a: calls.append(1) or op(*a))
     x, w, b, dy = torch.randn(2, 5, 24), torch.randn(40, 24), torch.randn(40), torch.randn(7, 40)
     assert_close(fused.dense_linear(x, w, b), F.linear(x, w, b), "x W^T + b")
     assert_close(fused.dense_linear(dy, w.T), dy @ w, "dy W")
     assert fused.dense_linear(torch.randn(0, 24), w).shape == (0, 40)
     xb, wb = x.bfloat16(), w.bfloat16()
     assert torch.equal(fused.dense_linear(xb, wb), F.linear(xb, wb))
+    assert len(calls) == (0 if op is None else 3)  # fp32 with rows: oneDNN ran
 
 
 def test_parity_without_onednn(llama, monkeypatch):

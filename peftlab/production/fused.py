@@ -140,6 +140,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 # their frozen-weight matmuls (base forward, base input-gradient, LM head) through it; the thin
 # LoRA matmuls stay on MKL, which is as fast or faster there. Set USE_ONEDNN = False to compare.
 USE_ONEDNN = True
+ONEDNN_MIN_MACS = 2**22  # below ~4M multiply-adds oneDNN's per-call cost (~20 us) outweighs its gain
 
 
 @functools.cache
@@ -159,10 +160,38 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     (``W.T`` gives dy W without a copy)."""
     op = _onednn_linear() if USE_ONEDNN else None
     if (op is None or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or x.numel() == 0
+            or weight.dtype != torch.float32 or x.numel() * weight.shape[0] < ONEDNN_MIN_MACS
             or (bias is not None and bias.dtype != torch.float32)):
         return F.linear(x, weight, bias)
     return op(x, weight, bias, "none", [], "")
+
+
+def _add_lora(out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """out += s (x Aᵀ) Bᵀ in place, in the adapter's dtype; returns x Aᵀ (N, r) for backward."""
+    xa = dense_linear(x.to(lora_A.dtype), lora_A)  # (N, r)
+    if xa.dtype == out.dtype:
+        out.addmm_(xa, lora_B.T, alpha=scaling)
+    else:
+        out.add_(xa @ lora_B.T, alpha=scaling)  # summed in the wider dtype, rounded once
+    return xa
+
+
+def _lora_grads(g: Tensor, x: Tensor, xa: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                need_A: bool, need_B: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The adapter's side of a LoRA backward, from the gradient g (N, d_out) reaching
+    s (x Aᵀ) Bᵀ: returns gB = g B (N, r), dA = s gBᵀ x (r, d_in), dB = s gᵀ (x Aᵀ) (d_out, r)."""
+    g = g.to(lora_A.dtype)
+    gB = dense_linear(g, lora_B.T)
+    dA = dense_linear(gB.T, x.to(lora_A.dtype).T).mul_(scaling) if need_A else None
+    dB = dense_linear(xa.T, g.T).mul_(scaling).T.contiguous() if need_B else None
+    return gB, dA, dB
+
+
+def _add_lora_input_grad(dx: Tensor, gB: Tensor, lora_A: Tensor, scaling: float) -> Tensor:
+    """dx += s gB A in place (the LoRA branch's share of the input gradient)."""
+    if dx.dtype == gB.dtype:
+        return dx.addmm_(gB, lora_A, alpha=scaling)
+    return dx.add_(gB @ lora_A, alpha=scaling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,11 +211,7 @@ class LoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])  # (N, d_in)
         xd = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
         out = dense_linear(x2, weight_fn(), bias)  # (N, d_out); weight_fn() is W (d_out, d_in)
-        xa = xd.to(lora_A.dtype) @ lora_A.T  # (N, r)
-        if xa.dtype == out.dtype:
-            out.addmm_(xa, lora_B.T, alpha=scaling)  # += s · (x A^T) B^T, in place
-        else:
-            out.add_(xa @ lora_B.T, alpha=scaling)  # summed in the wider dtype, rounded once
+        xa = _add_lora(out, xd, lora_A, lora_B, scaling)  # += s · (x A^T) B^T, in place
         ctx.weight_fn, ctx.scaling, ctx.x_shape = weight_fn, scaling, shape
         ctx.has_drop = x_drop is not None
         ctx.save_for_backward(xd, xa, lora_A, lora_B)  # x itself is not needed: dx = dy W
@@ -198,21 +223,12 @@ class LoRAFunction(torch.autograd.Function):
         need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
         s = ctx.scaling
         g = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
-        g_lora = g.to(lora_A.dtype)
-        gB = g_lora @ lora_B  # (N, r): dy B, shared by dx and dA
-        dx = dxd = dA = dB = None
-        if need_A:
-            dA = (gB.T @ xd.to(lora_A.dtype)).mul_(s)  # (r, d_in)
-        if need_B:
-            dB = (g_lora.T @ xa).mul_(s)  # (d_out, r)
+        gB, dA, dB = _lora_grads(g, xd, xa, lora_A, lora_B, s, need_A, need_B)
+        dx = dxd = None
         if need_x:
             dx = dense_linear(g, ctx.weight_fn().T)  # (N, d_in) = dy W; a 4-bit W is dequantised again
-            if ctx.has_drop:
-                pass  # the LoRA branch saw dropout(x): its gradient goes to x_drop below
-            elif dx.dtype == gB.dtype:
-                dx.addmm_(gB, lora_A, alpha=s)
-            else:
-                dx.add_(gB @ lora_A, alpha=s)
+            if not ctx.has_drop:  # with dropout the LoRA branch's gradient goes to x_drop below
+                _add_lora_input_grad(dx, gB, lora_A, s)
             dx = dx.view(ctx.x_shape)
         if ctx.has_drop and need_xd:
             dxd = (gB @ lora_A).mul_(s).to(xd.dtype).view(ctx.x_shape)
@@ -241,14 +257,14 @@ class DoRAFunction(torch.autograd.Function):
         factor = (magnitude.float() / norm).to(x.dtype)  # (d_out,)
         if x_drop is None:
             xd = x2
-            xa = x2 @ lora_A.T  # (N, r)
-            z = dense_linear(x2, weight).addmm_(xa, lora_B.T, alpha=scaling)  # (N, d_out)
+            z = dense_linear(x2, weight)  # (N, d_out)
+            xa = _add_lora(z, x2, lora_A, lora_B, scaling)
             out = z * factor
             if bias is not None:
                 out += bias
         else:  # the base sees x, the adapted direction sees dropout(x): two big matmuls
             xd = x_drop.reshape(-1, shape[-1])
-            xa = xd @ lora_A.T
+            xa = dense_linear(xd, lora_A)
             update = (xa @ lora_B.T).mul_(scaling)  # (N, d_out)
             zb = dense_linear(xd, weight)  # W dropout(x)
             out = dense_linear(x2, weight, bias).addcmul_(zb, factor - 1).addcmul_(update, factor)
@@ -265,23 +281,20 @@ class DoRAFunction(torch.autograd.Function):
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
         g = dy2 * factor  # gradient reaching z
-        gB = g @ lora_B  # (N, r)
-        dx = dxd = dA = dB = dm = None
+        gB, dA, dB = _lora_grads(g, xd, xa, lora_A, lora_B, s, need_A, need_B)
+        dx = dxd = dm = None
         if need_m:  # y depends on m through f = m / norm only
             dm = ((dy2 * z).sum(0, dtype=torch.float32) / norm).to(ctx.magnitude_dtype)
-        if need_A:
-            dA = (gB.T @ xd).mul_(s)
-        if need_B:
-            dB = (g.T @ xa).mul_(s)
         need_w = need_x or (ctx.has_drop and need_xd)
         weight = ctx.weight_fn() if need_w else None
         if not ctx.has_drop:
             if need_x:
-                dx = dense_linear(g, weight.T).addmm_(gB, lora_A, alpha=s).view(ctx.x_shape)
+                dx = _add_lora_input_grad(dense_linear(g, weight.T), gB, lora_A, s).view(ctx.x_shape)
         else:
             dy_w = dense_linear(dy2, weight.T)  # through the base path x W^T
             if need_xd:  # (f-1) ⊙ W x_d  and  f ⊙ s B A x_d
-                dxd = dense_linear(g, weight.T).sub_(dy_w).addmm_(gB, lora_A, alpha=s).view(ctx.x_shape)
+                dxd = dense_linear(g, weight.T).sub_(dy_w)
+                dxd = _add_lora_input_grad(dxd, gB, lora_A, s).view(ctx.x_shape)
             if need_x:
                 dx = dy_w.view(ctx.x_shape)
         return dx, dxd, None, None, dA, dB, dm, None
@@ -344,11 +357,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         g, u = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])  # (N, I)
         a = F.silu(g).mul_(u)  # (N, I), dropped after forward
         out = dense_linear(a, weight_fn(), bias)  # (N, d_out)
-        xa = a.to(lora_A.dtype) @ lora_A.T  # (N, r), in the adapter's dtype as in LoRAFunction
-        if xa.dtype == out.dtype:
-            out.addmm_(xa, lora_B.T, alpha=scaling)
-        else:
-            out.add_(xa @ lora_B.T, alpha=scaling)
+        xa = _add_lora(out, a, lora_A, lora_B, scaling)  # (N, r), as in LoRAFunction
         ctx.weight_fn, ctx.scaling, ctx.shape = weight_fn, scaling, shape
         ctx.save_for_backward(g, u, xa, lora_A, lora_B)
         return out.view(*shape[:-1], out.shape[-1])
@@ -359,17 +368,12 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         need_g, need_u, _, _, need_A, need_B, _ = ctx.needs_input_grad
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
-        dy_lora = dy2.to(lora_A.dtype)
-        gB = dy_lora @ lora_B  # (N, r)
         silu = F.silu(g)  # recomputed: one elementwise pass instead of a saved tensor
-        dA = dB = dg = du = None
-        if need_A:
-            dA = (gB.T @ (silu * u).to(lora_A.dtype)).mul_(s)  # a recomputed, (r, I)
-        if need_B:
-            dB = (dy_lora.T @ xa).mul_(s)
+        a = silu * u if need_A else None  # recomputed likewise, for dA only
+        gB, dA, dB = _lora_grads(dy2, a, xa, lora_A, lora_B, s, need_A, need_B)
+        dg = du = None
         if need_g or need_u:
-            da = dense_linear(dy2, ctx.weight_fn().T)  # (N, I) = dy W
-            da.add_(gB @ lora_A, alpha=s)
+            da = _add_lora_input_grad(dense_linear(dy2, ctx.weight_fn().T), gB, lora_A, s)  # (N, I)
             if need_u:
                 du = (da * silu).view(ctx.shape)
             if need_g:  # silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))), in PyTorch's own kernel
