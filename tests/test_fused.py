@@ -126,8 +126,11 @@ def test_swiglu_mlp_is_fused(llama, monkeypatch):
     assert fused.is_swiglu_mlp(mlp) and "forward" in mlp.__dict__
     model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
     assert len(calls) == len(model.model.layers)
+    norm = model.model.layers[0].post_attention_layernorm
+    assert "forward" in norm.__dict__  # the RMSNorms run RMSNormFunction
     fused.unfuse(model)
     assert "forward" not in mlp.__dict__ and not fused.has_fused_loss(model)
+    assert "forward" not in norm.__dict__
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +169,36 @@ def test_parity_without_onednn(llama, monkeypatch):
     assert_close(dx_off, dx_on, "input-embedding gradient")
     for name, grad in trainable_grads(fz).items():
         assert_close(grad, grads_on[name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_function_equals_transformers(llama, dtype):
+    """Llama's RMSNorm through RMSNormFunction: same output and input gradient as transformers'
+    own forward (fp32: to rounding; bf16: bit-for-bit output, gradient to bf16 rounding); a
+    trainable norm weight keeps autograd's forward (and gets its gradient)."""
+    norm = copy.deepcopy(llama.model.layers[0].input_layernorm).to(dtype)
+    assert fused.is_rms_norm(norm) and not fused.is_rms_norm(nn.LayerNorm(4))
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm.weight.requires_grad_(False)
+    x = torch.randn(3, 5, norm.weight.numel(), dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    y_ref = norm(x)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    fused._wrap_forward(norm, fused._fused_rms_norm_forward)
+    y = norm(x)
+    assert y.grad_fn.name() == "RMSNormFunctionBackward"
+    (dx,) = torch.autograd.grad(y, x, dy)
+    if dtype == torch.float32:
+        assert_close(y, y_ref, "output"), assert_close(dx, dx_ref, "input gradient")
+    else:
+        assert torch.equal(y, y_ref)
+        assert_close(dx.float(), dx_ref.float(), "input gradient", relative=0.02)
+    norm.weight.requires_grad_(True)
+    y = norm(x)
+    assert y.grad_fn.name() != "RMSNormFunctionBackward"
+    y.backward(dy)
+    assert norm.weight.grad is not None
 
 
 def test_fallbacks_stay_correct():

@@ -385,14 +385,20 @@ _SWIGLU_LINE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 
 
 @functools.cache
-def _forward_is_swiglu(cls: type) -> bool:
-    """True when ``cls.forward`` is transformers' SwiGLU line (Llama, Mistral, Qwen2/3, SmolLM2,
-    and ~130 other model files share it verbatim), so replacing it changes nothing but speed."""
+def _forward_contains(cls: type, code: str) -> bool:
+    """True when ``cls.forward``'s source, whitespace removed, contains ``code``: transformers
+    copies such modules verbatim across model files ("Copied from"), so matching the source is
+    how the fused path knows that replacing the forward changes nothing but speed."""
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
-    return _SWIGLU_LINE in "".join(source.split())
+    return code in "".join(source.split())
+
+
+def _forward_is_swiglu(cls: type) -> bool:
+    """Llama, Mistral, Qwen2/3, SmolLM2 and ~130 other model files share the SwiGLU line."""
+    return _forward_contains(cls, _SWIGLU_LINE)
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
@@ -417,6 +423,59 @@ def _fused_swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = SwiGLULoRAFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias,
                                    adapter.lora_A, adapter.lora_B, adapter.scaling)
     return out.to(plan.out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm: y = w ⊙ x / rms(x), with a hand-written backward
+# --------------------------------------------------------------------------------------------
+class RMSNormFunction(torch.autograd.Function):
+    """y = w ⊙ x · r,  r = 1 / sqrt(mean(x²) + eps) per row, for a frozen weight w.
+
+    Autograd runs the forward's five elementwise steps backwards one by one (pow, mean, add,
+    rsqrt, two products), keeping their outputs. By hand, with ĝ = dy ⊙ w:
+
+        dx = r ĝ - x r³ mean(ĝ ⊙ x)
+
+    saving only x and r (one float per row). Computed in float32 as transformers does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xf = x.float()
+        g = (dy * weight).float()
+        dot = (g * xf).mean(-1, keepdim=True)  # mean(ĝ ⊙ x) per row
+        dx = torch.addcmul(g.mul_(rstd), xf, dot.mul_(rstd.pow(3)), value=-1)
+        return dx.to(x.dtype), None, None
+
+
+_RMS_NORM_LINES = (  # transformers' LlamaRMSNorm.forward, shared by Mistral, Qwen2/3, SmolLM2, ...
+    "hidden_states=hidden_states.to(torch.float32)"
+    "variance=hidden_states.pow(2).mean(-1,keepdim=True)"
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
+    "returnself.weight*hidden_states.to(input_dtype)"
+)
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """A Llama-style RMSNorm: transformers' exact forward, a weight and ``variance_epsilon``."""
+    return (isinstance(getattr(module, "weight", None), Tensor)
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+            and _forward_contains(type(module), _RMS_NORM_LINES))
+
+
+def _fused_rms_norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """The wrapped RMSNorm forward: :class:`RMSNormFunction` while the weight is frozen."""
+    if self.weight.requires_grad or torch.is_autocast_enabled(hidden_states.device.type):
+        return self._peftlab_unfused_forward(hidden_states)  # a trained norm: autograd's way
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 class _WrappedForward:
@@ -483,10 +542,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             logits = dense_linear(h, weight, bias).float()  # (c, V): upcast as transformers does
             lse = torch.logsumexp(logits, dim=1)  # (c,)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_h or need_w or need_b:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
-                grad[torch.arange(t.numel(), device=t.device), t] -= 1.0  # minus one-hot
-                grad = grad.mul_(scale).to(weight.dtype)
+            if need_h or need_w or need_b:  # scale · softmax = exp(logits - lse + log scale)
+                grad = logits.sub_((lse - scale.log())[:, None]).exp_()  # in the logits' buffer
+                grad[torch.arange(t.numel(), device=t.device), t] -= scale  # minus scale · one-hot
+                grad = grad.to(weight.dtype)
                 if need_h:
                     dh[start:start + chunk_rows] = dense_linear(grad, weight.T)  # (c, H)
                 if need_w:
@@ -661,6 +720,8 @@ def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> 
     for module in model.modules():
         if is_swiglu_mlp(module):
             _wrap_forward(module, _fused_swiglu_forward)
+        elif is_rms_norm(module):
+            _wrap_forward(module, _fused_rms_norm_forward)
     if loss and _loss_can_fuse(model):
         install_fused_loss(model, chunk_size)
     model.peftlab_backend = "fused"
@@ -673,7 +734,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         if type(layer) is FusedAdaptedLayer:
             layer.__class__ = AdaptedLayer
     for module in model.modules():
-        if is_swiglu_mlp(module):
+        if is_swiglu_mlp(module) or is_rms_norm(module):
             _unwrap_forward(module)
     remove_fused_loss(model)
     model.peftlab_backend = "reference"
