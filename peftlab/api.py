@@ -9,7 +9,8 @@ implementation:
 - ``"peft"``: Hugging Face peft's implementation of the same method, same hyperparameters; the
   result is a ``peft.PeftModel``.
 - ``"fused"``: the reference modules with peftlab's hand-written autograd kernels for LoRA and DoRA
-  (and a chunked fused cross-entropy in ``model(..., labels=...)``), peftlab/production/fused.py.
+  (plus Llama-style SwiGLU MLPs and RMSNorms, and a chunked fused cross-entropy in
+  ``model(..., labels=...)``), peftlab/production/fused.py.
 """
 
 from __future__ import annotations

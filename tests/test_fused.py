@@ -274,6 +274,22 @@ def test_model_parity(llama, tiny_llama_nf4, method, quant, dropout):
         assert_close(fz(input_ids=ids).logits, ref(input_ids=ids).logits, "logits")
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_parity(llama, reentrant):
+    """QLoRA recipes turn on gradient checkpointing: the fused Functions (LoRA, SwiGLU, RMSNorm,
+    loss) recomputed inside checkpointed layers give the reference's loss and gradients."""
+    ref, fz = _model_pair(llama, "lora")
+    for model in (ref, fz):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(2))
+    out_ref, dx_ref = _loss_and_input_grad(ref, ids, ids)
+    out_fz, dx_fz = _loss_and_input_grad(fz, ids, ids)
+    assert_close(out_fz.loss, out_ref.loss, "loss")
+    assert_close(dx_fz, dx_ref, "input-embedding gradient")
+    assert_same_grads(ref, fz)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_bf16_base_close_to_reference(llama, method):
     """A bf16 base with fp32 adapters (the usual mixed setup): LoRA adds its fp32 branch as the
