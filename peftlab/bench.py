@@ -20,7 +20,8 @@ How it is measured, and why:
 - Interleaved. All variants of one dtype are loaded, then take turns, round after round
   (A B C D E F A B C ...), after one warm-up step each (first-step allocations, lazy init). On a
   machine shared with other work a slow spell then slows every variant alike, and the *median*
-  step time is reported. Ratios (fused / peft) come from the same run, never from two runs.
+  step time is reported. Ratios (fused / peft) come from the same run, never from two runs: the
+  ratio of the medians, and the "paired" ratio (median over rounds of each round's own ratio).
 - Peak memory of a step = the peak above what was resident just before it (activations,
   gradients, optimiser states, temporaries); "total" = resident + that peak. CUDA: allocated
   bytes (``torch.cuda.max_memory_allocated``), read during the timed steps. CPU: the process's
@@ -376,7 +377,11 @@ def _release_freed_memory_to_os() -> None:
 # Output
 # --------------------------------------------------------------------------------------------
 def ratios(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """fused / peft time and peak-memory ratios per dtype, from the same run (< 1: fused wins)."""
+    """fused / peft time and peak-memory ratios per dtype, from the same run (< 1: fused wins).
+
+    "time" divides the median step times; "paired" is the median over rounds of each round's own
+    ratio (the two steps ran seconds apart), which a slow spell of the machine disturbs less.
+    """
     out = []
     index = {(r.dtype, r.variant): r for r in rows}
     for dtype in dict.fromkeys(r.dtype for r in rows):
@@ -384,8 +389,10 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
             a, b = index.get((dtype, num)), index.get((dtype, den))
             if not (a and b and a.status == b.status == "ok"):
                 continue
+            paired = [x / y for x, y in zip(a.times, b.times)]  # same round, one after the other
             out.append({"dtype": dtype, "pair": f"{num} / {den}",
                         "time": a.median_s / b.median_s,
+                        "paired": statistics.median(paired) if paired else math.nan,
                         "peak": a.peak_mb / b.peak_mb if b.peak_mb else math.nan,
                         "total": a.total_mb / b.total_mb if b.total_mb else math.nan})
     return out
@@ -414,8 +421,8 @@ def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
         text.append("")
         text.append("ratios from this run (< 1: the first is faster / smaller):")
         for r in rat:
-            text.append(f"  {r['dtype']:<5} {r['pair']:<26} time {r['time']:.2f}x   "
-                        f"peak {r['peak']:.2f}x   total {r['total']:.2f}x")
+            text.append(f"  {r['dtype']:<5} {r['pair']:<26} time {r['time']:.2f}x (paired "
+                        f"{r['paired']:.2f}x)   peak {r['peak']:.2f}x   total {r['total']:.2f}x")
     text.append("")
     text.append("peak MB: above what was resident before the step; total MB: resident + peak "
                 + ("(CUDA allocated)." if _bench_device().type == "cuda" else

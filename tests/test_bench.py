@@ -68,14 +68,17 @@ def test_unavailable_fused_backend_is_reported(monkeypatch):
 
 
 def test_ratios_and_table_from_rows():
-    def row(variant, t, peak, status="ok"):
-        return BenchRow("fp32", variant, status, t, t, peak, 1000.0, 1000.0 + peak, 2.0, 10, [t])
+    def row(variant, t, peak, status="ok", times=None):
+        return BenchRow("fp32", variant, status, t, t, peak, 1000.0, 1000.0 + peak, 2.0, 10,
+                        times or [t])
 
-    rows = [row("peft-lora", 2.0, 400.0), row("fused-lora", 1.5, 100.0),
+    rows = [row("peft-lora", 2.0, 400.0, times=[2.0, 4.0, 2.0]),
+            row("fused-lora", 1.5, 100.0, times=[1.0, 3.6, 1.5]),
             row("bnb-qlora", 3.0, 300.0), BenchRow("fp32", "fused-qlora", "unavailable: no fused")]
     (r,) = ratios(rows)  # the QLoRA pair has no fused row: no ratio
     assert r["pair"] == "fused-lora / peft-lora"
     assert r["time"] == pytest.approx(0.75) and r["peak"] == pytest.approx(0.25)
+    assert r["paired"] == pytest.approx(0.75)  # rounds' own ratios 0.5, 0.9, 0.75
     assert r["total"] == pytest.approx(1100 / 1400)
     text = format_table(rows, BenchConfig(model="tiny-llama"))
-    assert "unavailable: no fused" in text and "time 0.75x" in text and "peak 0.25x" in text
+    assert "unavailable: no fused" in text and "time 0.75x (paired 0.75x)" in text and "peak 0.25x" in text
