@@ -145,10 +145,11 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 # The big matmuls: x Wᵀ through oneDNN on CPU
 # --------------------------------------------------------------------------------------------
 # PyTorch sends a float32 CPU matmul to MKL's sgemm; the same build also carries oneDNN (PyTorch's
-# "mkldnn"), whose fp32 GEMM measured 15-60% faster on the shapes of a small Llama (512 tokens x
+# "mkldnn"), whose fp32 GEMM measured 10-60% faster on the shapes of a small Llama (512 tokens x
 # 576..49,152; `peftlab bench train` shows the effect on a whole step). The fused Functions run
-# their frozen-weight matmuls (base forward, base input-gradient, LM head) through it; the thin
-# LoRA matmuls stay on MKL, which is as fast or faster there. Set USE_ONEDNN = False to compare.
+# their matmuls through it: the frozen weights' (base forward, base input-gradient, LM head) and,
+# in the layouts chosen below, LoRA's thin ones. The in-place adds into outputs (addmm_) stay on
+# MKL. Set USE_ONEDNN = False to compare.
 USE_ONEDNN = True
 ONEDNN_MIN_MACS = 2**22  # below ~4M multiply-adds oneDNN's per-call cost (~20 us) outweighs its gain
 
@@ -165,9 +166,9 @@ def _onednn_linear() -> Callable | None:
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for frozen weights inside the fused Functions (no autograd):
-    oneDNN for float32 on CPU, PyTorch's own matmul otherwise. ``weight`` may be a transposed view
-    (``W.T`` gives dy W without a copy)."""
+    """``F.linear(x, weight, bias)`` = x weightᵀ + bias inside the fused Functions (no autograd):
+    oneDNN for float32 on x86 CPUs above ``ONEDNN_MIN_MACS``, PyTorch's own matmul otherwise.
+    ``weight`` may be a transposed view (``W.T`` gives dy W without a copy)."""
     op = _onednn_linear() if USE_ONEDNN else None
     if (op is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or x.numel() * weight.shape[0] < ONEDNN_MIN_MACS
