@@ -13,7 +13,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c requirements/constraints-cpu.txt)
 STAMP := $(VENV)/.peftlab-installed
 
-.PHONY: install lab test bench browser-deps clean
+.PHONY: install lab test bench gpu-check browser-deps clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ test: install browser-deps
 BENCH ?= train
 bench: install
 	$(VENV)/bin/peftlab bench $(BENCH) $(ARGS)
+
+# On a machine with an NVIDIA GPU: the CUDA-only tests, then the benchmark on the GPU (3 rounds).
+gpu-check: install
+	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m gpu -p no:cacheprovider -q -rs $(ARGS)
+	$(VENV)/bin/peftlab bench train --repeats 3 --out runs/gpu-bench.html
 
 clean:
 	rm -rf $(VENV) build *.egg-info

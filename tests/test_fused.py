@@ -510,12 +510,40 @@ def test_smollm2_parity(smollm2):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_cuda_parity(llama, method):
-    base = copy.deepcopy(llama).cuda()
+def test_cuda_layer_parity_nf4_ref(method):
+    """peftlab's own NF4 layer on the GPU (its codes and scales are buffers: .cuda() moves them)."""
+    torch.manual_seed(0)
+    ref = peftlab.adapt(TwoLayer("nf4-ref").cuda(), method, r=4, alpha=8.0, targets=("up", "down"))
+    randomize_adapters(ref)
+    fz = fused.fuse(copy.deepcopy(ref))
+    x = torch.randn(3, 5, 32, device="cuda")
+    outs, grads = [], []
+    for model in (ref, fz):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.square().sum().backward()
+        outs.append(y), grads.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)  # GPU sums in other orders
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+    assert_same_grads(ref, fz, relative=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_cuda_parity(llama, method, quant):
+    """tiny Llama on the GPU, full-precision and bitsandbytes NF4 bases (QLoRA)."""
+    if quant:
+        pytest.importorskip("bitsandbytes")
+        base, _ = peftlab.load_model("tiny-llama", quantization="nf4", device="cuda")
+    else:
+        base = copy.deepcopy(llama).cuda()
     ref, fz = _model_pair(base, method, dropout=0.1)
     ref.train(), fz.train()
     ids = torch.randint(0, 49152, (2, 12), device="cuda")
     out_ref, dx_ref = _loss_and_input_grad(ref, ids, ids)
     out_fz, dx_fz = _loss_and_input_grad(fz, ids, ids)
-    torch.testing.assert_close(out_fz.loss, out_ref.loss, atol=1e-4, rtol=1e-4)  # TF32 matmuls
+    torch.testing.assert_close(out_fz.loss, out_ref.loss, atol=1e-4, rtol=1e-4)  # GPU sums in other orders
     torch.testing.assert_close(dx_fz, dx_ref, atol=1e-4, rtol=1e-3)
+    assert_same_grads(ref, fz, relative=1e-3)
