@@ -46,6 +46,11 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == _CONV1D
 
 
+def base_of(module: nn.Module) -> nn.Module:
+    """The layer itself, or its frozen base layer if it already carries adapters."""
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear-like or embedding layer, in logical (not packed) units."""
     if isinstance(module, nn.Linear):
@@ -291,7 +296,7 @@ def find_targets(
     """
     # a layer that already carries an adapter is judged by its base layer, so that a second
     # named adapter can go on the same layers
-    modules = {n: m.base_layer if isinstance(m, AdaptedLayer) else m for n, m in candidate_modules(model).items()}
+    modules = {n: base_of(m) for n, m in candidate_modules(model).items()}
     heads = output_head_names(model) | set(exclude)
     if targets == "all-linear":
         found = [n for n, m in modules.items() if is_linear(m) and n not in heads

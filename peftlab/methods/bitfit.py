@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from peftlab.errors import ConfigError
-from peftlab.inject import (Adapter, AdaptedLayer, TrainableCopy, candidate_modules, inject, is_linear,
+from peftlab.inject import (Adapter, TrainableCopy, base_of, candidate_modules, inject, is_linear,
                             matches, output_head_names)
 from peftlab.methods.base import AdapterConfig
 
@@ -74,7 +74,7 @@ def bitfit_targets(model: nn.Module, config: BitFitConfig) -> dict[str, tuple[st
         inside_skipped = skip and any(matches(".".join(parts[:i]), skip) for i in range(1, len(parts) + 1))
         if isinstance(module, TrainableCopy) or inside_skipped:
             continue
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base = base_of(module)
         if config.targets == "all-linear":
             if not is_linear(base) or name in heads:
                 continue
@@ -141,7 +141,6 @@ def bitfit_parameter_count(model: nn.Module, config: BitFitConfig) -> int:
     """Closed form: the sum of the sizes of the selected biases (and norm weights)."""
     total = 0
     for name, tensors in bitfit_targets(model, config).items():
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base = base_of(model.get_submodule(name))
         total += sum(getattr(base, t).numel() for t in tensors)
     return total

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError, closest
-from peftlab.inject import AdaptedLayer, Adapter, find_targets, inject, is_linear, layer_dims
+from peftlab.inject import Adapter, base_of, find_targets, inject, is_linear, layer_dims
 from peftlab.methods.base import AdapterConfig, check_range
 
 KINDS = ("houlsby", "parallel")
@@ -134,7 +134,7 @@ def bottleneck_parameter_count(model: nn.Module, config: BottleneckConfig) -> in
     total = 0
     for name in find_targets(model, config.targets, exclude=config.modules_to_save or ()):
         d_model = None if config.kind == "houlsby" else _sublayer(model, name, config)[3]
-        total += layer_parameter_count(layer_dims(_base(model.get_submodule(name)))[1], config, d_model)
+        total += layer_parameter_count(layer_dims(base_of(model.get_submodule(name)))[1], config, d_model)
     return total
 
 
@@ -274,7 +274,7 @@ def _sublayer(model: nn.Module, target: str, config: BottleneckConfig) -> tuple[
     suffix = max(suffixes, key=len)  # BERT: "attention.output.dense" before "output.dense"
     source = target[: len(target) - len(suffix)] + sources[suffix]
     try:
-        layer = _base(model.get_submodule(source))
+        layer = base_of(model.get_submodule(source))
     except AttributeError:
         layer = None
     if layer is None or not is_linear(layer):
@@ -287,7 +287,3 @@ def _sublayer(model: nn.Module, target: str, config: BottleneckConfig) -> tuple[
     home = ".".join(a[:common])  # the smallest module holding both layers
     cut = len(home) + 1 if home else 0
     return home, source[cut:], target[cut:], layer_dims(layer)[0]
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdaptedLayer) else module

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, find_targets, inject, is_linear, layer_dims, matches
+from peftlab.inject import Adapter, base_of, find_targets, inject, is_linear, layer_dims, matches
 from peftlab.methods.base import AdapterConfig
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING), by model_type
@@ -135,12 +135,9 @@ def build_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
 
 def ia3_parameter_count(model: nn.Module, config: IA3Config) -> int:
     """Closed form: d_out per output-scaled target plus d_in per feed-forward target."""
-    from peftlab.inject import AdaptedLayer
-
     total = 0
     feedforward = config.feedforward_modules or ()
     for name in find_targets(model, config.targets, accept=is_linear, exclude=config.modules_to_save or ()):
-        module = model.get_submodule(name)
-        d_in, d_out = layer_dims(module.base_layer if isinstance(module, AdaptedLayer) else module)
+        d_in, d_out = layer_dims(base_of(model.get_submodule(name)))
         total += d_in if feedforward and matches(name, feedforward) else d_out
     return total

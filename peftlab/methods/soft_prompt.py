@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, AdaptedLayer, inject
+from peftlab.inject import Adapter, AdaptedLayer, base_of, inject
 from peftlab.methods.base import AdapterConfig
 
 
@@ -110,7 +110,7 @@ def input_embedding_name(model: nn.Module) -> str:
 def word_embeddings(model: nn.Module) -> nn.Embedding:
     """The frozen nn.Embedding of the vocabulary (unwrapped if it already carries adapters)."""
     layer = model.get_submodule(input_embedding_name(model))
-    return layer.base_layer if isinstance(layer, AdaptedLayer) else layer
+    return base_of(layer)
 
 
 def attention_geometry(model: nn.Module) -> tuple[int, int, int]:

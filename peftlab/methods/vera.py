@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import (Adapter, AdaptedLayer, adapted_layers, find_targets, inject, is_linear,
+from peftlab.inject import (Adapter, adapted_layers, base_of, find_targets, inject, is_linear,
                             layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 
@@ -111,7 +111,7 @@ def build_vera(model: nn.Module, config: VeRAConfig, adapter_name: str) -> None:
     """Draw the shared A, B once, sized for the largest target, then attach VeRA to each target."""
     names = find_targets(model, config.targets, accept=is_linear, exclude=config.modules_to_save or ())
     bases = [model.get_submodule(n) for n in names]
-    dims = [layer_dims(b.base_layer if isinstance(b, AdaptedLayer) else b) for b in bases]
+    dims = [layer_dims(base_of(b)) for b in bases]
     projection = VeRAProjection(
         config.r, max(d for d, _ in dims), max(d for _, d in dims), config.projection_prng_key
     )

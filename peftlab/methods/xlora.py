@@ -488,7 +488,7 @@ def xlora_parameter_count(model: nn.Module, config: XLoRAConfig) -> int:
     if config.experts is None:
         names = inject.find_targets(model, config.targets or "all-linear", exclude=config.modules_to_save or ())
         n_experts, n_layers = config.n_experts, len(names)
-        experts = n_experts * sum(config.r * sum(inject.layer_dims(inject_base(model, n))) for n in names)
+        experts = n_experts * sum(config.r * sum(inject.layer_dims(inject.base_of(model.get_submodule(n)))) for n in names)
     else:
         given = tuple(config.experts)
         n_experts = len(given)
@@ -502,11 +502,6 @@ def xlora_parameter_count(model: nn.Module, config: XLoRAConfig) -> int:
     widths = [hidden] + [config.xlora_size] * (config.xlora_depth - 1) + [out]
     router = sum(a * b + b for a, b in zip(widths, widths[1:]))  # weight + bias per Linear
     return router + (experts if trainable else 0)
-
-
-def inject_base(model: nn.Module, name: str) -> nn.Module:
-    module = model.get_submodule(name)
-    return module.base_layer if isinstance(module, inject.AdaptedLayer) else module
 
 
 def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:
