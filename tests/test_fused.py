@@ -76,6 +76,20 @@ class TwoLayer(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def _outputs_and_input_grads(ref: nn.Module, fz: nn.Module, x: torch.Tensor):
+    """([y_ref, y_fused], [dx_ref, dx_fused]) in training mode, same dropout masks for both."""
+    ref.train(), fz.train()
+    outs, xgrads = [], []
+    for model in (ref, fz):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(123)  # same dropout masks for both
+        y = model(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
+        outs.append(y)
+        xgrads.append(xi.grad)
+    return outs, xgrads
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("base", ["linear", "conv1d", "nf4-ref"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -86,16 +100,7 @@ def test_layer_parity(method, base, dropout):
     randomize_adapters(ref)
     fz = fused.fuse(copy.deepcopy(ref))  # the same adapter weights, run by the fused kernels
     assert all(type(m) is fused.FusedAdaptedLayer for m in adapted_layers(fz).values())
-    ref.train(), fz.train()
-    x = torch.randn(3, 5, 32)
-    outs, xgrads = [], []
-    for model in (ref, fz):
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(123)  # same dropout masks for both
-        y = model(xi)
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-        outs.append(y)
-        xgrads.append(xi.grad)
+    outs, xgrads = _outputs_and_input_grads(ref, fz, torch.randn(3, 5, 32))
     assert_close(outs[1], outs[0], "output")
     assert_close(xgrads[1], xgrads[0], "input gradient")
     assert_same_grads(ref, fz)
@@ -190,7 +195,8 @@ def test_rms_norm_function_equals_transformers(llama, dtype):
     assert y.grad_fn.name() == "RMSNormFunctionBackward"
     (dx,) = torch.autograd.grad(y, x, dy)
     if dtype == torch.float32:
-        assert_close(y, y_ref, "output"), assert_close(dx, dx_ref, "input gradient")
+        assert_close(y, y_ref, "output")
+        assert_close(dx, dx_ref, "input gradient")
     else:
         assert torch.equal(y, y_ref)
         assert_close(dx.float(), dx_ref.float(), "input gradient", relative=0.02)
@@ -516,13 +522,7 @@ def test_cuda_layer_parity_nf4_ref(method):
     ref = peftlab.adapt(TwoLayer("nf4-ref").cuda(), method, r=4, alpha=8.0, targets=("up", "down"))
     randomize_adapters(ref)
     fz = fused.fuse(copy.deepcopy(ref))
-    x = torch.randn(3, 5, 32, device="cuda")
-    outs, grads = [], []
-    for model in (ref, fz):
-        xi = x.clone().requires_grad_()
-        y = model(xi)
-        y.square().sum().backward()
-        outs.append(y), grads.append(xi.grad)
+    outs, grads = _outputs_and_input_grads(ref, fz, torch.randn(3, 5, 32, device="cuda"))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)  # GPU sums in other orders
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
     assert_same_grads(ref, fz, relative=1e-3)
