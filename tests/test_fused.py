@@ -120,11 +120,11 @@ def test_fused_layers_run_the_functions(monkeypatch):
 
 
 def test_swiglu_mlp_is_fused(llama, monkeypatch):
-    """Llama's MLP runs SwiGLULoRAFunction (a = silu(g) * u recomputed in backward); unfuse
+    """Llama's MLP runs SwiGLUFunction (a = silu(g) * u recomputed in backward); unfuse
     gives the class's own forward back."""
     calls = []
-    original = fused.SwiGLULoRAFunction.forward
-    monkeypatch.setattr(fused.SwiGLULoRAFunction, "forward", staticmethod(
+    original = fused.SwiGLUFunction.forward
+    monkeypatch.setattr(fused.SwiGLUFunction, "forward", staticmethod(
         lambda *a: calls.append(1) or original(*a)))
     model = peftlab.adapt(copy.deepcopy(llama), "lora", r=4, targets="all-linear", backend="fused")
     mlp = model.model.layers[0].mlp
@@ -136,6 +136,12 @@ def test_swiglu_mlp_is_fused(llama, monkeypatch):
     fused.unfuse(model)
     assert "forward" not in mlp.__dict__ and not fused.has_fused_loss(model)
     assert "forward" not in norm.__dict__
+    # LoRA on attention only: the MLPs' frozen down_proj goes through the Function as well
+    calls.clear()
+    model = peftlab.adapt(copy.deepcopy(llama), "lora", r=4, backend="fused")
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    assert len(calls) == len(model.model.layers)
 
 
 @pytest.fixture(autouse=True)
@@ -238,9 +244,9 @@ def tiny_llama_nf4():
     return model
 
 
-def _model_pair(base: nn.Module, method: str, dropout: float = 0.0):
+def _model_pair(base: nn.Module, method: str, dropout: float = 0.0, targets="all-linear"):
     ref = peftlab.adapt(copy.deepcopy(base), method, r=4, alpha=8.0, dropout=dropout,
-                        targets="all-linear")
+                        targets=targets)
     randomize_adapters(ref)
     fz = fused.fuse(copy.deepcopy(ref))
     return ref, fz
@@ -254,17 +260,21 @@ def _loss_and_input_grad(model, ids, labels, seed=7):
     return out, embeds.grad
 
 
-@pytest.mark.parametrize("method,quant,dropout", [
-    ("lora", None, 0.0), ("dora", None, 0.0), ("lora", None, 0.1),
-    ("lora", "nf4", 0.0), ("dora", "nf4", 0.1),
+@pytest.mark.parametrize("method,quant,dropout,targets", [
+    ("lora", None, 0.0, "all-linear"), ("dora", None, 0.0, "all-linear"),
+    ("lora", None, 0.1, "all-linear"), ("lora", "nf4", 0.0, "all-linear"),
+    ("dora", "nf4", 0.1, "all-linear"),
+    # peftlab's default targets (attention only): the MLPs' frozen down_proj, dense or 4-bit,
+    # runs SwiGLUFunction without LoRA
+    ("lora", None, 0.0, None), ("lora", "nf4", 0.1, None),
 ])
-def test_model_parity(llama, tiny_llama_nf4, method, quant, dropout):
+def test_model_parity(llama, tiny_llama_nf4, method, quant, dropout, targets):
     base = tiny_llama_nf4 if quant else llama
     if quant:
         import bitsandbytes as bnb
 
         assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    ref, fz = _model_pair(base, method, dropout)
+    ref, fz = _model_pair(base, method, dropout, targets)
     ref.train(), fz.train()
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -278,6 +288,24 @@ def test_model_parity(llama, tiny_llama_nf4, method, quant, dropout):
     with torch.no_grad():  # without labels: full logits, same as the reference
         ref.eval(), fz.eval()
         assert_close(fz(input_ids=ids).logits, ref(input_ids=ids).logits, "logits")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_token_inputs_with_dropout(llama, method):
+    """model(input_ids=...) as in training: the first block's inputs come from frozen embeddings
+    and need no gradient, so the Functions there get no input gradient to compute (DoRA with
+    dropout once tried to use a weight it had not fetched)."""
+    ref, fz = _model_pair(llama, method, dropout=0.1)
+    ref.train(), fz.train()
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (ref, fz):
+        torch.manual_seed(11)  # same dropout masks
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert_close(losses[1], losses[0], "loss")
+    assert_same_grads(ref, fz)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

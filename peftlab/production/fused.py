@@ -29,10 +29,11 @@ pass over the 49k-wide head in backward (Liger Kernel's "fused linear cross-entr
 https://arxiv.org/abs/2410.10989). Since the loss is a scalar, backward only multiplies the stored
 d(hidden) by the incoming gradient.
 
-The MLP. Llama-style models compute down(silu(gate(x)) * up(x)); autograd keeps gate, silu(gate),
-up and their product for backward. With LoRA on down_proj, :class:`SwiGLULoRAFunction` keeps only
-gate and up and recomputes the rest (elementwise, cheap) in backward: two fewer
-(tokens x intermediate) tensors per layer, the largest activations of the model.
+The MLP. Llama-style models compute down(silu(gate(x)) * up(x)); autograd keeps gate, silu(gate)
+and up for backward, and their product too when down_proj has LoRA. :class:`SwiGLUFunction` keeps
+only gate and up and recomputes the rest (elementwise, cheap) in backward: one or two fewer
+(tokens x intermediate) tensors per layer, the largest activations of the model. It runs whether
+down_proj carries LoRA or is a frozen (full-precision or 4-bit) layer.
 
 The norms. Llama-style RMSNorm (y = w ⊙ x / rms(x)) is five elementwise steps that autograd
 replays one by one in backward; :class:`RMSNormFunction` writes the gradient in two passes and
@@ -301,7 +302,7 @@ class DoRAFunction(torch.autograd.Function):
         if not ctx.has_drop:
             if need_x:
                 dx = _add_lora_input_grad(dense_linear(g, weight.T), gB, lora_A, s).view(ctx.x_shape)
-        else:
+        elif need_w:  # (the first layer's input may need no gradient at all)
             dy_w = dense_linear(dy2, weight.T)  # through the base path x W^T
             if need_xd:  # (f-1) ⊙ W x_d  and  f ⊙ s B A x_d
                 dxd = dense_linear(g, weight.T).sub_(dy_w)
@@ -351,24 +352,27 @@ class FusedAdaptedLayer(AdaptedLayer):
 
 
 # --------------------------------------------------------------------------------------------
-# The SwiGLU MLP of Llama-style models: down(silu(gate(x)) * up(x)) with LoRA on down
+# The SwiGLU MLP of Llama-style models: down(silu(gate(x)) * up(x)), LoRA on down or not
 # --------------------------------------------------------------------------------------------
-class SwiGLULoRAFunction(torch.autograd.Function):
-    """y = a Wᵀ + b + s (a Aᵀ) Bᵀ with a = silu(g) ⊙ u, saving g and u but never a.
+class SwiGLUFunction(torch.autograd.Function):
+    """y = a Wᵀ + b [+ s (a Aᵀ) Bᵀ] with a = silu(g) ⊙ u, saving g and u but never a.
 
-    Autograd would keep g (for silu), silu(g) and u (for the product) and a (for dA): four
-    (tokens x intermediate) tensors per layer. a and silu(g) are cheap to recompute from g and u,
-    so backward does that (Unsloth's fused SwiGLU does the same).
+    Autograd would keep g (for silu), silu(g) and u (for the product), and a as well when
+    down_proj carries LoRA (for dA): three or four (tokens x intermediate) tensors per layer, the
+    largest activations of the model. a and silu(g) are cheap to recompute from g and u, so
+    backward does that (Unsloth's fused SwiGLU does the same). ``lora_A`` and ``lora_B`` are None
+    for a frozen down_proj without an adapter (LoRA on attention only, peftlab's default).
     """
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor, weight_fn: Callable[[], Tensor],
-                bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+                bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
+                scaling: float) -> Tensor:
         shape = gate.shape
         g, u = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])  # (N, I)
         a = F.silu(g).mul_(u)  # (N, I), dropped after forward
         out = dense_linear(a, weight_fn(), bias)  # (N, d_out)
-        xa = _add_lora(out, a, lora_A, lora_B, scaling)  # (N, r), as in LoRAFunction
+        xa = None if lora_A is None else _add_lora(out, a, lora_A, lora_B, scaling)  # (N, r)
         ctx.weight_fn, ctx.scaling, ctx.shape = weight_fn, scaling, shape
         ctx.save_for_backward(g, u, xa, lora_A, lora_B)
         return out.view(*shape[:-1], out.shape[-1])
@@ -380,11 +384,15 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
         silu = F.silu(g)  # recomputed: one elementwise pass instead of a saved tensor
-        a = silu * u if need_A else None  # recomputed likewise, for dA only
-        gB, dA, dB = _lora_grads(dy2, a, xa, lora_A, lora_B, s, need_A, need_B)
+        gB = dA = dB = None
+        if lora_A is not None:
+            a = silu * u if need_A else None  # recomputed likewise, for dA only
+            gB, dA, dB = _lora_grads(dy2, a, xa, lora_A, lora_B, s, need_A, need_B)
         dg = du = None
         if need_g or need_u:
-            da = _add_lora_input_grad(dense_linear(dy2, ctx.weight_fn().T), gB, lora_A, s)  # (N, I)
+            da = dense_linear(dy2, ctx.weight_fn().T)  # (N, I)
+            if gB is not None:
+                _add_lora_input_grad(da, gB, lora_A, s)
             if need_u:
                 du = (da * silu).view(ctx.shape)
             if need_g:  # silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))), in PyTorch's own kernel
@@ -421,18 +429,26 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def _fused_swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """The wrapped MLP forward (bound to the MLP): same result, a and silu(g) never kept."""
+    """The wrapped MLP forward (bound to the MLP): same result, a and silu(g) never kept.
+
+    down_proj may carry one fusable LoRA adapter (without active dropout: dropout(a) would need
+    a itself) or be a frozen base layer; anything else runs the MLP's own forward."""
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
-    adapter = down._fusable_adapter(gate, (), {}) if isinstance(down, FusedAdaptedLayer) else None
-    plan = None
-    if isinstance(adapter, LoRA) and not (isinstance(adapter.dropout, nn.Dropout)
-                                          and adapter.dropout.training):
-        plan = base_plan(down.base_layer, gate)  # (with dropout, a itself is needed: no gain)
+    lora = plan = None
+    if isinstance(down, FusedAdaptedLayer):
+        adapter = down._fusable_adapter(gate, (), {})
+        if isinstance(adapter, LoRA) and not (isinstance(adapter.dropout, nn.Dropout)
+                                              and adapter.dropout.training):
+            lora, plan = adapter, base_plan(down.base_layer, gate)
+    elif not isinstance(down, AdaptedLayer) and not torch.is_autocast_enabled(gate.device.type):
+        plan = base_plan(down, gate)  # a frozen down_proj (nn.Linear, 4-bit): no adapter
     if plan is None or up.dtype != gate.dtype:
         return down(self.act_fn(gate) * up)
     dtype = plan.dtype
-    out = SwiGLULoRAFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias,
-                                   adapter.lora_A, adapter.lora_B, adapter.scaling)
+    out = SwiGLUFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias,
+                               None if lora is None else lora.lora_A,
+                               None if lora is None else lora.lora_B,
+                               1.0 if lora is None else lora.scaling)
     return out.to(plan.out_dtype)
 
 
