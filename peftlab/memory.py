@@ -1,7 +1,7 @@
 """The memory ledger: where the bytes of a training step go, predicted and measured.
 
     est = peftlab.estimate_memory("smollm2-135m", "lora", r=16, batch=2, seq_len=64, targets="all-linear")
-    model = peftlab.adapt(peftlab.load_model("smollm2-135m")[0], "lora", r=16)
+    model = peftlab.adapt(peftlab.load_model("smollm2-135m")[0], "lora", r=16, targets="all-linear")
     got = peftlab.measure_memory(model, batch=2, seq_len=64)
     print(est.table(got))
 
@@ -23,27 +23,55 @@ quantization uint8 plus one fp32 per 256 blocks and a 256-entry fp32 code book),
 
 **Activations of a Llama decoder block**, N = batch · seq_len tokens, h hidden size, k the key /
 value width (n_kv_heads · head_dim), i the MLP width, r the rank, e bytes per activation value
-(4 fp32, 2 bf16), a bytes per adapter value (peftlab's adapters are fp32), n_h heads:
+(4 fp32, 2 bf16), a bytes per adapter value (peftlab's adapters are fp32), n_h heads, T tokens
+per sequence, S = B·n_h·T² attention scores:
 
-    RMSNorm (x2)            N·h·4 + N·4         (it up-casts to fp32 and keeps x and 1/rms)
+    RMSNorm (x2)            N·h·4 + N·4         (it up-casts to fp32 and keeps x and 1/rms;
+                            a trained norm weight also x/rms, N·h·e)
     attention, SDPA         2·N·h·e + 2·N·k·e + N·n_h·4    (q, out, k, v, logsumexp)
-    attention, eager        + B·n_h·T²·4 (the probabilities) [+ B·n_h·T²·e if e ≠ 4], and k, v
-                            are kept repeated to h wide; out is copied (+N·h·e)
+    attention, eager        3·N·h·e + S·4 [+ S·e if e ≠ 4]  (q, k and v repeated to h wide, the
+                            fp32 softmax output and its down-cast); "math" SDPA is the same
     MLP (SwiGLU)            3·N·i·e              (gate, up, silu(gate))
     each LoRA layer         N·r·a (x Aᵀ) + its input x: when a = e the input is a tensor the
                             model keeps anyway, shared by q/k/v and by gate/up (norm outputs
-                            N·h·e each, silu(gate)·up N·i·e); when a ≠ e each layer keeps its
-                            own up-cast copy, N·d_in·a
-    the first block's input norm saves nothing when the embeddings are frozen.
+                            N·h·e each, silu(gate)·up N·i·e; o_proj's is SDPA's output, kept
+                            already, but a fresh N·h·e after eager attention); when a ≠ e each
+                            layer keeps its own up-cast copy, N·d_in·a
+    LoRA with dropout       its own dropout(x), N·d_in·a, and the mask: on the CPU a noise
+                            tensor as wide (N·d_in·a), on CUDA one byte per value; x itself is no
+                            longer kept for it
+    DoRA, each layer        + 2·N·d_out·a: W0 x and B A x, kept for the magnitude's gradient
+
+The first block is cheaper when the embeddings are frozen: its input needs no gradient, so its
+input norm keeps nothing, dropout there keeps no mask, and eager attention keeps q only if k
+needs a gradient (q·kᵀ), k only if q does, and so on: each matmul keeps an operand only for the
+other operand's gradient. The same rule drops terms in any block when nothing upstream trains.
+
+**The fused backend** (``backend="fused"``, peftlab/production/fused.py) keeps less: each RMSNorm
+N·h·e + N·4 (x as it came, not up-cast); the SwiGLU MLP 2·N·i·e (gate and up; silu(gate) and the
+product, the down_proj LoRA's input, are recomputed), unless down_proj has DoRA or dropout; every
+LoRA layer's input in the compute dtype, so shared as above even when a ≠ e (with dropout: its
+dropout(x) in the compute dtype, N·d_in·e, and mask); DoRA + N·d_out·e (z = W0 x + s B A x); and
+the loss keeps d(hidden), N·h·e, instead of the N·V·4 log-probabilities, with one chunk of logits
+(~8M values) as its temporaries.
 
 Outside the blocks: the final norm (as above), RoPE's cos and sin (2·T·head_dim·e), and the loss:
 ``log_softmax`` keeps its fp32 output, N·V·4 bytes, and the targets N·8; the logits' gradient
-(two fp32 N·V buffers at the head of backward) is the ``temporaries`` line. With gradient
-checkpointing, a block keeps only its input (N·h·e) and one block at a time is recomputed during
-backward, so activations = L·N·h·e + one block + the rest. **BERT** blocks (post-LayerNorm, GELU)
-use: LayerNorm (x2) N·h·e + 2·N·4, attention as above with k = h, MLP 2·N·i·e, LoRA as above, plus
-dropout masks (N·h bytes, three per block) when hidden dropout is on. Other methods than LoRA
-are counted as LoRA of the same rank on the same layers (their own tensors are the same order).
+(two fp32 N·V buffers at the head of backward) is the ``temporaries`` line. Full fine-tuning adds
+the head's input (N·h·e) and the embedding's token ids (N·8). With gradient checkpointing, a block
+keeps only its input (N·h·e) and one block at a time is recomputed during backward, so
+activations = L·N·h·e + one block + the rest (the measurement sees only the inputs, so the
+estimate is above it by about one block).
+
+**BERT** blocks (post-LayerNorm, GELU): LayerNorm (x2) N·h·e + 2·N·4 (input, mean, 1/std);
+attention as above with k = h (CPU SDPA has no kernel for attention dropout in training, so with
+``attention_probs_dropout_prob`` > 0 it runs the eager way, plus the dropout mask and the dropped
+probabilities, S·e each); MLP N·i·e (GELU's input); LoRA as above (intermediate.dense reads the
+first LayerNorm's output, output.dense the GELU output: N·h·e and N·i·e of their own); two
+hidden-dropout masks per block (N·h·e each on the CPU, N·h bytes on CUDA); after the blocks the
+pooler's tanh output and the classifier's input (B·h·e each, and a dropout mask between them).
+Other methods than LoRA and DoRA are counted as LoRA of the same rank on the same layers (their
+own tensors are the same order).
 
 Measurement (:func:`measure_memory`) runs one real step: activations are the distinct storages
 that ``torch.autograd.graph.saved_tensors_hooks`` sees (parameters excluded); weights, gradients
@@ -142,6 +170,8 @@ def estimate_memory(
     *,
     targets: str | tuple[str, ...] | None = None,
     attn_implementation: str = "sdpa",
+    backend: str = "reference",
+    device: str | torch.device | None = None,
     **hyperparameters: Any,
 ) -> MemoryLedger:
     """Predict the memory of one training step before loading anything.
@@ -159,6 +189,11 @@ def estimate_memory(
         targets: the adapter's target layers, e.g. "all-linear"; default: the method's own
             defaults, exactly what ``peftlab.adapt(model, method)`` would adapt.
         attn_implementation: "sdpa" (transformers' default) or "eager".
+        backend: the path that will train, as in ``peftlab.adapt``: "reference" and "peft" keep
+            the same tensors; "fused" (LoRA and DoRA) keeps fewer (see the module docstring).
+        device: where the step will run, "cpu" or "cuda"; only dropout masks differ (CPU keeps
+            a scaled noise tensor of the input's dtype, CUDA one byte per value). Default: where
+            ``peftlab.load_model`` puts such a model (CUDA for "nf4" when a GPU is present).
         **hyperparameters: other fields of the method's config (alpha, dropout, ...).
 
     Returns:
@@ -169,9 +204,11 @@ def estimate_memory(
         raise ConfigError(f"quantization={quantization!r} is not supported. Expected None or 'nf4'.")
     if batch < 1 or seq_len < 1:
         raise ConfigError(f"batch and seq_len must be positive (got {batch}, {seq_len}).")
+    full = method in (None, "full")
+    _check_backend(backend, method, full)
     config = resolve_config(model_name_or_config)
     model = meta_model(config, torch_dtype, method, r, targets, **hyperparameters)
-    full = method in (None, "full")
+    fusion = _fusion(model) if backend == "fused" else None
 
     quantized = _quantizable_linears(model) if quantization == "nf4" else set()
     weights = adapter = grads = optim = 0
@@ -188,11 +225,20 @@ def estimate_memory(
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
 
     adapter_dtype = _adapter_dtype(model, torch_dtype)
+    if device is None:
+        from peftlab.models import _default_device
+
+        device = _default_device(quantization)
     acts, terms = activation_bytes(config, model, batch, seq_len, torch_dtype, adapter_dtype,
-                                   gradient_checkpointing, attn_implementation, full)
+                                   gradient_checkpointing, attn_implementation, full, fusion,
+                                   cuda=torch.device(device).type == "cuda")
     vocab = int(getattr(config, "vocab_size", 0)) if _is_causal(config) else 0
-    temporaries = 2 * batch * seq_len * vocab * 4  # d(log-probs) and d(logits), fp32
+    rows = batch * seq_len
+    if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
+        rows = min(rows, fusion.loss_chunk_rows(vocab))
+    temporaries = 2 * rows * vocab * 4  # d(log-probs) and d(logits), fp32
     details = {"activation_terms": terms, "config": type(config).__name__, "method": method or "full",
+               "backend": backend,
                "r": r, "batch": batch, "seq_len": seq_len, "dtype": str(torch_dtype),
                "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
                "trainable_params": sum(p.numel() for _, p in _unique_parameters(model) if p.requires_grad)}
@@ -211,10 +257,57 @@ def nf4_bytes(n: int, double_quant: bool = True, block: int = NF4_BLOCK) -> int:
     return codes + blocks + 4 * nested + 256 * 4 + 16 * 4 + 4
 
 
+@dataclass
+class Fusion:
+    """What ``backend="fused"`` replaces in a model (peftlab.production.fused decides the same
+    way): the SwiGLU MLPs, the RMSNorms, the loss."""
+
+    swiglu: bool  # Llama-style MLPs: silu(gate) and the product recomputed in backward
+    rms_norm: bool  # Llama-style RMSNorms: x and one float per row kept
+    loss: bool  # the chunked cross-entropy: no logits kept
+
+    @staticmethod
+    def loss_chunk_rows(vocab: int) -> int:
+        from peftlab.production.fused import DEFAULT_CHUNK_ELEMENTS
+
+        return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _fusion(model: nn.Module) -> Fusion:
+    from peftlab.production.fused import _loss_can_fuse, is_rms_norm, is_swiglu_mlp
+
+    modules = list(model.modules())
+    return Fusion(swiglu=any(is_swiglu_mlp(m) for m in modules),
+                  rms_norm=any(is_rms_norm(m) for m in modules), loss=_loss_can_fuse(model))
+
+
+def _check_backend(backend: str, method: str | None, full: bool) -> None:
+    if backend not in ("reference", "peft", "fused"):
+        raise ConfigError(f"backend={backend!r} is not known. Expected 'reference', 'peft' or "
+                          "'fused', as in peftlab.adapt.")
+    if backend == "fused":
+        from peftlab.production.fused import FUSED_METHODS
+
+        if full or method not in FUSED_METHODS:
+            raise ConfigError(f"backend='fused' trains {', '.join(FUSED_METHODS)} adapters, not "
+                              f"{method or 'full fine-tuning'!r}. Try backend='reference'.")
+
+
+# widths of a block's linear layers, by short name: (input, output)
+def _linear_widths(h: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+            "query": (h, h), "key": (h, h), "value": (h, h), "dense": (h, h),
+            "intermediate.dense": (h, inter), "output.dense": (inter, h)}
+
+
 def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: torch.dtype,
                      adapter_dtype: torch.dtype, checkpointing: bool, attn: str,
-                     full: bool) -> tuple[int, dict[str, int]]:
-    """The per-block formula of the module docstring; returns (total, {term: bytes})."""
+                     full: bool, fusion: Fusion | None = None,
+                     cuda: bool = False) -> tuple[int, dict[str, int]]:
+    """The per-block formula of the module docstring; returns (total, {term: bytes}).
+    ``fusion``: what the fused backend replaces (None: the reference path); ``cuda``: dropout
+    keeps a one-byte mask there, a noise tensor of the input's dtype on the CPU."""
     n, t, b = batch * seq_len, seq_len, batch
     e = torch.empty((), dtype=dtype).element_size()
     a = torch.empty((), dtype=adapter_dtype).element_size() if not full else e
@@ -227,77 +320,133 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
     llama = not _is_bert(config)
     if not llama:
         kv = h
+    fused = fusion is not None
+    widths = _linear_widths(h, kv, inter)
+    if llama:
+        qkv, out, ups, down = ("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj"
+    else:
+        qkv, out, ups, down = ("query", "key", "value"), "dense", ("intermediate.dense",), "output.dense"
+    hidden_p = 0.0 if llama else float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0)
+    attn_p = float(getattr(config, "attention_dropout" if llama else "attention_probs_dropout_prob",
+                           0.0) or 0.0)
+    # eager attention, or SDPA with dropout on the CPU (it has no fused kernel for that), runs
+    # matmul-softmax-(dropout)-matmul through autograd; otherwise one fused SDPA kernel
+    math_attention = attn == "eager" or (attn_p > 0 and not cuda)
 
-    adapted = _adapted_by_block(model)  # {short name: rank} of layer 0's adapted linears
+    adapters = _adapters_by_block(model)  # {short name: adapter} of layer 0's adapted linears
+    adapted = {k: int(getattr(ad, "r", 0) or 0) for k, ad in adapters.items()}
     if full:  # every linear "adapted", with no r-wide intermediate
-        adapted = {k: 0 for k in _block_linears(model)}
+        adapted, adapters = {k: 0 for k in _block_linears(model)}, {}
+    dropped = {k for k, ad in adapters.items()
+               if isinstance(getattr(ad, "dropout", None), nn.Dropout) and ad.dropout.p > 0}
+    dora = {k for k, ad in adapters.items() if type(ad).__name__ == "DoRA"}
+    plain = adapted.keys() - dropped
+    # the fused MLP runs when down_proj is frozen or carries LoRA without dropout
+    swiglu = fused and fusion.swiglu and not ({"down_proj"} & (dropped | dora))
 
-    def lora_inputs(shared_ok: bool) -> int:
-        """Bytes the adapted layers add by keeping their inputs."""
-        if not adapted:
+    def mask(value_bytes: int) -> int:  # bytes per value of a dropout mask
+        return 1 if cuda else value_bytes
+
+    def attention(qg: bool, kg: bool, vg: bool) -> int:
+        """What attention keeps when q, k, v need gradients as flagged."""
+        if not (qg or kg or vg):
             return 0
-        width = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h,
-                 "down_proj": inter, "query": h, "key": h, "value": h, "dense": h,
-                 "intermediate.dense": h, "output.dense": inter}
-        if not shared_ok:  # a != e: each adapted layer keeps its own up-cast copy
-            return sum(n * width.get(k, h) * a for k in adapted)
-        total = 0
-        if llama:
-            if adapted.keys() & {"q_proj", "k_proj", "v_proj"}:
-                total += n * h * e  # input_layernorm's output
-            if adapted.keys() & {"gate_proj", "up_proj"}:
-                total += n * h * e  # post_attention_layernorm's output
-            if "down_proj" in adapted:
-                total += n * inter * e  # silu(gate) * up
-        else:
-            if adapted.keys() & {"query", "key", "value"}:
-                total += n * h * e  # the block input (previous LayerNorm output)
-            # attention.output.dense reads the attention output (kept by SDPA), intermediate.dense
-            # the first LayerNorm's output (kept by that norm), output.dense the GELU output
-            if "output.dense" in adapted:
-                total += n * inter * e
+        if not math_attention:  # q, out, k, v and the logsumexp
+            return 2 * n * h * e + 2 * n * kv * e + n * heads * 4
+        scores, probs_grad = b * heads * t * t, qg or kg
+        # q·kᵀ keeps q for dk and k for dq; probs·v keeps v for d(probs), probs for dv (k and v
+        # repeated to h wide in Llama)
+        total = n * h * e * (int(kg) + int(qg) + int(probs_grad))
+        soft = 4 if llama else e  # Llama's eager softmax runs in fp32
+        if probs_grad:
+            total += scores * soft  # softmax keeps its output
+        if attn_p > 0:
+            total += (scores * mask(e) if probs_grad else 0) + (scores * e if vg else 0)
+        elif vg and (soft != e or not probs_grad):
+            total += scores * e  # the probabilities as probs·v reads them
         return total
 
-    shared_ok = a == e
-    terms: dict[str, int] = {}
-    if llama:
-        norm = n * h * 4 + n * 4
-        terms["norms"] = 2 * norm
-        if attn == "eager":
-            att = 3 * n * h * e + b * heads * t * t * 4 + (b * heads * t * t * e if e != 4 else 0)
-            att += n * h * e  # the transposed output copied for o_proj
+    def adapter_inputs(qkv_grad: bool, att_kept: bool) -> int:
+        """Bytes the adapted layers add by keeping their inputs."""
+        # a layer with dropout keeps its own dropout(x) (the fused path in the compute dtype)
+        # and the dropout mask (none where x needs no gradient); x itself is no longer needed
+        kept = e if fused else a
+        total = sum(n * widths.get(k, (h, h))[0] * (kept + (mask(kept) if k not in qkv or qkv_grad
+                                                             else 0)) for k in dropped)
+        if a != e and not fused:  # the reference up-casts x: each layer keeps its own copy
+            return total + sum(n * widths.get(k, (h, h))[0] * a for k in plain)
+        # otherwise a layer's input is a tensor shared by the layers reading it
+        if plain & set(qkv):
+            total += n * h * e  # the block's (normed) input
+        if out in plain and not att_kept:
+            total += n * h * e  # the attention output (a fused SDPA kernel keeps it anyway)
+        if plain & set(ups):
+            total += n * h * e  # the second norm's output
+        if down in plain and not swiglu:
+            total += n * inter * e  # silu(gate) * up, or GELU's output (the fused MLP recomputes it)
+        return total
+
+    # RMSNorm keeps x (fp32 unless fused) and 1/rms; a trained weight also x/rms (in e)
+    llama_norm = n * h * (e if fused and fusion.rms_norm else 4) + n * 4 + (n * h * e if full else 0)
+
+    def block(first: bool) -> dict[str, int]:
+        # frozen embeddings: block 0's input needs no gradient; only what the adapted layers
+        # make trainable does
+        grad_in = full or not first
+        qg, kg, vg = (grad_in or k in adapted for k in qkv)
+        mid_grad = qg or kg or vg or out in adapted  # the residual after attention
+        mlp_grad = mid_grad or bool(adapted.keys() & {*ups, down})
+        terms: dict[str, int] = {}
+        if llama:
+            terms["norms"] = llama_norm * (int(grad_in) + int(mid_grad))
+        else:  # post-LayerNorm: input, mean and 1/std
+            norm = n * h * e + 2 * n * 4
+            terms["norms"] = norm * (int(mid_grad) + int(mlp_grad))
+        terms["attention"] = attention(qg, kg, vg)
+        if llama:
+            g_grad, u_grad = mid_grad or ups[0] in adapted, mid_grad or ups[1] in adapted
+            if swiglu:
+                terms["mlp"] = 2 * n * inter * e if (g_grad or u_grad or down in adapted) else 0
+            else:  # silu keeps gate; the product keeps silu(gate) and up
+                terms["mlp"] = n * inter * e * (2 * int(g_grad) + int(u_grad))
         else:
-            att = 2 * n * h * e + 2 * n * kv * e + n * heads * 4
-        terms["attention"] = att
-        terms["mlp"] = 3 * n * inter * e
-    else:
-        terms["norms"] = 2 * (n * h * e + 2 * n * 4)
-        att = 4 * n * h * e + n * heads * 4
-        if attn == "eager":
-            att = 3 * n * h * e + b * heads * t * t * (4 + (e if e != 4 else 0)) + n * h * e
-        terms["attention"] = att
-        terms["mlp"] = 2 * n * inter * e
-        if float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0) > 0:
-            terms["dropout_masks"] = 3 * n * h
-    terms["adapter_inputs"] = lora_inputs(shared_ok)
-    terms["adapter_rank"] = sum(n * rank * a for rank in adapted.values())
-    block = sum(terms.values())
-    first_norm_saved = full  # frozen embeddings: nothing upstream of block 0 needs a gradient
-    per_block = {"block": block}
-    if checkpointing:
-        total = layers * n * h * e + block
+            terms["mlp"] = n * inter * e if mid_grad or ups[0] in adapted else 0  # GELU's input
+            if hidden_p > 0:  # after attention.output.dense and output.dense
+                terms["dropout_masks"] = n * h * mask(e) * (int(mid_grad) + int(mlp_grad))
+        att_kept = terms["attention"] > 0 and not math_attention
+        terms["adapter_inputs"] = adapter_inputs(grad_in, att_kept)
+        terms["adapter_rank"] = sum(n * rank * a for rank in adapted.values())
+        if dora:  # the reference keeps W0 x and B A x for the magnitude's gradient, fused z
+            terms["dora_outputs"] = sum(n * widths.get(k, (h, h))[1] * (e if fused else 2 * a)
+                                        for k in dora)
+        return terms
+
+    terms = block(first=False)
+    per_block = {"block": sum(terms.values())}
+    if checkpointing:  # each block keeps its input; one block is recomputed at a time
         per_block["checkpoint_inputs"] = layers * n * h * e
+        total = per_block["checkpoint_inputs"] + per_block["block"]
     else:
-        total = layers * block - (0 if first_norm_saved or not llama else n * h * 4 + n * 4)
+        per_block["first_block"] = sum(block(first=True).values())
+        total = per_block["first_block"] + (layers - 1) * per_block["block"]
     rest: dict[str, int] = {}
     if llama:
-        rest["final_norm"] = n * h * 4 + n * 4
+        rest["final_norm"] = llama_norm
         rest["rope"] = 2 * t * head_dim * e
+        if full:  # the trained head keeps its input, the trained embeddings their token ids
+            rest["head_and_embedding_inputs"] = n * h * e + n * 8
+    elif full:  # trained embeddings: their LayerNorm and dropout
+        rest["embeddings"] = n * h * e + 2 * n * 4 + (n * h * mask(e) if hidden_p > 0 else 0)
     if _is_causal(config):
-        rest["log_softmax"] = n * int(config.vocab_size) * 4
+        if fused and fusion.loss:  # the chunked loss keeps d(hidden) only
+            rest["loss_hidden_grad"] = n * h * e
+        else:
+            rest["log_softmax"] = n * int(config.vocab_size) * 4
         rest["targets"] = n * 8
-    else:
-        rest["pooler_and_head"] = 2 * b * h * e
+    else:  # tanh's output, the trained classifier's input, and dropout between them
+        rest["pooler_and_head"] = 2 * b * h * e + (b * h * mask(e) if hidden_p > 0 else 0)
+        if full or _pooler_adapted(model):  # a trained pooler keeps the last hidden states
+            rest["pooler_input"] = n * h * e  # (its input, the first token's, is a view of them)
     total += sum(rest.values())
     return total, {**{f"per_block.{k}": v for k, v in terms.items()}, **per_block, **rest,
                    "blocks": layers}
@@ -319,7 +468,8 @@ def measure_memory(
 
     ``model`` is ready to train (adapted, or all weights trainable for full fine-tuning; any
     backend, 4-bit bases included). One step runs on random tokens (or ``input_ids``): forward
-    with ``labels``, backward, ``torch.optim.AdamW`` step. The model's trainable weights change
+    with ``labels`` (the tokens themselves for a causal LM, one random class per sequence for a
+    classifier), backward, ``torch.optim.AdamW`` step. The model's trainable weights change
     (by one small step): measure a copy if that matters.
 
     Returns:
@@ -335,6 +485,11 @@ def measure_memory(
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
     input_ids = input_ids.to(device)
+    labels = input_ids  # a causal LM predicts its own next tokens
+    if _is_classifier(model):  # one class per sequence
+        generator = torch.Generator().manual_seed(seed)
+        num_labels = int(getattr(model.config, "num_labels", 2))
+        labels = torch.randint(0, num_labels, input_ids.shape[:1], generator=generator).to(device)
     trainable = [p for p in param_list if p.requires_grad]
     if not trainable:
         raise ConfigError("measure_memory: the model has no trainable parameters. Expected an "
@@ -360,7 +515,7 @@ def measure_memory(
     resident = _resident_bytes(device)
     reset_peak_memory(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss = model(input_ids=input_ids, labels=labels).loss
     activations = sum(saved.values())
     loss.backward()
     grads = tensor_bytes(p.grad for p in trainable if p.grad is not None)
@@ -497,6 +652,11 @@ def _is_causal(config) -> bool:
     return not _is_bert(config)
 
 
+def _is_classifier(model: nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
 def _quantizable_linears(model: nn.Module) -> set[str]:
     """Names of the linear layers bitsandbytes would store in 4 bits: all but the head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -543,19 +703,25 @@ def _block_linears(model: nn.Module) -> list[str]:
     return names
 
 
-def _adapted_by_block(model: nn.Module) -> dict[str, int]:
-    """{short layer name: rank} for the adapted linears of the first block."""
+def _adapters_by_block(model: nn.Module) -> dict[str, nn.Module]:
+    """{short layer name: its (first) adapter} for the adapted linears of the first block."""
     from peftlab.inject import AdaptedLayer
 
     prefix = _block_prefix(model)
-    out: dict[str, int] = {}
+    out: dict[str, nn.Module] = {}
     if prefix is None:
         return out
     for name, module in model.named_modules():
-        if name.startswith(prefix) and isinstance(module, AdaptedLayer):
-            ranks = [int(getattr(ad, "r", 0) or 0) for ad in module.adapters.values()]
-            out[_short(name[len(prefix):])] = max(ranks, default=0)
+        if name.startswith(prefix) and isinstance(module, AdaptedLayer) and module.adapters:
+            out[_short(name[len(prefix):])] = next(iter(module.adapters.values()))
     return out
+
+
+def _pooler_adapted(model: nn.Module) -> bool:
+    from peftlab.inject import AdaptedLayer
+
+    return any(name.endswith("pooler.dense") and isinstance(module, AdaptedLayer)
+               for name, module in model.named_modules())
 
 
 def _short(relative: str) -> str:

@@ -47,6 +47,22 @@ def test_preview_counts_follow_the_rank_and_targets(lab):
     assert "Estimated memory" in lab.preview.value
 
 
+def test_backend_and_dropout_change_the_memory_preview(lab):
+    """The preview's activations follow the backend (the fused path keeps no logits) and the
+    adapter dropout (each layer then keeps its own dropout(x))."""
+    reference = lab.estimate.memory["activations"]
+    lab.dropout_w.value = 0.0
+    assert lab.estimate.memory["activations"] < reference
+    lab.dropout_w.value = 0.05
+    lab.backend_w.value = "fused"
+    assert lab.estimate.memory["activations"] < reference / 4  # tiny-llama: logits dominate
+    lab.method_w.value = "ia3"  # no fused kernel: estimated for the reference path, and said so
+    assert any("no kernels for ia3" in note for note in lab.estimate.notes)
+    lab.method_w.value = "lora"
+    lab.backend_w.value = "reference"
+    assert lab.estimate.memory["activations"] == reference
+
+
 def test_module_picker_lists_shapes_and_switches_to_custom(lab):
     labels = dict((value, label) for label, value in lab.modules_w.options)
     assert "64→32" in labels["k_proj"] and "+768 each" in labels["k_proj"]  # 8 * (64 + 32)

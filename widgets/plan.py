@@ -11,17 +11,17 @@ norms, LoftQ's quantisation): on a meta model those fail, and the preview falls 
 method's closed-form per-layer count (``Method.params_per_layer``), which the contract tests
 prove equal to the built count.
 
-The memory estimate uses ``peftlab.memory.estimate_memory`` when that module provides it, and
-otherwise the arithmetic one can do from the counts: weights (fp32 4 B, NF4 ~0.52 B per value:
-4 bits plus one fp32 absmax per 64 values, itself double-quantised), plus per trainable value
-4 B of weights, 4 B of gradient and 8 B of AdamW moments. Activations depend on batch and
-sequence length and are only in ``estimate_memory``'s figure.
+The memory estimate is ``peftlab.memory.estimate_memory`` for the choice's method, backend,
+rank, targets, dropout and batch shape. For a model it cannot read, the preview falls back to the
+arithmetic one can do from the counts: weights (fp32 4 B, NF4 ~0.52 B per value: 4 bits plus one
+fp32 absmax per 64 values, itself double-quantised), plus per trainable value 4 B of weights, 4 B
+of gradient and 8 B of AdamW moments. Activations depend on batch and sequence length and are
+only in ``estimate_memory``'s figure.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,30 +207,28 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
 
 def memory_estimate(model: nn.Module, count: ParameterCount, choice: Choice,
                     notes: list[str]) -> dict[str, float]:
-    """{category: bytes}: peftlab.memory.estimate_memory if available, else the count arithmetic."""
+    """{category: bytes}: peftlab.memory.estimate_memory, else (a model it cannot read) the
+    count arithmetic."""
+    from peftlab.memory import estimate_memory
+    from peftlab.production.fused import FUSED_METHODS
+
+    backend = choice.backend
+    if backend == "fused" and choice.method not in FUSED_METHODS:
+        notes.append(f"backend='fused' has no kernels for {choice.method}: memory estimated for "
+                     "the reference path.")
+        backend = "reference"
     try:
-        from peftlab.memory import estimate_memory  # written by another issue; optional here
-    except ImportError:
-        estimate_memory = None
-    if estimate_memory is not None:
-        try:
-            # the choice's own method, rank, targets (None: the method's default) and batch shape
-            hp = choice.hyperparameters()
-            result = estimate_memory(model, choice.method, r=hp.pop("r", choice.r),
-                                     batch=choice.batch_size, seq_len=choice.max_length,
-                                     quantization=choice.quantization,
-                                     targets=hp.pop("targets", None), **hp)
-            as_dict = result.as_dict() if hasattr(result, "as_dict") else result
-            if dataclasses.is_dataclass(as_dict):
-                as_dict = dataclasses.asdict(as_dict)
-            numeric = {k: float(v) for k, v in dict(as_dict).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and not k.startswith("total")}
-            if numeric:
-                return numeric
-        except Exception as exc:  # noqa: BLE001 (the arithmetic below still gives a figure)
-            notes.append(f"peftlab.memory.estimate_memory failed ({type(exc).__name__}); "
-                         "showing the weights + optimizer arithmetic instead.")
+        # the choice's own method, backend, rank, targets (None: the method's default), dropout
+        # and batch shape
+        hp = choice.hyperparameters()
+        result = estimate_memory(model, choice.method, r=hp.pop("r", choice.r),
+                                 batch=choice.batch_size, seq_len=choice.max_length,
+                                 quantization=choice.quantization, backend=backend,
+                                 targets=hp.pop("targets", None), **hp)
+        return {k: float(v) for k, v in result.as_dict().items() if k != "total"}
+    except Exception as exc:  # noqa: BLE001 (the arithmetic below still gives a figure)
+        notes.append(f"peftlab.memory.estimate_memory failed ({type(exc).__name__}: {exc}); "
+                     "showing the weights + optimizer arithmetic instead.")
     frozen = count.total - count.trainable
     if choice.quantization == "nf4":
         from peftlab.inject import output_head_names
