@@ -13,7 +13,8 @@ Categories (bytes), the same for both:
     optimizer        AdamW: two moments per trainable parameter, in the parameter's dtype
                      (fp32 for peftlab's adapters), plus a one-element step counter each
     activations      tensors saved by the forward pass for backward (logits included)
-    temporaries      the biggest short-lived buffer of backward: the logits' gradient
+    temporaries      the biggest short-lived buffer of backward: the logits' gradient, or
+                     with gradient checkpointing a recomputed block if that is larger
                      (estimate only: nothing saves it, so the hooks below cannot see it)
 
 **4-bit weights** (bitsandbytes NF4, QLoRA; Dettmers et al. 2023, https://arxiv.org/abs/2305.14314):
@@ -59,9 +60,8 @@ Outside the blocks: the final norm (as above), RoPE's cos and sin (2·T·head_di
 ``log_softmax`` keeps its fp32 output, N·V·4 bytes, and the targets N·8; the logits' gradient
 (two fp32 N·V buffers at the head of backward) is the ``temporaries`` line. Full fine-tuning adds
 the head's input (N·h·e) and the embedding's token ids (N·8). With gradient checkpointing, a block
-keeps only its input (N·h·e) and one block at a time is recomputed during backward, so
-activations = L·N·h·e + one block + the rest (the measurement sees only the inputs, so the
-estimate is above it by about one block).
+keeps only its input (N·h·e), so activations = L·N·h·e + the rest; one block at a time is
+recomputed during backward, after the loss's buffers are freed, and counts as a temporary.
 
 **BERT** blocks (post-LayerNorm, GELU): LayerNorm (x2) N·h·e + 2·N·4 (input, mean, 1/std);
 attention as above with k = h (CPU SDPA has no kernel for attention dropout in training, so with
@@ -237,6 +237,9 @@ def estimate_memory(
     if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
         rows = min(rows, fusion.loss_chunk_rows(vocab))
     temporaries = 2 * rows * vocab * 4  # d(log-probs) and d(logits), fp32
+    # with checkpointing, each block's activations live again during backward, one block at a
+    # time and after the loss's buffers are gone: the larger of the two is the temporary
+    temporaries = max(temporaries, terms.get("recomputed_block", 0))
     details = {"activation_terms": terms, "config": type(config).__name__, "method": method or "full",
                "backend": backend,
                "r": r, "batch": batch, "seq_len": seq_len, "dtype": str(torch_dtype),
@@ -423,9 +426,10 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
 
     terms = block(first=False)
     per_block = {"block": sum(terms.values())}
-    if checkpointing:  # each block keeps its input; one block is recomputed at a time
-        per_block["checkpoint_inputs"] = layers * n * h * e
-        total = per_block["checkpoint_inputs"] + per_block["block"]
+    if checkpointing:  # each block keeps its input; one block is recomputed at a time, in
+        per_block["checkpoint_inputs"] = layers * n * h * e  # backward (a temporary, see above)
+        per_block["recomputed_block"] = per_block["block"]
+        total = per_block["checkpoint_inputs"]
     else:
         per_block["first_block"] = sum(block(first=True).values())
         total = per_block["first_block"] + (layers - 1) * per_block["block"]

@@ -74,6 +74,21 @@ def test_estimate_follows_backend_and_dropout(method, backend, dtype, quantizati
     assert ("log_softmax" in terms) == (backend != "fused")  # the fused loss keeps no logits
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_gradient_checkpointing_estimate(backend):
+    """Checkpointed blocks keep only their inputs; the block recomputed in backward is a
+    temporary (it lives after the loss's buffers are gone), not a saved activation."""
+    kwargs = dict(r=16, targets="all-linear", backend=backend)
+    est = estimate_memory("tiny-llama", "lora", batch=2, seq_len=64, gradient_checkpointing=True, **kwargs)
+    model, _ = load_model("tiny-llama")
+    model = adapt(model, "lora", **kwargs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = measure_memory(model, batch=2, seq_len=64)
+    _check_within(est, got)
+    assert abs(est.relative_error(got)["activations"]) < 0.1, est.table(got)
+    assert est.temporaries >= est.details["activation_terms"]["recomputed_block"]
+
+
 def test_fused_estimate_needs_a_fusable_method_and_known_backend():
     with pytest.raises(ConfigError, match="fused"):
         estimate_memory("tiny-llama", "ia3", backend="fused")
