@@ -277,11 +277,11 @@ class Fusion:
 
 
 def _fusion(model: nn.Module) -> Fusion:
-    from peftlab.production.fused import _loss_can_fuse, is_rms_norm, is_swiglu_mlp
+    from peftlab.production.fused import is_rms_norm, is_swiglu_mlp, loss_can_fuse
 
     modules = list(model.modules())
     return Fusion(swiglu=any(is_swiglu_mlp(m) for m in modules),
-                  rms_norm=any(is_rms_norm(m) for m in modules), loss=_loss_can_fuse(model))
+                  rms_norm=any(is_rms_norm(m) for m in modules), loss=loss_can_fuse(model))
 
 
 def _check_backend(backend: str, method: str | None, full: bool) -> None:
@@ -311,6 +311,8 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
     """The per-block formula of the module docstring; returns (total, {term: bytes}).
     ``fusion``: what the fused backend replaces (None: the reference path); ``cuda``: dropout
     keeps a one-byte mask there, a noise tensor of the input's dtype on the CPU."""
+    from peftlab.methods.dora import DoRA
+
     n, t, b = batch * seq_len, seq_len, batch
     e = torch.empty((), dtype=dtype).element_size()
     a = torch.empty((), dtype=adapter_dtype).element_size() if not full else e
@@ -342,7 +344,7 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
         adapted, adapters = {k: 0 for k in _block_linears(model)}, {}
     dropped = {k for k, ad in adapters.items()
                if isinstance(getattr(ad, "dropout", None), nn.Dropout) and ad.dropout.p > 0}
-    dora = {k for k, ad in adapters.items() if type(ad).__name__ == "DoRA"}
+    dora = {k for k, ad in adapters.items() if isinstance(ad, DoRA)}
     plain = adapted.keys() - dropped
     # the fused MLP runs when down_proj is frozen or carries LoRA without dropout
     swiglu = fused and fusion.swiglu and not ({"down_proj"} & (dropped | dora))

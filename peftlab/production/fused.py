@@ -659,7 +659,7 @@ def install_fused_loss(model: nn.Module, chunk_size: int | None = None) -> nn.Mo
     given. Calls without labels, with ``logits_to_keep``, or with ``return_dict=False`` run the
     original forward unchanged.
     """
-    if not _loss_can_fuse(model):
+    if not loss_can_fuse(model):
         raise ConfigError(
             f"{type(model).__name__} has no plain linear LM head whose output is the logits, so "
             "the fused loss cannot replace its loss. Expected a causal LM (e.g. LlamaForCausalLM) "
@@ -680,7 +680,9 @@ def has_fused_loss(model: nn.Module) -> bool:
     return "_peftlab_unfused_forward" in model.__dict__
 
 
-def _loss_can_fuse(model: nn.Module) -> bool:
+def loss_can_fuse(model: nn.Module) -> bool:
+    """True for a causal LM whose plain linear head's output is the logits (what the fused
+    loss replaces); models with soft-capped or scaled logits keep their own loss."""
     if not type(model).__name__.endswith("ForCausalLM"):
         return False
     get_head = getattr(model, "get_output_embeddings", None)
@@ -698,7 +700,7 @@ def _fused_loss_forward(self: nn.Module, *args, **kwargs):
     original = self._peftlab_unfused_forward
     labels = kwargs.get("labels")
     if (labels is None or kwargs.get("return_dict") is False or kwargs.get("logits_to_keep")
-            or not _loss_can_fuse(self)):
+            or not loss_can_fuse(self)):
         return original(*args, **kwargs)
     ignore_index = kwargs.get("ignore_index", IGNORE_INDEX)
     shift_labels = kwargs.get("shift_labels")
@@ -750,7 +752,7 @@ def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> 
             _wrap_forward(module, _fused_swiglu_forward)
         elif is_rms_norm(module):
             _wrap_forward(module, _fused_rms_norm_forward)
-    if loss and _loss_can_fuse(model):
+    if loss and loss_can_fuse(model):
         install_fused_loss(model, chunk_size)
     model.peftlab_backend = "fused"
     return model
@@ -792,6 +794,7 @@ __all__ = [
     "install_fused_loss",
     "remove_fused_loss",
     "has_fused_loss",
+    "loss_can_fuse",
     "fuse",
     "unfuse",
     "check_fusable_method",
