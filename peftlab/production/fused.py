@@ -445,10 +445,10 @@ def _fused_swiglu_forward(self: nn.Module, x: Tensor) -> Tensor:
     if plan is None or up.dtype != gate.dtype:
         return down(self.act_fn(gate) * up)
     dtype = plan.dtype
-    out = SwiGLUFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias,
-                               None if lora is None else lora.lora_A,
-                               None if lora is None else lora.lora_B,
-                               1.0 if lora is None else lora.scaling)
+    lora_A, lora_B, scaling = (None, None, 1.0) if lora is None else (lora.lora_A, lora.lora_B,
+                                                                      lora.scaling)
+    out = SwiGLUFunction.apply(gate.to(dtype), up.to(dtype), plan.weight, plan.bias, lora_A,
+                               lora_B, scaling)
     return out.to(plan.out_dtype)
 
 
