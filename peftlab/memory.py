@@ -74,7 +74,8 @@ Other methods than LoRA and DoRA are counted as LoRA of the same rank on the sam
 own tensors are the same order).
 
 Measurement (:func:`measure_memory`) runs one real step: activations are the distinct storages
-that ``torch.autograd.graph.saved_tensors_hooks`` sees (parameters excluded); weights, gradients
+that ``torch.autograd.graph.saved_tensors_hooks`` sees and the graph still holds when forward ends
+(parameters excluded); weights, gradients
 and optimiser states are summed from the live tensors; and the process (CPU: RSS; CUDA:
 ``torch.cuda.max_memory_allocated``) peak above what was resident before the step is reported
 next to them.
@@ -88,6 +89,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -506,12 +508,14 @@ def measure_memory(
     adapter = tensor_bytes(trainable)
     param_storages = {_storage_key(p) for p in param_list}
 
-    saved: dict[int, int] = {}
+    # storage address -> [(tensor saved, its storage's bytes)]; an address freed during forward
+    # may come back for another storage, so bytes are kept per tensor
+    saved: dict[int, list[tuple[weakref.ref, int]]] = {}
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
         if key not in param_storages:  # a parameter (or a view of one) costs nothing extra
-            saved[key] = t.untyped_storage().nbytes()
+            saved.setdefault(key, []).append((weakref.ref(t), t.untyped_storage().nbytes()))
         return t
 
     was_training = model.training
@@ -522,7 +526,10 @@ def measure_memory(
     reset_peak_memory(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=input_ids, labels=labels).loss
-    activations = sum(saved.values())
+    # what the graph still holds when forward ends: a branch whose result was dropped (a weight
+    # norm computed and then detached, say) has freed what it saved
+    activations = sum(max((nbytes for ref, nbytes in refs if ref() is not None), default=0)
+                      for refs in saved.values())
     loss.backward()
     grads = tensor_bytes(p.grad for p in trainable if p.grad is not None)
     optimizer.step()

@@ -53,10 +53,13 @@ def test_estimate_within_15_percent_of_measurement_tiny_llama(dtype, quantizatio
      ("dora", "fused", "float32", None, "all-linear", 0.1),
      ("lora", "reference", "float32", None, "all-linear", 0.1),
      ("lora", "reference", "bfloat16", None, "all-linear", 0.1),  # up-cast, then dropout
-     ("dora", "reference", "float32", None, "all-linear", 0.0)],
+     ("dora", "reference", "float32", None, "all-linear", 0.0),
+     # peft's DoRA also saves an identity matrix per layer for a weight norm it then detaches:
+     # freed before backward, so not counted (the measurement keeps only what the graph holds)
+     ("dora", "peft", "float32", None, "all-linear", 0.0)],
     ids=["fused-lora", "fused-lora-qv", "fused-lora-bf16-dropout", "fused-qlora",
          "fused-qlora-bf16-qv-dropout", "fused-dora-dropout", "lora-dropout", "lora-bf16-dropout",
-         "dora"],
+         "dora", "peft-dora"],
 )
 def test_estimate_follows_backend_and_dropout(method, backend, dtype, quantization, targets, dropout):
     """The fused path keeps far fewer activations (no logits, no silu(gate) * up, RMSNorm keeps
@@ -69,9 +72,11 @@ def test_estimate_follows_backend_and_dropout(method, backend, dtype, quantizati
     torch.manual_seed(0)
     got = measure_memory(adapt(model, method, backend=backend, **kwargs), batch=2, seq_len=64)
     _check_within(est, got)
-    assert abs(est.relative_error(got)["activations"]) < 0.02, est.table(got)
     terms = est.details["activation_terms"]
     assert ("log_softmax" in terms) == (backend != "fused")  # the fused loss keeps no logits
+    # the logits (the same in both) would hide the rest on this tiny model: compare without them
+    logits = terms.get("log_softmax", 0)
+    assert est.activations - logits == pytest.approx(got.activations - logits, rel=0.02), est.table(got)
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
