@@ -70,12 +70,14 @@ probabilities, S·e each); MLP N·i·e (GELU's input); LoRA as above (intermedia
 first LayerNorm's output, output.dense the GELU output: N·h·e and N·i·e of their own); two
 hidden-dropout masks per block (N·h·e each on the CPU, N·h bytes on CUDA); after the blocks the
 pooler's tanh output and the classifier's input (B·h·e each, and a dropout mask between them).
-**Input soft prompts** (prompt tuning, P-tuning) put n virtual tokens before every input: the
-whole model runs on T + n positions (logits included) and the first block's input needs a
-gradient. Other methods are counted as LoRA of the same rank on the same layers: on tiny-llama
-(2 x 64 tokens) the total stays within 4% of the measurement, but their own activations can
-differ by tens of percent (VeRA's shared matrices, prefix tuning's per-layer keys and values,
-LLaMA-Adapter's gated prompts, X-LoRA's classifier).
+**Soft prompts.** An input prompt (prompt tuning, P-tuning) puts n virtual tokens before every
+input: the whole model runs on T + n positions (logits included) and the first block's input
+needs a gradient. A prefix (prefix tuning) gives every attention n trained keys and values: SDPA
+then gets an explicit (B, 1, T, n + T) mask (kept, B·T·(n+T)·e) and k, v repeated to h wide over
+n + T positions. Other methods are counted as LoRA of the same rank on the same layers: on
+tiny-llama (2 x 64 tokens) the total stays within 4% of the measurement, but their own
+activations can differ by tens of percent (VeRA's shared matrices, LLaMA-Adapter's gated
+prompts, X-LoRA's classifier, OFT's rotations).
 
 Measurement (:func:`measure_memory`) runs one real step: activations are the distinct storages
 that ``torch.autograd.graph.saved_tensors_hooks`` sees and the graph still holds when forward ends
@@ -232,8 +234,9 @@ def estimate_memory(
 
     adapter_dtype = _adapter_dtype(model, torch_dtype)
     # an input soft prompt (prompt tuning, P-tuning) puts n virtual tokens before every input:
-    # the whole model runs on seq_len + n positions, all of them downstream of a trained tensor
-    virtual = _input_prompt_tokens(model)
+    # the whole model runs on seq_len + n positions, all of them downstream of a trained tensor;
+    # a prefix (prefix tuning) gives every layer's attention n more keys and values instead
+    virtual, prefix = _soft_prompt_tokens(model)
     tokens = seq_len + virtual
     if device is None:
         from peftlab.models import _default_device
@@ -241,7 +244,8 @@ def estimate_memory(
         device = _default_device(quantization)
     acts, terms = activation_bytes(config, model, batch, tokens, torch_dtype, adapter_dtype,
                                    gradient_checkpointing, attn_implementation, full, fusion,
-                                   cuda=torch.device(device).type == "cuda", trained_input=virtual > 0)
+                                   cuda=torch.device(device).type == "cuda", trained_input=virtual > 0,
+                                   prefix=prefix)
     vocab = int(getattr(config, "vocab_size", 0)) if _is_causal(config) else 0
     rows = batch * tokens
     if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
@@ -317,11 +321,12 @@ def _linear_widths(h: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
 def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: torch.dtype,
                      adapter_dtype: torch.dtype, checkpointing: bool, attn: str,
                      full: bool, fusion: Fusion | None = None, cuda: bool = False,
-                     trained_input: bool = False) -> tuple[int, dict[str, int]]:
+                     trained_input: bool = False, prefix: int = 0) -> tuple[int, dict[str, int]]:
     """The per-block formula of the module docstring; returns (total, {term: bytes}).
     ``fusion``: what the fused backend replaces (None: the reference path); ``cuda``: dropout
     keeps a one-byte mask there, a noise tensor of the input's dtype on the CPU;
-    ``trained_input``: the first block's input needs a gradient (an input soft prompt)."""
+    ``trained_input``: the first block's input needs a gradient (an input soft prompt);
+    ``prefix``: trained keys and values every attention layer reads first (prefix tuning)."""
     from peftlab.methods.dora import DoRA
 
     n, t, b = batch * seq_len, seq_len, batch
@@ -367,6 +372,9 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
         """What attention keeps when q, k, v need gradients as flagged."""
         if not (qg or kg or vg):
             return 0
+        if prefix:  # an explicit mask (B, 1, T, P + T) goes in, and with it k and v repeated to
+            # h wide over P + T positions (no grouped-query shortcut with a mask)
+            return 2 * n * h * e + 2 * b * (prefix + t) * h * e + b * t * (prefix + t) * e + n * heads * 4
         if not math_attention:  # q, out, k, v and the logsumexp
             return 2 * n * h * e + 2 * n * kv * e + n * heads * 4
         scores, probs_grad = b * heads * t * t, qg or kg
@@ -409,7 +417,7 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
         # frozen embeddings: block 0's input needs no gradient; only what the adapted layers
         # make trainable does
         grad_in = full or trained_input or not first
-        qg, kg, vg = (grad_in or k in adapted for k in qkv)
+        qg, kg, vg = (grad_in or k in adapted or (prefix > 0 and k != qkv[0]) for k in qkv)
         mid_grad = qg or kg or vg or out in adapted  # the residual after attention
         mlp_grad = mid_grad or bool(adapted.keys() & {*ups, down})
         terms: dict[str, int] = {}
@@ -739,14 +747,15 @@ def _adapters_by_block(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _input_prompt_tokens(model: nn.Module) -> int:
-    """n, the virtual tokens an input soft prompt puts before every input (0 if none)."""
+def _soft_prompt_tokens(model: nn.Module) -> tuple[int, int]:
+    """(virtual input tokens, prefix tokens) of the model's soft prompt; (0, 0) if none."""
     from peftlab.methods.soft_prompt import SoftPrompt
 
     for module in model.modules():
-        if isinstance(module, SoftPrompt) and not module.is_prefix:
-            return int(module.num_virtual_tokens)
-    return 0
+        if isinstance(module, SoftPrompt):
+            n = int(module.num_virtual_tokens)
+            return (0, n) if module.is_prefix else (n, 0)
+    return 0, 0
 
 
 def _pooler_adapted(model: nn.Module) -> bool:

@@ -94,16 +94,18 @@ def test_gradient_checkpointing_estimate(backend):
     assert est.temporaries >= est.details["activation_terms"]["recomputed_block"]
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
-def test_input_soft_prompts_lengthen_every_activation(method):
-    """n virtual tokens before every input: the model runs on seq_len + n positions (logits
-    included), and block 0's input now needs a gradient."""
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_soft_prompt_estimates(method):
+    """Input prompts: n virtual tokens before every input, so the model runs on seq_len + n
+    positions (logits included) and block 0's input needs a gradient. A prefix: every attention
+    reads n trained keys and values first, through an explicit (T, n + T) mask."""
     est = estimate_memory("tiny-llama", method, batch=2, seq_len=64)
     model, _ = load_model("tiny-llama")
     torch.manual_seed(0)
     got = measure_memory(adapt(model, method), batch=2, seq_len=64)
     _check_within(est, got)
-    assert est.details["activation_terms"]["log_softmax"] == 2 * (64 + 20) * 49152 * 4
+    positions = 64 if method == "prefix_tuning" else 64 + 20  # 20 virtual tokens by default
+    assert est.details["activation_terms"]["log_softmax"] == 2 * positions * 49152 * 4
     logits = est.details["activation_terms"]["log_softmax"]
     assert est.activations - logits == pytest.approx(got.activations - logits, rel=0.02), est.table(got)
 
