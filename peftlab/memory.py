@@ -74,10 +74,16 @@ pooler's tanh output and the classifier's input (B·h·e each, and a dropout mas
 input: the whole model runs on T + n positions (logits included) and the first block's input
 needs a gradient. A prefix (prefix tuning) gives every attention n trained keys and values: SDPA
 then gets an explicit (B, 1, T, n + T) mask (kept, B·T·(n+T)·e) and k, v repeated to h wide over
-n + T positions. Other methods are counted as LoRA of the same rank on the same layers: on
-tiny-llama (2 x 64 tokens) the total stays within 4% of the measurement, but their own
-activations can differ by tens of percent (VeRA's shared matrices, LLaMA-Adapter's gated
-prompts, X-LoRA's classifier, OFT's rotations).
+n + T positions.
+
+**Other methods.** Each adapted layer keeps, besides its input x (shared as above): LoRA, LoftQ,
+AdaLoRA N·r·a (x Aᵀ; AdaLoRA at its starting rank); VeRA N·(r + d_out)·a and not x (its A is
+frozen); LoHa two Hadamard factors, 2·d_out·d_in·a, and LoKr none, plus for both a materialised
+ΔW (d_out·d_in·a) wherever x needs a gradient; BitFit nothing (not even x). IA3 and soft prompts
+are as above. OFT, BOFT, bottleneck adapters, LLaMA-Adapter and X-LoRA are counted as LoRA of the
+same rank on the same layers: on tiny-llama (2 x 64 tokens) their totals stay within 1% of the
+measurement, but their own activations differ by 3-50% (OFT's rotation series, LLaMA-Adapter's
+gated prompts, X-LoRA's classifier).
 
 Measurement (:func:`measure_memory`) runs one real step: activations are the distinct storages
 that ``torch.autograd.graph.saved_tensors_hooks`` sees and the graph still holds when forward ends
@@ -327,7 +333,11 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
     keeps a one-byte mask there, a noise tensor of the input's dtype on the CPU;
     ``trained_input``: the first block's input needs a gradient (an input soft prompt);
     ``prefix``: trained keys and values every attention layer reads first (prefix tuning)."""
+    from peftlab.methods.bitfit import BitFit
     from peftlab.methods.dora import DoRA
+    from peftlab.methods.loha import LoHa
+    from peftlab.methods.lokr import LoKr
+    from peftlab.methods.vera import VeRA
 
     n, t, b = batch * seq_len, seq_len, batch
     e = torch.empty((), dtype=dtype).element_size()
@@ -355,13 +365,15 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
     math_attention = attn == "eager" or (attn_p > 0 and not cuda)
 
     adapters = _adapters_by_block(model)  # {short name: adapter} of layer 0's adapted linears
-    adapted = {k: int(getattr(ad, "r", 0) or 0) for k, ad in adapters.items()}
+    adapted = {k: _rank(ad) for k, ad in adapters.items()}
     if full:  # every linear "adapted", with no r-wide intermediate
         adapted, adapters = {k: 0 for k in _block_linears(model)}, {}
     dropped = {k for k, ad in adapters.items()
                if isinstance(getattr(ad, "dropout", None), nn.Dropout) and ad.dropout.p > 0}
     dora = {k for k, ad in adapters.items() if isinstance(ad, DoRA)}
-    plain = adapted.keys() - dropped
+    # layers whose trained tensors need x for their gradient keep it; VeRA's x meets a frozen
+    # random A first, and BitFit's bias gradient is the output gradient alone
+    plain = adapted.keys() - dropped - {k for k, ad in adapters.items() if isinstance(ad, (VeRA, BitFit))}
     # the fused MLP runs when down_proj is frozen or carries LoRA without dropout
     swiglu = fused and fusion.swiglu and not ({"down_proj"} & (dropped | dora))
 
@@ -389,6 +401,20 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
         elif vg and (soft != e or not probs_grad):
             total += scores * e  # the probabilities as probs·v reads them
         return total
+
+    def own_tensors(k: str, qkv_grad: bool) -> int:
+        """What an adapted layer keeps besides its input: LoRA (and methods counted as LoRA)
+        x Aᵀ; VeRA Λ_d-scaled A x and B Λ_d A x (for Λ_d and Λ_b); LoHa and LoKr a weight-shaped
+        ΔW for the input's gradient (none where x needs none) and LoHa its two Hadamard factors."""
+        d_in, d_out = widths.get(k, (h, h))
+        ad, rank = adapters.get(k), adapted[k]
+        input_grad = k not in qkv or qkv_grad
+        if isinstance(ad, VeRA):
+            return n * (rank + d_out) * a
+        if isinstance(ad, (LoHa, LoKr)):
+            hadamard = 2 * d_out * d_in * a if isinstance(ad, LoHa) else 0
+            return hadamard + (d_out * d_in * a if input_grad else 0)
+        return n * rank * a
 
     def adapter_inputs(qkv_grad: bool, att_kept: bool) -> int:
         """Bytes the adapted layers add by keeping their inputs."""
@@ -439,7 +465,7 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
                 terms["dropout_masks"] = n * h * mask(e) * (int(mid_grad) + int(mlp_grad))
         att_kept = terms["attention"] > 0 and not math_attention
         terms["adapter_inputs"] = adapter_inputs(grad_in, att_kept)
-        terms["adapter_rank"] = sum(n * rank * a for rank in adapted.values())
+        terms["adapter_tensors"] = sum(own_tensors(k, grad_in) for k in adapted)
         if dora:  # the reference keeps W0 x and B A x for the magnitude's gradient, fused z
             terms["dora_outputs"] = sum(n * widths.get(k, (h, h))[1] * (e if fused else 2 * a)
                                         for k in dora)
@@ -523,7 +549,8 @@ def measure_memory(
     weights = tensor_bytes(p for p in param_list if not p.requires_grad)
     weights += tensor_bytes(model.buffers())
     adapter = tensor_bytes(trainable)
-    param_storages = {_storage_key(p) for p in param_list}
+    # parameters and buffers are counted as weights: saving one (or a view of one) costs nothing
+    param_storages = {_storage_key(p) for p in param_list} | {_storage_key(b) for b in model.buffers()}
 
     # storage address -> [(tensor saved, its storage's bytes)]; an address freed during forward
     # may come back for another storage, so bytes are kept per tensor
@@ -531,7 +558,7 @@ def measure_memory(
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
-        if key not in param_storages:  # a parameter (or a view of one) costs nothing extra
+        if key not in param_storages:
             saved.setdefault(key, []).append((weakref.ref(t), t.untyped_storage().nbytes()))
         return t
 
@@ -745,6 +772,16 @@ def _adapters_by_block(model: nn.Module) -> dict[str, nn.Module]:
         if name.startswith(prefix) and isinstance(module, AdaptedLayer) and module.adapters:
             out[_short(name[len(prefix):])] = next(iter(module.adapters.values()))
     return out
+
+
+def _rank(adapter: nn.Module) -> int:
+    """An adapter's working rank: the rows of its A (AdaLoRA starts above its target r), VeRA's
+    Λ_d length, else its ``r`` (0 for methods without one)."""
+    for name, dim in (("lora_A", 0), ("vera_lambda_d", 0)):
+        value = getattr(adapter, name, None)
+        if isinstance(value, Tensor) and value.dim() > dim:
+            return int(value.shape[dim])
+    return int(getattr(adapter, "r", 0) or 0)
 
 
 def _soft_prompt_tokens(model: nn.Module) -> tuple[int, int]:

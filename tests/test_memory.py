@@ -110,6 +110,33 @@ def test_soft_prompt_estimates(method):
     assert est.activations - logits == pytest.approx(got.activations - logits, rel=0.02), est.table(got)
 
 
+# methods whose own saved tensors the formula models (the rest are counted as LoRA)
+MODELLED = {"lora", "loftq", "adalora", "dora", "vera", "loha", "lokr", "ia3", "bitfit",
+            "prompt_tuning", "p_tuning", "prefix_tuning"}
+
+
+def test_every_method_estimate_against_measurement():
+    """Each registered method with its own defaults, 2 x 64 tokens: the whole ledger within 15%,
+    and for the methods the formula models, the activations (logits aside) within 2%."""
+    from peftlab.methods import METHODS, get_method
+
+    off = {}
+    for name in METHODS:
+        model_name = "tiny-bert" if name == "bitfit" else "tiny-llama"  # Llama has no biases
+        extra = {"total_step": 10} if name == "adalora" else {}
+        r = getattr(get_method(name).config(**extra), "r", 16)  # the method's own default rank
+        est = estimate_memory(model_name, name, r=r, batch=2, seq_len=64, **extra)
+        model, _ = load_model(model_name)
+        torch.manual_seed(0)
+        got = measure_memory(adapt(model, name, **extra), batch=2, seq_len=64)
+        _check_within(est, got)
+        logits = est.details["activation_terms"].get("log_softmax", 0)
+        off[name] = (est.activations - got.activations) / (got.activations - logits)
+    assert MODELLED <= off.keys()
+    bad = {name: f"{err:+.1%}" for name, err in off.items() if name in MODELLED and abs(err) > 0.02}
+    assert not bad, bad
+
+
 def test_fused_estimate_needs_a_fusable_method_and_known_backend():
     with pytest.raises(ConfigError, match="fused"):
         estimate_memory("tiny-llama", "ia3", backend="fused")
