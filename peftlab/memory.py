@@ -175,7 +175,7 @@ class MemoryLedger:
 def estimate_memory(
     model_name_or_config: Any,
     method: str | None = "lora",
-    r: int = 16,
+    r: int | None = None,
     batch: int = 4,
     seq_len: int = 128,
     dtype: torch.dtype | str = torch.float32,
@@ -195,7 +195,8 @@ def estimate_memory(
             folder or hub id (its config.json only), a transformers ``PretrainedConfig``, or a
             model (its ``.config``).
         method: a registered peftlab method, or None / "full" for full fine-tuning.
-        r: rank of the adapter (ignored for full fine-tuning).
+        r: rank of the adapter; None: the method's own default, as ``peftlab.adapt`` uses it
+            (ignored for full fine-tuning and methods without a rank).
         batch, seq_len: the step's input shape.
         dtype: dtype of the weights and activations (fp32, bf16, fp16).
         quantization: None or "nf4" (bitsandbytes 4-bit, double quantization).
@@ -673,7 +674,8 @@ def resolve_config(source: Any):
                           "name (see `peftlab info`), a local folder or a reachable hub id.") from None
 
 
-def meta_model(config, dtype: torch.dtype, method: str | None, r: int, targets, **hp) -> nn.Module:
+def meta_model(config, dtype: torch.dtype, method: str | None, r: int | None, targets,
+               **hp) -> nn.Module:
     """The model built on the meta device (shapes only) and adapted with peftlab's reference."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -692,7 +694,7 @@ def meta_model(config, dtype: torch.dtype, method: str | None, r: int, targets, 
             spec = get_method(method)
             # pass r and targets only to methods that take them (IA3, BitFit and prompts have no rank)
             takes = {f.name for f in fields(spec.config)}
-            extra = {"r": r} if "r" in takes else {}
+            extra = {"r": r} if "r" in takes and r is not None else {}
             if targets is not None and "targets" in takes:
                 extra["targets"] = targets
             if "total_step" in takes and hp.get("total_step") is None:

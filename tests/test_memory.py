@@ -118,14 +118,14 @@ MODELLED = {"lora", "loftq", "adalora", "dora", "vera", "loha", "lokr", "ia3", "
 def test_every_method_estimate_against_measurement():
     """Each registered method with its own defaults, 2 x 64 tokens: the whole ledger within 15%,
     and for the methods the formula models, the activations (logits aside) within 2%."""
-    from peftlab.methods import METHODS, get_method
+    from peftlab.methods import METHODS
 
     off = {}
     for name in METHODS:
         model_name = "tiny-bert" if name == "bitfit" else "tiny-llama"  # Llama has no biases
         extra = {"total_step": 10} if name == "adalora" else {}
-        r = getattr(get_method(name).config(**extra), "r", 16)  # the method's own default rank
-        est = estimate_memory(model_name, name, r=r, batch=2, seq_len=64, **extra)
+        # no r: the method's own default, as peftlab.adapt uses it (LoRA 8, VeRA 256, OFT blocks)
+        est = estimate_memory(model_name, name, batch=2, seq_len=64, **extra)
         model, _ = load_model(model_name)
         torch.manual_seed(0)
         got = measure_memory(adapt(model, name, **extra), batch=2, seq_len=64)
@@ -328,5 +328,6 @@ def test_every_registered_method_has_an_estimate():
         ledger = peftlab.estimate_memory(model, name, batch=2, seq_len=16)
         assert ledger.weights > 0 and ledger.total > ledger.weights, name
         if name != "bitfit":
-            assert ledger.weights == pytest.approx(lora.weights, rel=0.01), name
+            # (VeRA adds its shared frozen random A and B, r=256 by default: 1% of tiny-llama)
+            assert ledger.weights == pytest.approx(lora.weights, rel=0.02), name
     assert peftlab.estimate_memory("tiny-llama", "loftq", batch=2, seq_len=16).adapter_weights == lora.adapter_weights
