@@ -186,6 +186,7 @@ def estimate_memory(
     attn_implementation: str = "sdpa",
     backend: str = "reference",
     device: str | torch.device | None = None,
+    padded: bool = False,
     **hyperparameters: Any,
 ) -> MemoryLedger:
     """Predict the memory of one training step before loading anything.
@@ -209,6 +210,9 @@ def estimate_memory(
         device: where the step will run, "cpu" or "cuda"; only dropout masks differ (CPU keeps
             a scaled noise tensor of the input's dtype, CUDA one byte per value). Default: where
             ``peftlab.load_model`` puts such a model (CUDA for "nf4" when a GPU is present).
+        padded: the batches carry padding (an attention mask with zeros, as ``peftlab.train``'s
+            batches of unequal rows do): Llama-style SDPA then keeps that mask and k, v repeated
+            to every head. Default False: full rows, no mask (as ``measure_memory`` runs).
         **hyperparameters: other fields of the method's config (alpha, dropout, ...).
 
     Returns:
@@ -252,7 +256,7 @@ def estimate_memory(
     acts, terms = activation_bytes(config, model, batch, tokens, torch_dtype, adapter_dtype,
                                    gradient_checkpointing, attn_implementation, full, fusion,
                                    cuda=torch.device(device).type == "cuda", trained_input=virtual > 0,
-                                   prefix=prefix)
+                                   prefix=prefix, padded=padded)
     vocab = int(getattr(config, "vocab_size", 0)) if _is_causal(config) else 0
     rows = batch * tokens
     if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
@@ -265,6 +269,7 @@ def estimate_memory(
                "backend": backend,
                "r": r, "batch": batch, "seq_len": seq_len, "dtype": str(torch_dtype),
                "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
+               "padded": padded,
                "trainable_params": sum(p.numel() for _, p in _unique_parameters(model) if p.requires_grad)}
     return MemoryLedger(weights, adapter, grads, optim, acts, temporaries, "estimate", details)
 
@@ -328,12 +333,14 @@ def _linear_widths(h: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
 def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: torch.dtype,
                      adapter_dtype: torch.dtype, checkpointing: bool, attn: str,
                      full: bool, fusion: Fusion | None = None, cuda: bool = False,
-                     trained_input: bool = False, prefix: int = 0) -> tuple[int, dict[str, int]]:
+                     trained_input: bool = False, prefix: int = 0,
+                     padded: bool = False) -> tuple[int, dict[str, int]]:
     """The per-block formula of the module docstring; returns (total, {term: bytes}).
     ``fusion``: what the fused backend replaces (None: the reference path); ``cuda``: dropout
     keeps a one-byte mask there, a noise tensor of the input's dtype on the CPU;
     ``trained_input``: the first block's input needs a gradient (an input soft prompt);
-    ``prefix``: trained keys and values every attention layer reads first (prefix tuning)."""
+    ``prefix``: trained keys and values every attention layer reads first (prefix tuning);
+    ``padded``: the batch has an attention mask with zeros."""
     from peftlab.methods.bitfit import BitFit
     from peftlab.methods.dora import DoRA
     from peftlab.methods.loha import LoHa
@@ -385,8 +392,8 @@ def activation_bytes(config, model: nn.Module, batch: int, seq_len: int, dtype: 
         """What attention keeps when q, k, v need gradients as flagged."""
         if not (qg or kg or vg):
             return 0
-        if prefix:  # an explicit mask (B, 1, T, P + T) goes in, and with it k and v repeated to
-            # h wide over P + T positions (no grouped-query shortcut with a mask)
+        if prefix or (padded and llama):  # an explicit mask (B, 1, T, P + T) goes in, and with it
+            # k and v repeated to h wide over P + T positions (no grouped-query shortcut with a mask)
             return 2 * n * h * e + 2 * b * (prefix + t) * h * e + b * t * (prefix + t) * e + n * heads * 4
         if not math_attention:  # q, out, k, v and the logsumexp
             return 2 * n * h * e + 2 * n * kv * e + n * heads * 4
@@ -513,6 +520,7 @@ def measure_memory(
     seq_len: int = 128,
     *,
     input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     lr: float = 1e-5,
     seed: int = 0,
 ) -> MemoryLedger:
@@ -521,7 +529,8 @@ def measure_memory(
     ``model`` is ready to train (adapted, or all weights trainable for full fine-tuning; any
     backend, 4-bit bases included). One step runs on random tokens (or ``input_ids``): forward
     with ``labels`` (the tokens themselves for a causal LM, one random class per sequence for a
-    classifier), backward, ``torch.optim.AdamW`` step. The model's trainable weights change
+    classifier), backward, ``torch.optim.AdamW`` step. ``attention_mask`` (0 = padding) goes
+    with ``input_ids``. The model's trainable weights change
     (by one small step): measure a copy if that matters.
 
     Returns:
@@ -537,6 +546,8 @@ def measure_memory(
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
     input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     labels = input_ids  # a causal LM predicts its own next tokens
     if _is_classifier(model):  # one class per sequence
         generator = torch.Generator().manual_seed(seed)
@@ -570,7 +581,7 @@ def measure_memory(
     resident = _resident_bytes(device)
     reset_peak_memory(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     # what the graph still holds when forward ends: a branch whose result was dropped (a weight
     # norm computed and then detached, say) has freed what it saved
     activations = sum(max((nbytes for ref, nbytes in refs if ref() is not None), default=0)

@@ -137,6 +137,26 @@ def test_every_method_estimate_against_measurement():
     assert not bad, bad
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_padded_batches_keep_the_mask(backend, dtype):
+    """A batch with padding carries an attention mask: SDPA keeps it (B, 1, T, T) in the model's
+    dtype, and k, v repeated to every head (no grouped-query shortcut with a mask)."""
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, 50:] = 0  # the second row is 14 tokens shorter
+    est = estimate_memory("tiny-llama", "lora", batch=2, seq_len=64, dtype=dtype, backend=backend,
+                          padded=True)
+    unpadded = estimate_memory("tiny-llama", "lora", batch=2, seq_len=64, dtype=dtype, backend=backend)
+    model, _ = load_model("tiny-llama", dtype=dtype)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    got = measure_memory(adapt(model, "lora", backend=backend), input_ids=ids, attention_mask=mask)
+    _check_within(est, got)
+    logits = est.details["activation_terms"].get("log_softmax", 0)
+    assert est.activations - logits == pytest.approx(got.activations - logits, rel=0.01), est.table(got)
+    assert est.activations > unpadded.activations
+
+
 def test_fused_estimate_needs_a_fusable_method_and_known_backend():
     with pytest.raises(ConfigError, match="fused"):
         estimate_memory("tiny-llama", "ia3", backend="fused")

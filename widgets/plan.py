@@ -12,7 +12,8 @@ method's closed-form per-layer count (``Method.params_per_layer``), which the co
 prove equal to the built count.
 
 The memory estimate is ``peftlab.memory.estimate_memory`` for the choice's method, backend,
-rank, targets, dropout and batch shape. For a model it cannot read, the preview falls back to the
+rank, targets, dropout and batch shape (rows padded to max_length: an upper bound, since a batch
+is padded only to its longest row). For a model it cannot read, the preview falls back to the
 arithmetic one can do from the counts: weights (fp32 4 B, NF4 ~0.52 B per value: 4 bits plus one
 fp32 absmax per 64 values, itself double-quantised), plus per trainable value 4 B of weights, 4 B
 of gradient and 8 B of AdamW moments. Activations depend on batch and sequence length and are
@@ -219,12 +220,12 @@ def memory_estimate(model: nn.Module, count: ParameterCount, choice: Choice,
         backend = "reference"
     try:
         # the choice's own method, backend, rank, targets (None: the method's default), dropout
-        # and batch shape
+        # and batch shape; rows of unequal length are padded (an attention mask) once there are two
         hp = choice.hyperparameters()
         result = estimate_memory(model, choice.method, r=hp.pop("r", choice.r),
                                  batch=choice.batch_size, seq_len=choice.max_length,
                                  quantization=choice.quantization, backend=backend,
-                                 targets=hp.pop("targets", None), **hp)
+                                 padded=choice.batch_size > 1, targets=hp.pop("targets", None), **hp)
         return {k: float(v) for k, v in result.as_dict().items() if k != "total"}
     except Exception as exc:  # noqa: BLE001 (the arithmetic below still gives a figure)
         notes.append(f"peftlab.memory.estimate_memory failed ({type(exc).__name__}: {exc}); "
