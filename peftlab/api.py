@@ -96,7 +96,12 @@ def adapt(
         check_peft_on_4bit(model, spec.name)
 
         return adapt_with_peft(model, spec, config, adapter_name)
-    raise ConfigError(
+    raise unknown_backend(backend)
+
+
+def unknown_backend(backend: str) -> ConfigError:
+    """The error for a ``backend`` that is not one of :data:`BACKENDS`."""
+    return ConfigError(
         f"Unknown backend {backend!r}.{closest(str(backend), BACKENDS)} Expected one of: "
         f"{', '.join(BACKENDS)}."
     )

@@ -260,7 +260,9 @@ def estimate_memory(
     vocab = int(getattr(config, "vocab_size", 0)) if _is_causal(config) else 0
     rows = batch * tokens
     if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
-        rows = min(rows, fusion.loss_chunk_rows(vocab))
+        from peftlab.production.fused import default_chunk_rows
+
+        rows = min(rows, default_chunk_rows(vocab))
     temporaries = 2 * rows * vocab * 4  # d(log-probs) and d(logits), fp32
     # with checkpointing, each block's activations live again during backward, one block at a
     # time and after the loss's buffers are gone: the larger of the two is the temporary
@@ -295,12 +297,6 @@ class Fusion:
     rms_norm: bool  # Llama-style RMSNorms: x and one float per row kept
     loss: bool  # the chunked cross-entropy: no logits kept
 
-    @staticmethod
-    def loss_chunk_rows(vocab: int) -> int:
-        from peftlab.production.fused import DEFAULT_CHUNK_ELEMENTS
-
-        return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
-
 
 def _fusion(model: nn.Module) -> Fusion:
     from peftlab.production.fused import is_rms_norm, is_swiglu_mlp, loss_can_fuse
@@ -311,15 +307,15 @@ def _fusion(model: nn.Module) -> Fusion:
 
 
 def _check_backend(backend: str, method: str | None, full: bool) -> None:
-    if backend not in ("reference", "peft", "fused"):
-        raise ConfigError(f"backend={backend!r} is not known. Expected 'reference', 'peft' or "
-                          "'fused', as in peftlab.adapt.")
-    if backend == "fused":
-        from peftlab.production.fused import FUSED_METHODS
+    """peftlab.adapt's own checks: a known backend, and a method the fused path has kernels for."""
+    from peftlab.api import BACKENDS, unknown_backend
 
-        if full or method not in FUSED_METHODS:
-            raise ConfigError(f"backend='fused' trains {', '.join(FUSED_METHODS)} adapters, not "
-                              f"{method or 'full fine-tuning'!r}. Try backend='reference'.")
+    if backend not in BACKENDS:
+        raise unknown_backend(backend)
+    if backend == "fused":
+        from peftlab.production.fused import check_fusable_method
+
+        check_fusable_method("full fine-tuning" if full else method)
 
 
 # widths of a block's linear layers, by short name: (input, output)

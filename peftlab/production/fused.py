@@ -629,10 +629,15 @@ def linear_cross_entropy(
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=flat_h.device).float()
     scale = 1.0 / denominator  # 0 targets: inf scale, nan loss -- as F.cross_entropy's mean
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk_size or default_chunk_rows(weight.shape[0])
     if not torch.is_grad_enabled():  # evaluation: loss only, no gradient work in the loop
         rows, weight, bias = rows.detach(), weight.detach(), None if bias is None else bias.detach()
     return LinearCrossEntropyFunction.apply(rows, weight, bias, kept, scale, chunk)
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per loss chunk when none is given: ~``DEFAULT_CHUNK_ELEMENTS`` logits per chunk."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
 
 
 def causal_lm_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -790,6 +795,7 @@ __all__ = [
     "dense_linear",
     "LinearCrossEntropyFunction",
     "linear_cross_entropy",
+    "default_chunk_rows",
     "causal_lm_targets",
     "install_fused_loss",
     "remove_fused_loss",
