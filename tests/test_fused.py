@@ -328,10 +328,7 @@ def test_parity_across_combinations(llama, tiny_llama_nf4):
     failures = []
     for (base_name, base), method, dropout, target, inputs, checkpointing in itertools.product(
             bases.items(), ["lora", "dora"], [0.0, 0.1], targets, ["ids", "embeds"], [False, True]):
-        ref = peftlab.adapt(copy.deepcopy(base), method, r=4, alpha=8.0, dropout=dropout,
-                            targets=targets[target])
-        randomize_adapters(ref)
-        fz = fused.fuse(copy.deepcopy(ref))
+        ref, fz = _model_pair(base, method, dropout, targets[target])
         losses, grads = [], []
         for model in (ref, fz):
             model.train()
