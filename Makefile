@@ -13,7 +13,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c requirements/constraints-cpu.txt)
 STAMP := $(VENV)/.peftlab-installed
 
-.PHONY: install lab test bench gpu-check browser-deps clean
+.PHONY: install lab app test bench gpu-check browser-deps clean
 
 install: $(STAMP)
 
@@ -25,8 +25,18 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/bundled.t
 	$(PY) -c "import peftlab.cli, peftlab.models, peftlab.data"
 	touch $(STAMP)
 
+# JupyterLab refuses to start as root without --allow-root (containers, cloud machines, CI): pass
+# it only when the user is root. Both servers print the URL to open (with its token) once ready.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/00_start_here.ipynb $(ARGS)
+	@echo "Starting JupyterLab on notebooks/00_start_here.ipynb; open the http://... URL it prints below."
+	$(VENV)/bin/jupyter lab notebooks/00_start_here.ipynb $(ALLOW_ROOT) $(ARGS)
+
+# The Lab as an app (no code cells): Voila serves notebooks/lab.ipynb.
+app: install
+	@echo "Starting the Lab app (Voila) on notebooks/lab.ipynb; open the http://... URL it prints below."
+	$(VENV)/bin/voila notebooks/lab.ipynb $(ARGS)
 
 # Chromium for the browser tests, from Debian's packages (no browser download is possible here).
 browser-deps:
@@ -36,9 +46,32 @@ browser-deps:
 	  else echo "chromium not found and cannot install it here (needs root and apt-get):" \
 	    "the browser tests will skip (and fail where CI is set)"; fi; }
 
+PYTEST := TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --nbval --nbval-current-env \
+  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+# `make test` runs two passes. Pass 1: everything, on this CPU's own instruction set and threads.
+# Pass 2 (portability): a representative subset again with PyTorch, oneDNN and MKL forced onto
+# another instruction set (AVX2 on x86, PyTorch's plain kernels on ARM) and one thread, so a
+# machine with AVX-512 proves the suite passes on one without (README, "Runs on any machine").
+# The subset: the numerical tests (parity with peft, bitsandbytes and the fused kernels, every
+# method's contract, NF4, the memory ledger, training) and the lessons that train, generate or
+# quantise. `make test PORTABILITY=0` runs pass 1 only.
+PORTABILITY ?= 1
+FORCED_ISA := $(if $(filter x86_64 amd64,$(shell uname -m)),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,ATEN_CPU_CAPABILITY=default)
+PORTABLE_ENV := $(FORCED_ISA) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PEFTLAB_PORTABILITY_PASS=1
+PORTABILITY_TESTS := tests/test_portability.py tests/test_fused.py tests/test_lora_parity.py \
+  tests/test_contract.py tests/test_methods_additive.py tests/test_methods_orthogonal.py \
+  tests/test_methods_weight.py tests/test_nf4.py tests/test_loftq.py tests/test_qlora_trap.py \
+  tests/test_memory.py tests/test_train.py tests/test_spectra.py \
+  notebooks/00_start_here.ipynb notebooks/01_lora_from_scratch.ipynb notebooks/03_qlora_and_nf4.ipynb \
+  notebooks/08_soft_prompts.ipynb notebooks/11_many_adapters.ipynb
+
 test: install browser-deps
-	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(if $(MARKERS),-m "$(MARKERS)") $(ARGS)
+	$(PYTEST) tests notebooks $(if $(MARKERS),-m "$(MARKERS)") $(ARGS)
+ifeq ($(PORTABILITY),1)
+	@echo "== pass 2 (portability): $(PORTABLE_ENV)"
+	$(PORTABLE_ENV) $(PYTEST) $(PORTABILITY_TESTS) -m "not browser" -q
+endif
 
 # `make bench` = `peftlab bench train`; e.g. make bench ARGS="--dtypes bf16 --repeats 3", or BENCH=spectra
 BENCH ?= train

@@ -45,6 +45,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -337,17 +338,25 @@ def _quiet_transformers() -> Iterator[None]:
     The notices are about things peftlab does on purpose (a fresh classification head on a
     pretrained encoder, a dequantized GGUF), so they would only alarm learners.
     """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # The GGUF reader draws its own tqdm.auto bar, which ignores both the switch above and
+    # TQDM_DISABLE in a notebook: a widget that appeared on the first load only (the conversion).
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
 
 
 def _guess_task(config, num_labels: int | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 
 import pytest
 import torch
@@ -573,19 +574,64 @@ def test_merge_and_save_load(llama, tmp_path, method):
         assert_close(fz(input_ids=ids).logits, before, "unmerged")
 
 
+def _float64_truth(model: nn.Module) -> nn.Module:
+    """A float64 copy that computes in float64 throughout: transformers' RMSNorm (and its loss)
+    up-cast to float32 on purpose, which in a float64 model is a down-cast that rounds like the
+    float32 run it is meant to judge."""
+    exact = copy.deepcopy(model).double()
+
+    def rms_norm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for module in exact.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm, module)
+    return exact
+
+
+def _float64_loss_and_input_grad(exact, ids):
+    embeds = exact.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = exact(inputs_embeds=embeds).logits  # (B, T, V) float64
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss, embeds.grad
+
+
 @pytest.mark.slow
 def test_smollm2_parity(smollm2):
-    """The real 135M model, one short batch: fused (LoRA, SwiGLU, fused loss) == reference."""
+    """The real 135M model, one short batch: fused (LoRA, SwiGLU, fused loss) == reference.
+
+    30 layers of float32 rounding, so the tolerance is measured on the run, not set at the edge
+    of one machine's result: a float64 run of the same model gives the true loss and gradients;
+    the reference's worst relative error (its largest |error| / max |true value| over the loss,
+    the input gradient and every adapter gradient) is this machine's float32 rounding for this
+    computation, and every fused result must be within 4x of it (each path sums in its own
+    order; measured ratios 0.6x-1.7x over random adapters here).
+    """
+    torch.manual_seed(0)
     ref, fz = _model_pair(smollm2[0], "lora")
-    ref.train(), fz.train()
+    exact = _float64_truth(ref)
+    ref.train(), fz.train(), exact.train()
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(6))
     out_ref, dx_ref = _loss_and_input_grad(ref, ids, ids)
     out_fz, dx_fz = _loss_and_input_grad(fz, ids, ids)
-    assert_close(out_fz.loss, out_ref.loss, "loss")
-    # 30 layers of float32 rounding: measured against a float64 run, the reference's adapter
-    # gradients are off by up to 3e-5 x max |gradient|, the fused ones by up to 7e-5
-    assert_close(dx_fz, dx_ref, "input-embedding gradient", relative=1e-4)
-    assert_same_grads(ref, fz, relative=1e-4)
+    loss_64, dx_64 = _float64_loss_and_input_grad(exact, ids)
+    g_ref, g_fz, g_64 = trainable_grads(ref), trainable_grads(fz), trainable_grads(exact)
+    assert g_ref.keys() == g_fz.keys() == g_64.keys() and g_ref
+    truth = {"loss": loss_64, "input-embedding gradient": dx_64, **g_64}
+    refs = {"loss": out_ref.loss, "input-embedding gradient": dx_ref, **g_ref}
+    fused_results = {"loss": out_fz.loss, "input-embedding gradient": dx_fz, **g_fz}
+
+    def relative_error(got, true):
+        return (got.double() - true).abs().max().item() / true.abs().max().item()
+
+    rounding = max(relative_error(refs[name], truth[name]) for name in truth)
+    assert 0 < rounding < 1e-2, f"the float32 reference is off float64 by {rounding:.2g}"
+    for name, true in truth.items():
+        assert true.abs().sum() > 0, f"{name} is zero: the test cannot fail"
+        err = relative_error(fused_results[name], true)
+        assert err <= 4 * rounding, (f"{name}: fused is off float64 by {err:.3g} of its largest value; "
+                                     f"the float32 reference by at most {rounding:.3g}")
 
 
 @pytest.mark.gpu
