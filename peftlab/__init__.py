@@ -29,6 +29,9 @@ _EXPORTS = {
     "list_models": "peftlab.models",
     "load_dataset": "peftlab.data",
     "list_datasets": "peftlab.data",
+    "load_task": "peftlab.tasks",
+    "list_tasks": "peftlab.tasks",
+    "evaluate": "peftlab.evaluation",
     "count_parameters": "peftlab.metrics",
     "estimate_memory": "peftlab.metrics",
     "measure_memory": "peftlab.metrics",
@@ -70,10 +73,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; no runtime cost
     from peftlab.compose import add_adapter, add_weighted_adapter, delete_adapter, set_adapter
     from peftlab.data import list_datasets, load_dataset
     from peftlab.errors import PeftlabError
+    from peftlab.evaluation import evaluate
     from peftlab.io import load_adapter, save_adapter
     from peftlab.methods import METHODS, list_methods
     from peftlab.metrics import count_parameters, estimate_memory, measure_memory
     from peftlab.models import list_models, load_model
+    from peftlab.tasks import list_tasks, load_task
     from peftlab.spectra import (
         SpectrumHistory,
         amplification,

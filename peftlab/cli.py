@@ -49,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an adapter and write it with a report",
                        description="Train an adapter on a bundled (offline) model and dataset.")
-    t.add_argument("--model", default="smollm2-135m", help="bundled name, local folder or hub id "
-                   "(default: smollm2-135m; see `peftlab info`)")
-    t.add_argument("--data", default="chatterbot-qa", help="bundled dataset name or file (default: chatterbot-qa)")
-    t.add_argument("--method", default="lora", help="PEFT method (default: lora; see `peftlab info`)")
+    t.add_argument("--task", help="a task (see `peftlab info`): trains on its data, measures its metric "
+                   "before, during and after training; its own defaults fill every flag not given")
+    t.add_argument("--framing", choices=("generate", "classify", "perplexity"),
+                   help="with --task: how the model sees it (default: the task's first framing)")
+    t.add_argument("--model", help="bundled name, local folder or hub id "
+                   "(default: the task's model, else smollm2-135m; see `peftlab info`)")
+    t.add_argument("--data", help="bundled dataset name or file (default: chatterbot-qa; ignored with --task)")
+    t.add_argument("--method", help="PEFT method (default: the task's, else lora; see `peftlab info`)")
     t.add_argument("--backend", default="reference", choices=("reference", "peft", "fused"),
                    help="peftlab's from-scratch modules, Hugging Face peft, or peftlab's fused "
                    "LoRA/DoRA kernels (default: reference)")
@@ -63,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="hyperparameters", action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter of the method, e.g. --set use_rslora=true (repeatable)")
     t.add_argument("--quantization", choices=("nf4",), help="load the base in 4-bit NF4 (QLoRA)")
-    t.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
-    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    t.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default: 4)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: the task's, else 30)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the task's, else 2e-4)")
+    t.add_argument("--batch-size", type=int, help="rows per micro-batch (default: the task's, else 4)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
-    t.add_argument("--seq-len", type=int, default=128, help="max tokens per row (default: 128)")
+    t.add_argument("--seq-len", type=int, help="max tokens per row (default: the task's, else 128)")
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default: 0.1)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     t.add_argument("--eval", action="store_true", help="evaluate on the dataset's validation/test split")
-    t.add_argument("--eval-every", type=int, help="with --eval: also every N steps (default: at the end)")
+    t.add_argument("--eval-every", type=int, help="with --eval or --task: also every N steps "
+                   "(default: the task's, else at the end)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (always at the end)")
     t.add_argument("--resume", help="continue from a checkpoint folder or a previous --out folder")
     t.add_argument("--out", required=True, help="output folder")
@@ -161,25 +166,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.train import train
 
     # Check the cheap things first, so a typo fails before a model is loaded.
+    task = apply_task_defaults(args)
     spec = get_method(args.method)
     hp = method_hyperparameters(args)
     make_config(spec, None, **hp)
     out = Path(args.out)
 
-    dataset = peftlab.load_dataset(args.data)
-    model, tokenizer = load_model_for(args.model, args.quantization, dataset)
+    dataset = task.training_data() if task else peftlab.load_dataset(args.data)
+    if task is not None:
+        from datasets import DatasetDict
+
+        dataset = DatasetDict({"train": dataset})
+    model, tokenizer = load_model_for(args.model, args.quantization, dataset,
+                                      num_labels=len(task.labels) if task and task.framing == "classify" else None)
     eval_data = None
     if args.eval:
         eval_data = next((dataset[s] for s in ("validation", "test") if s in dataset), None)
         if eval_data is None:
             raise ConfigError(f"--eval: the dataset {args.data!r} has no validation or test split "
                               f"(it has {list(dataset)}). Drop --eval.")
+    eval_before = peftlab.evaluate(model, task, tokenizer=tokenizer) if task else None
     torch.manual_seed(args.seed)  # the adapter's initial weights
     model = adapt(model, spec.name, backend=args.backend, **hp)
     params = count_parameters(model)
 
     result = train(
-        model, dataset, tokenizer=tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        model, dataset, task=task, tokenizer=tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         max_length=args.seq_len, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
         gradient_checkpointing=args.grad_checkpointing, bf16=args.bf16, seed=args.seed,
@@ -189,28 +201,65 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     peftlab.save_adapter(model, out / "adapter")
     summary = run_summary(result, params)
+    if task is not None:
+        summary.update(task=f"{task.name} ({task.framing})", task_metrics=list(task.metrics),
+                       eval_before=eval_before, eval_after=peftlab.evaluate(model, task, tokenizer=tokenizer))
     run = {
         "command": reproduce_command(args),
         "args": {k: v for k, v in vars(args).items()},
         "method_config": _jsonable(dataclasses.asdict(_resolved_config(model, spec, hp))),
         "train_settings": result.settings,
         "summary": summary,
+        "eval_before": summary.get("eval_before"),
+        "eval_after": summary.get("eval_after"),
         "environment": environment(),
     }
     _write_json(out / "history.json", result.history)
     _write_json(out / "run.json", run)
     write_report(out / "report.html", history=result.history, summary=summary, run=run,
                  memory=memory_ledger(model, result), parameters=params.by_type,
-                 title=f"peftlab train: {args.model} + {spec.name}, {args.data}")
+                 title=f"peftlab train: {args.model} + {spec.name}, {args.task or args.data}")
 
     print(format_summary(summary, args, out))
     return {"nan": EXIT_NAN, "interrupted": EXIT_INTERRUPTED}.get(result.stop_reason, EXIT_OK)
 
 
-def load_model_for(name: str, quantization: str | None, dataset) -> tuple[Any, Any]:
+# Without --task, the flags' defaults are these (a task brings its own: Task.defaults).
+UNTASKED_DEFAULTS = {"model": "smollm2-135m", "data": "chatterbot-qa", "method": "lora", "steps": 30,
+                     "lr": 2e-4, "batch_size": 4, "seq_len": 128}
+
+
+def apply_task_defaults(args: argparse.Namespace):
+    """Fill every flag not given from --task's defaults (or UNTASKED_DEFAULTS); return the task."""
+    task = None
+    if args.task:
+        from peftlab.tasks import load_task
+
+        if args.data:
+            raise ConfigError("--task brings its own data; drop --data (or drop --task and name --data).")
+        task = load_task(args.task, args.framing)
+        d = task.defaults
+        given = {"model": task.model, "method": d.method, "steps": d.steps, "lr": d.lr,
+                 "batch_size": d.batch_size, "seq_len": d.max_length, "eval_every": d.eval_every}
+        if args.method in (None, d.method):  # the rank, alpha and targets were chosen for that method
+            given.update(rank=d.r, alpha=d.alpha, targets=",".join(d.targets) if isinstance(d.targets, tuple)
+                         else d.targets)
+    elif args.framing:
+        raise ConfigError("--framing needs --task (e.g. --task sentiment --framing classify).")
+    else:
+        given = UNTASKED_DEFAULTS
+    for key, value in given.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return task
+
+
+def load_model_for(name: str, quantization: str | None, dataset, num_labels: int | None = None) -> tuple[Any, Any]:
     """Load the model; a classifier gets one output per class of a labelled dataset."""
     import peftlab
 
+    if num_labels:
+        return peftlab.load_model(name, quantization=quantization, num_labels=num_labels)
     label = dataset["train"].features.get("label") if "train" in dataset else None
     names = getattr(label, "names", None)
     if names:
@@ -266,7 +315,7 @@ def format_summary(summary: dict[str, Any], args: argparse.Namespace, out: Path)
     rows = [
         ("model", f"{args.model} + {args.method} ({args.backend})"
                   + (f", {args.quantization}" if args.quantization else "")),
-        ("data", args.data),
+        ("data", summary.get("task") or args.data),
         ("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,} "
                              f"({summary['trainable_percent']:.3f}%)"),
         ("steps", f"{summary['steps']} ({summary['stop_reason']})"),
@@ -275,6 +324,10 @@ def format_summary(summary: dict[str, Any], args: argparse.Namespace, out: Path)
                  f"{num(summary['tokens_per_s'], ',.0f')} tokens/s)"),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MB ({memory_kind})"),
     ]
+    if summary.get("eval_before") is not None:
+        for metric in summary["task_metrics"]:
+            rows.append((f"{metric} before -> after", f"{summary['eval_before'][metric]:.3f} -> "
+                         f"{summary['eval_after'][metric]:.3f} ({summary['eval_after']['n']} held-out rows)"))
     if summary.get("eval"):
         rows.append(("eval", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in summary["eval"].items())))

@@ -564,18 +564,28 @@ def _per_split(dataset, fn, max_length: int):
     return out
 
 
-def _prompt_and_answer(tokenizer, question: str, answer: str) -> tuple[str, str]:
-    """The text before the answer (the prompt) and the answer text, as the model sees them."""
+def chat_prompt(tokenizer, question: str) -> str:
+    """The text a model sees before its answer: the chat template's user turn and the start of
+    the assistant turn, or "Question: ...\nAnswer:" for a tokenizer without a template. Training
+    (:func:`tokenize_causal_lm`) and generation (``peftlab.evaluate``) share it."""
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    return f"Question: {question}\nAnswer:"
+
+
+def _prompt_and_answer(tokenizer, question: str, answer: str) -> tuple[str, str]:
+    """The text before the answer (the prompt) and the answer text, as the model sees them."""
+    prompt = chat_prompt(tokenizer, question)
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": question}]
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
                                              tokenize=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
         # templates that rewrite earlier turns: fall back to prompt + answer + end of turn
         return prompt, answer + (tokenizer.eos_token or "")
-    return f"Question: {question}\nAnswer:", f" {answer}{tokenizer.eos_token or ''}"
+    return prompt, f" {answer}{tokenizer.eos_token or ''}"
 
 
 def _tokenize_causal_split(split, tokenizer, max_length: int):

@@ -520,6 +520,12 @@ def render_script(run: dict[str, Any], *, run_dir: Path | str = "RUN_DIR",
             "peft model trains with a plain loop, e.g. lora, dora or ia3; train this one with "
             "peftlab or peft's own examples."
         )
+    if args.get("task"):
+        raise ConfigError(
+            f"Cannot export a --task run ({args['task']}) yet: the exported script trains on a "
+            "dataset, not on a task's framed rows. Expected a --data run; try peftlab train "
+            "--data NAME ... and export that."
+        )
     model_name, data_name = args["model"], args["data"]
     nf4 = args.get("quantization") == "nf4"
     bundled_model = model_name in BUNDLED_MODEL_INFO

@@ -448,6 +448,15 @@ def save_nf4(source: Path, out: Path, dtype: torch.dtype, task: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Guard against a bitsandbytes CPU trap: on CPUs with AVX512-BF16 an eval-mode no-grad
+    forward of a ``Linear4bit`` (an evaluation, generate()) repacks its weight and silently drops
+    autograd support, after which no gradient reaches the adapter. See
+    :func:`disable_cpu_weight_repack`."""
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):  # avoid importing bnb otherwise
+        disable_cpu_weight_repack(model)
+
+
 def disable_cpu_weight_repack(model: nn.Module) -> int:
     """Stop bitsandbytes from repacking 4-bit weights on AVX512-BF16 CPUs; return layers changed.
 

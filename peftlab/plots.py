@@ -116,6 +116,28 @@ def loss_curve(
 
 
 
+def task_metric_curve(
+    history: Sequence[Mapping[str, Any]],
+    metric: str,
+    before: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """A task metric over training steps (the records' ``task_<metric>``), from its value
+    before training (step 0, ``before``) when given; a dotted line marks that base level."""
+    import plotly.graph_objects as go
+
+    points = [(r["step"], r[f"task_{metric}"]) for r in history if r.get(f"task_{metric}") is not None]
+    if before is not None:
+        points = [(0, before), *points]
+    fig = go.Figure()
+    fig.add_scatter(x=_array([p[0] for p in points]), y=_array([p[1] for p in points]),
+                    mode="lines+markers", name=metric, line={"color": PALETTE[1], "width": 2.5},
+                    marker={"size": 7}, hovertemplate=f"step %{{x}}<br>{metric} %{{y:.3f}}<extra></extra>")
+    if before is not None:
+        fig.add_hline(y=before, line={"dash": "dot", "color": "gray"}, annotation_text="base model")
+    return _style(fig, title or f"Held-out {metric.replace('_', ' ')}", "optimizer step", metric)
+
+
 def metric_curve(
     values: Sequence[float] | Any,
     steps: Sequence[int] | None = None,
@@ -457,6 +479,7 @@ __all__ = [
     "loss_curve",
     "memory_ledger",
     "metric_curve",
+    "task_metric_curve",
     "parameter_budget",
     "quantization_errors",
     "rank_allocation",

@@ -60,6 +60,9 @@ def write_report(
             eval_losses=[r["eval_loss"] for r in evals] if evals else None,
             eval_steps=[r["step"] for r in evals] if evals else None,
         )))
+    for metric in summary.get("task_metrics") or ():
+        before = (summary.get("eval_before") or {}).get(metric)
+        figures.append((f"Task metric: {metric}", plots.task_metric_curve(list(history), metric, before=before)))
     if memory:
         figures.append(("Memory", plots.memory_ledger(
             memory.get("estimated", {}), memory.get("measured"), title="Memory: arithmetic vs measured")))

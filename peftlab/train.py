@@ -72,6 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import AdapterFileError, ConfigError, DataError, TrainingError
+from peftlab.evaluation import evaluate as evaluate_task
+from peftlab.models import keep_4bit_trainable
 
 STOP_REASONS = ("completed", "stopped", "nan", "interrupted", "callback_error")
 IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt tokens and padding
@@ -98,6 +100,7 @@ class TrainResult:
     message: str = ""  # one line saying why training ended
     checkpoint: Path | None = None  # newest checkpoint folder written, if out_dir was given
     eval: dict | None = None  # last evaluate() result on eval_data
+    task_eval: dict | None = None  # last task metrics (peftlab.evaluate on the task's live slice)
     settings: dict = field(default_factory=dict)  # the arguments train() ran with
 
     @property
@@ -114,8 +117,9 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    data: Any,
+    data: Any = None,
     *,
+    task: Any = None,
     tokenizer: Any = None,
     steps: int = 30,
     lr: float = 2e-4,
@@ -144,7 +148,12 @@ def train(
             causal LM or sequence classification. Trained in place.
         data: a DatasetDict (its "train" split is used), a raw Dataset (question/answer or text
             columns: causal LM; text + label: classification; needs ``tokenizer``) or a Dataset
-            already tokenized (an ``input_ids`` column).
+            already tokenized (an ``input_ids`` column). May be omitted when ``task`` is given.
+        task: a :class:`peftlab.tasks.Task` or its name: trains on its framed training split
+            (unless ``data`` is given) and measures its metric (``peftlab.evaluate`` on the
+            task's small fixed held-out slice, ``task.live_eval_limit`` rows) every
+            ``eval_every`` steps and after the last step; the step's record gets
+            ``task_<metric>`` (e.g. ``task_accuracy``).
         steps: optimizer steps; each sees ``batch_size * grad_accum`` rows.
         lr: peak learning rate, reached after ``warmup_ratio * steps`` steps, then cosine to 0.
         max_grad_norm: clip the global gradient norm to this (None or 0: measure, do not clip).
@@ -162,7 +171,14 @@ def train(
         progress: show a tqdm progress bar (``TQDM_DISABLE=1`` also hides it).
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "data", "tokenizer", "callbacks",
-                                                                "stop", "eval_data")}
+                                                                "stop", "eval_data", "task")}
+    task = _resolve_task(task)
+    if task is not None:
+        settings["task"] = f"{task.name} ({task.framing})"
+        data = task.training_data() if data is None else data
+    if data is None:
+        raise ConfigError("train() got no data. Expected a dataset (data=...) or a task (task='sentiment'); "
+                          "see peftlab.list_tasks() and peftlab.list_datasets().")
     settings = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in settings.items()}
     _check_settings(steps, batch_size, grad_accum, lr, warmup_ratio, checkpoint_every, eval_every)
     max_length = fit_context(model, max_length)
@@ -200,7 +216,7 @@ def train(
     checkpointing_was_off = gradient_checkpointing and _enable_checkpointing(model)
     out = Path(out_dir) if out_dir is not None else None
     reason, message, failure = "completed", f"Completed {steps} steps.", None
-    checkpoint, last_saved, last_eval = None, None, None
+    checkpoint, last_saved, last_eval, task_eval = None, None, None, None
     step, step_rng, partial_rng = start_step, None, None
     bar = _progress_bar(steps, start_step, progress)
     reset_peak_memory(device)
@@ -268,6 +284,9 @@ def train(
                 last_eval = evaluate(model, eval_set, batch_size=batch_size * grad_accum,
                                      max_length=max_length, bf16=bf16, pad_id=pad_id)
                 record.update({f"eval_{k}": v for k, v in last_eval.items() if k != "examples"})
+            if task is not None and (step + 1 == steps or (eval_every and (step + 1) % eval_every == 0)):
+                task_eval = evaluate_task(model, task, tokenizer=tokenizer, limit=task.live_eval_limit)
+                record.update({f"task_{k}": task_eval[k] for k in task.metrics})
             history.append(record)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
@@ -327,6 +346,7 @@ def train(
         message=message,
         checkpoint=checkpoint,
         eval=last_eval,
+        task_eval=task_eval,
         settings=settings,
     )
     if failure is not None:
@@ -343,6 +363,15 @@ def train(
 # --------------------------------------------------------------------------------------------
 # Loss, learning-rate schedule, evaluation
 # --------------------------------------------------------------------------------------------
+def _resolve_task(task: Any):
+    """A task name -> its Task; a Task (or None) as it is."""
+    if isinstance(task, str):
+        from peftlab.tasks import load_task
+
+        return load_task(task)
+    return task
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Multiplier of the peak lr at ``step`` (0-based): linear warmup, then cosine down to 0.
 
@@ -583,17 +612,6 @@ def _bf16_usable(bf16: bool, device: torch.device) -> bool:
         warnings.warn("This GPU has no bfloat16 support; training in fp32 instead (bf16=False).", stacklevel=3)
         return False
     return bf16
-
-
-def keep_4bit_trainable(model: nn.Module) -> None:
-    """Guard against a bitsandbytes CPU trap: on CPUs with AVX512-BF16 an eval-mode no-grad
-    forward of a ``Linear4bit`` (an evaluation, generate()) repacks its weight and silently drops
-    autograd support, after which no gradient reaches the adapter. See
-    :func:`peftlab.models.disable_cpu_weight_repack`."""
-    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):  # avoid importing bnb otherwise
-        from peftlab.models import disable_cpu_weight_repack
-
-        disable_cpu_weight_repack(model)
 
 
 def _enable_checkpointing(model: nn.Module) -> bool:
