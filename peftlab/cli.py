@@ -415,6 +415,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "models": [_as_dict(m) for m in peftlab.list_models()],
         "datasets": [_as_dict(d) for d in peftlab.list_datasets()],
         "methods": [_as_dict(m) for m in peftlab.list_methods()],
+        "tasks": [{"name": t.name, "description": f"({t.framing}) {t.description}", "framing": t.framing,
+                   "model": t.model, "metrics": ", ".join(t.metrics)} for t in peftlab.list_tasks()],
     }
     if args.json:
         print(json.dumps(_jsonable(sections), indent=1))

@@ -209,6 +209,10 @@ _TASKS: dict[tuple[str, str], Task] = {
         "sentiment", "rotten-tomatoes", GENERATE, "smollm2-135m",
         "Rotten Tomatoes review snippets; the model answers 'positive' or 'negative'",
         prompt=_SENTIMENT_PROMPT, labels=("negative", "positive"), max_new_tokens=3,
+        # measured on a 2-core AMD EPYC (fused backend, 96 held-out rows): the base model answers
+        # in sentences (accuracy 0.05); 24 steps at lr 2e-3 gave 0.77 in 86 s of training, these
+        # 30 steps at 3e-3 gave 0.84 in 105 s
+        defaults=TrainDefaults(lr=3e-3, steps=30, batch_size=8, max_length=128, eval_every=10),
     ),
     ("sentiment", CLASSIFY): Task(
         "sentiment", "rotten-tomatoes", CLASSIFY, "minilm-l6",

@@ -88,9 +88,9 @@ def test_info_lists_models_datasets_and_methods(capsys):
 
     assert main(["info", "--brief"]) == 0
     brief = capsys.readouterr().out
-    for section in ("models:", "datasets:", "methods:"):
+    for section in ("models:", "datasets:", "methods:", "tasks:"):
         assert section in brief
-    for name in ("smollm2-135m", "tiny-llama", "chatterbot-qa", "rotten-tomatoes"):
+    for name in ("smollm2-135m", "tiny-llama", "chatterbot-qa", "rotten-tomatoes", "sentiment", "forgetting"):
         assert name in brief
     for method in peftlab.list_methods():
         assert f"  {method['name']} " in brief
