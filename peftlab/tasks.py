@@ -218,7 +218,9 @@ _TASKS: dict[tuple[str, str], Task] = {
         "sentiment", "rotten-tomatoes", CLASSIFY, "minilm-l6",
         "Rotten Tomatoes review snippets; a classification head picks negative or positive",
         labels=("negative", "positive"),
-        defaults=TrainDefaults(lr=1e-3, steps=60, batch_size=16, max_length=64, eval_every=20),
+        # measured (200 held-out rows, 2-core AMD EPYC): accuracy 0.455 -> 0.755 in 20 s; lr 1e-3
+        # reached only 0.60 in the same 60 steps, 2e-3 needed 100 steps for 0.75
+        defaults=TrainDefaults(lr=5e-3, steps=60, batch_size=16, max_length=64, eval_every=20),
     ),
     ("topic", GENERATE): Task(
         "topic", "bbc-news", GENERATE, "smollm2-135m",
@@ -230,7 +232,7 @@ _TASKS: dict[tuple[str, str], Task] = {
         "topic", "bbc-news", CLASSIFY, "minilm-l6",
         "BBC News articles; a classification head picks one of 5 topics",
         labels=_TOPICS, max_input_chars=1000,
-        defaults=TrainDefaults(lr=1e-3, steps=60, batch_size=16, max_length=128, eval_every=20),
+        defaults=TrainDefaults(lr=5e-3, steps=60, batch_size=16, max_length=128, eval_every=20),
     ),
     ("qa", GENERATE): Task(
         "qa", "chatterbot-qa", GENERATE, "smollm2-135m",
