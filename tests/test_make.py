@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -45,11 +46,15 @@ def _start(target: str, args: str, timeout_s: float = 120.0) -> str:
         while time.monotonic() < deadline:
             text = log.read_text()
             assert proc.poll() is None, f"`make {target}` stopped (exit {proc.returncode}):\n{text[-3000:]}"
-            urls = re.findall(r"https?://127\.0\.0\.1:\d+[^\s]*", text)
+            complete = text[: text.rfind("\n") + 1]  # a line still being written may hold half a URL
+            urls = re.findall(r"https?://(?:127\.0\.0\.1|localhost):\d+[^\s]*", complete)
             if urls:
-                with urllib.request.urlopen(urls[0], timeout=30) as response:
-                    assert response.status == 200
-                return text
+                try:
+                    with urllib.request.urlopen(urls[0], timeout=30) as response:
+                        assert response.status == 200
+                    return text
+                except urllib.error.URLError:  # printed a moment before it listens: ask again
+                    pass
             time.sleep(0.5)
         raise AssertionError(f"`make {target}` printed no URL within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
     finally:
