@@ -2,7 +2,8 @@
 
     peftlab train --model smollm2-135m --data chatterbot-qa --method lora --rank 8 --steps 30 --out DIR
     peftlab info [--brief] [--json]
-    peftlab bench train|spectra [options...]
+    peftlab bench train|spectra|learn [options...]
+    peftlab study --out DIR                   # methods x learning rates x seeds on one task
     peftlab export RUN_DIR --to script.py     # a transformers + peft script for accelerate launch
 
 ``train`` runs offline on the bundled models and data, prints a summary table and writes to DIR:
@@ -26,13 +27,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from peftlab.errors import ConfigError, PeftlabError
+from peftlab.provenance import environment, jsonable, write_json
 
 EXIT_OK, EXIT_NAN, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftlab",
         description="Learn and prototype parameter-efficient fine-tuning (PEFT).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,study,export}")
 
     t = sub.add_parser("train", help="train an adapter and write it with a report",
                        description="Train an adapter on a bundled (offline) model and dataset.")
@@ -90,10 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--brief", action="store_true", help="one short line per item")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    b = sub.add_parser("bench", help="benchmarks: training step speed, or spectra of ΔW",
+    b = sub.add_parser("bench", help="benchmarks: training step speed, spectra of ΔW, time to learn a task",
                        description="Run a benchmark. Words after WHAT are passed on to it.")
-    b.add_argument("what", choices=("train", "spectra"), help="which benchmark")
+    b.add_argument("what", choices=("train", "spectra", "learn"), help="which benchmark: a training step's "
+                   "speed and memory, spectra of ΔW, or the time to learn the default task")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
+
+    s = sub.add_parser("study", help="compare methods on a task: methods x learning rates x seeds, resumable",
+                       description="Run (or resume) a method study on one task; writes study.json, "
+                       "study.csv and study.html to --out. See peftlab.study.")
+    from peftlab.study import add_arguments
+
+    add_arguments(s)
 
     e = sub.add_parser("export", help="write a run as a transformers + peft script (accelerate launch)",
                        description="Write a plain transformers + peft + accelerate script that "
@@ -113,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "study":
+            from peftlab.study import main as study_main
+
+            return study_main(args)
         return cmd_bench(args)
     except PeftlabError as err:
         # A user error: one paragraph, no traceback.
@@ -207,15 +220,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = {
         "command": reproduce_command(args),
         "args": {k: v for k, v in vars(args).items()},
-        "method_config": _jsonable(dataclasses.asdict(_resolved_config(model, spec, hp))),
+        "method_config": jsonable(dataclasses.asdict(_resolved_config(model, spec, hp))),
         "train_settings": result.settings,
         "summary": summary,
         "eval_before": summary.get("eval_before"),
         "eval_after": summary.get("eval_after"),
         "environment": environment(),
     }
-    _write_json(out / "history.json", result.history)
-    _write_json(out / "run.json", run)
+    write_json(out / "history.json", result.history)
+    write_json(out / "run.json", run)
     write_report(out / "report.html", history=result.history, summary=summary, run=run,
                  memory=memory_ledger(model, result), parameters=params.by_type,
                  title=f"peftlab train: {args.model} + {spec.name}, {args.task or args.data}")
@@ -365,44 +378,10 @@ def _resolved_config(model, spec, hp):
     return make_config(spec, inner, **hp)
 
 
-def environment() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    env = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("peftlab", "torch", "transformers", "peft", "bitsandbytes", "datasets"):
-        try:
-            env[dist] = version(dist)
-        except PackageNotFoundError:
-            env[dist] = "not installed"
-    import torch
-
-    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    env["torch_threads"] = str(torch.get_num_threads())
-    return env
-
-
 def _on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write next to the target, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +398,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                    "model": t.model, "metrics": ", ".join(t.metrics)} for t in peftlab.list_tasks()],
     }
     if args.json:
-        print(json.dumps(_jsonable(sections), indent=1))
+        print(json.dumps(jsonable(sections), indent=1))
         return EXIT_OK
     print(f"peftlab {peftlab.__version__}")
     for title, items in sections.items():
@@ -483,6 +462,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     WHAT) and returns an exit status."""
     if args.what == "spectra":
         return bench_spectra(args.options)
+    if args.what == "learn":
+        from peftlab import bench_learn
+
+        return bench_learn.main(args)
     if importlib.util.find_spec("peftlab.bench") is None:
         raise ConfigError(
             f"`peftlab bench {args.what}` needs the module peftlab.bench, which this installation "

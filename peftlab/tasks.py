@@ -171,13 +171,21 @@ class Task:
         return self.labels[value] if self.labels is not None else str(value).strip()
 
     def rows(self, split: str = "train", limit: int | None = None):
-        """The raw rows of one split (a ``datasets.Dataset``), the first ``limit`` of them."""
+        """The raw rows of one split (a ``datasets.Dataset``), the first ``limit`` of them.
+
+        ``split`` may slice, as in Hugging Face datasets: ``"train[:-400]"`` (all but the last 400
+        rows: training) and ``"train[-400:]"`` (those 400: a validation set).
+        """
         from peftlab.data import load_dataset
 
+        name, part = _split_slice(split)
         data = load_dataset(self.dataset, columns=dict(self.columns) or None)
-        if split not in data:
-            raise DataError(f"Task {self.name!r} has no split {split!r}. Expected one of {sorted(data)}.")
-        rows = data[split]
+        if name not in data:
+            raise DataError(f"Task {self.name!r} has no split {name!r}. Expected one of {sorted(data)}"
+                            ", optionally sliced like 'train[:-400]'.")
+        rows = data[name]
+        if part is not None:
+            rows = rows.select(range(len(rows))[part])
         return rows.select(range(min(limit, len(rows)))) if limit is not None else rows
 
     def training_data(self, split: str = "train"):
@@ -196,6 +204,18 @@ class Task:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "metrics": list(self.metrics)}
+
+
+def _split_slice(split: str) -> tuple[str, slice | None]:
+    """``"train[:-400]"`` -> ("train", slice(None, -400)); ``"test"`` -> ("test", None)."""
+    match = re.fullmatch(r"(\w+)\[(-?\d*):(-?\d*)\]", split.strip())
+    if match is None:
+        if "[" in split:
+            raise DataError(f"Cannot read the split {split!r}. Expected a name, optionally sliced by "
+                            "row: 'train', 'train[:-400]', 'train[-400:]', 'test[:100]'.")
+        return split, None
+    name, start, stop = match.groups()
+    return name, slice(int(start) if start else None, int(stop) if stop else None)
 
 
 _SENTIMENT_PROMPT = ("Is the sentiment of this movie review positive or negative? Answer with one "

@@ -12,18 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_report_header(config):
     """The machine a result belongs to: CPU, the kernels PyTorch picked, threads, forced ISAs."""
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        cpu += ", AVX-512" if " avx512f" in info else ", no AVX-512"
-    except (OSError, StopIteration):
-        pass
+    from peftlab.provenance import cpu_name
+
+    cpu = cpu_name()
     forced = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                         "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
     return (f"machine: {cpu}; {os.cpu_count()} CPUs; torch {torch.__version__} kernels "

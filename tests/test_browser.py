@@ -183,11 +183,14 @@ def _wait_for_kernel(page, url: str, timeout_s: float = 180) -> None:
 
 
 def _drive_lab(page, shot: str, static: bool) -> None:
-    """Choose SmolLM2 / NF4 / LoRA r=8, Train, see the loss grow and the count, Stop, screenshot.
+    """Choose no task, SmolLM2 / NF4 / LoRA r=8, Train, see the loss grow and the count, Stop, screenshot.
 
     ``static``: whether the live figures should be mime-bundle outputs (Voila), not FigureWidgets.
     """
     page.wait_for_selector(".peftlab-trainable", timeout=150_000)  # the Lab rendered and previewed
+    # no task: the Lab opens on the sentiment task, whose base-model measurement (48 greedy answers
+    # of the NF4 model) would add minutes per browser; the task flow is tested in test_widgets
+    _select(page, "task", "none")
     _select(page, "model", "smollm2-135m")
     _select(page, "method", "lora")
     rank = _control(page, ".widget-inline-hbox", "rank r").locator("input")

@@ -22,7 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def lab():
     from peftlab.widgets import Lab
 
-    return Lab(model="tiny-llama", steps=3, batch_size=2, max_length=64, spectrum_every=1,
+    return Lab(task=None, model="tiny-llama", steps=3, batch_size=2, max_length=64, spectrum_every=1,
                redraw_every_s=0.0)
 
 
@@ -176,6 +176,46 @@ def test_training_errors_are_messages(lab):
         assert not lab.training and not lab.train_button.disabled
     finally:
         lab.hub_w.value = ""
+
+
+def test_the_default_lab_opens_on_the_task_that_learns():
+    """Lab() picks the sentiment task and fills every choice with its measured defaults."""
+    from peftlab.tasks import load_task
+    from peftlab.widgets import Lab
+
+    d = load_task("sentiment").defaults
+    choice = Lab().choice()
+    assert (choice.task, choice.model, choice.method) == ("sentiment/generate", "smollm2-135m", d.method)
+    assert (choice.r, choice.lr, choice.steps, choice.batch_size, choice.max_length) == (
+        d.r, d.lr, d.steps, d.batch_size, d.max_length)
+
+
+def test_a_task_run_measures_the_base_then_the_metric_live_then_both_answers():
+    from peftlab.widgets import Lab
+
+    lab = Lab(model="tiny-llama", steps=4, batch_size=2, max_length=64, redraw_every_s=0.0)
+    assert lab.task.name == "sentiment" and lab.dataset_w.disabled
+    import dataclasses
+
+    small = dataclasses.replace(lab.task, live_eval_limit=6,
+                                defaults=dataclasses.replace(lab.task.defaults, eval_every=2))
+    lab._tasks[lab.task_w.value] = small  # a 6-row slice measured every 2 steps: seconds
+    assert lab.on_train() and lab.wait(300), "training did not finish"
+    assert "peftlab-ok" in lab.message.value, lab.message.value
+    assert lab.base_eval == {"accuracy": lab.base_eval["accuracy"], "n": 6}
+    assert [r.get("task_accuracy") is not None for r in lab.history] == [False, True, False, True]
+    assert lab.metric_fig.trace_lengths() == [3]  # the base level (step 0), steps 2 and 4
+    assert len(lab.base_answers) == len(lab.adapted_answers) == lab.answers_shown
+    assert [a.question for a in lab.base_answers] == [a.question for a in lab.adapted_answers]
+    table = lab.task_out.value
+    assert "base model" in table and "adapted" in table and "peftlab-after" in table
+    assert "Held-out accuracy:" in lab.message.value  # before -> after
+    # picking another task fills its defaults; "none" goes back to a dataset
+    lab.task_w.value = "sentiment/classify"
+    assert lab.choice().model == "minilm-l6" and lab.choice().lr == lab.task.defaults.lr
+    assert lab.estimate is not None and lab.estimate.count.trainable > 0, lab.preview.value
+    lab.task_w.value = "none"
+    assert lab.choice().task is None and not lab.dataset_w.disabled
 
 
 def test_static_live_figure_for_colab():

@@ -43,7 +43,8 @@ class Choice:
     """Everything the Lab's controls pick; one frozen value per run."""
 
     model: str = "smollm2-135m"
-    dataset: str = "chatterbot-qa"
+    dataset: str = "chatterbot-qa"  # trained on when no task is picked
+    task: str | None = None  # "sentiment/generate": its data, its metric measured live
     method: str = "lora"
     backend: str = "reference"
     r: int = 8

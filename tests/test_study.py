@@ -1,0 +1,108 @@
+"""peftlab study: the grid, its file, resuming without redoing finished cells, the summary.
+
+Cells run in this process on the random tiny-bert (seconds); the course's study runs each cell
+in a child process on MiniLM (see notebooks/study/)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+import peftlab.study as study_mod
+from peftlab.cli import main
+from peftlab.errors import ConfigError
+from peftlab.study import StudyConfig, load_study, run_study, summarize
+
+CONFIG = StudyConfig(model="tiny-bert", methods=("lora", "full"), lrs=(("lora", (1e-2,)), ("full", (1e-3,))),
+                     seeds=(0, 1), steps=3, batch_size=4, max_length=32, validation_rows=16, test_rows=16,
+                     forgetting_rows=4)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(CONFIG, out, in_child=False, log=None)
+
+
+def test_the_study_writes_every_cell_with_its_measurements(finished):
+    out, study = finished
+    assert [(c["method"], c["seed"]) for c in study["cells"]] == [("lora", 0), ("lora", 1), ("full", 0), ("full", 1)]
+    for cell in study["cells"]:
+        assert cell["status"] == "ok"
+        assert 0.0 <= cell["valid_accuracy"] <= 1.0 and 0.0 <= cell["test_accuracy"] <= 1.0
+        assert cell["forgetting"] >= 0.0 and cell["peak_memory_mb"] > 0 and cell["step_time_s"] > 0
+        assert len(cell["losses"]) == 3
+    lora, full = study["cells"][0], study["cells"][2]
+    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert full["forgetting"] > lora["forgetting"]  # every weight moved vs. a small update
+    stored = json.loads((out / "study.json").read_text())
+    assert stored["provenance"]["command"].startswith("peftlab study --task sentiment")
+    assert {"cpu", "torch", "date", "kernels"} <= set(stored["provenance"])
+    assert stored["base"]["test"]["n"] == 16
+    rows = list(csv.DictReader(io.StringIO((out / "study.csv").read_text())))
+    assert len(rows) == 4 and rows[0]["method"] == "lora" and "test_accuracy" in rows[0]
+    assert "plotly" in (out / "study.html").read_text()[:200_000]
+
+
+def test_resume_runs_only_the_missing_cells(finished, tmp_path, monkeypatch):
+    out, study = finished
+    cut = dict(study, cells=study["cells"][:3])  # as if interrupted during the fourth cell
+    (tmp_path / "study.json").write_text(json.dumps(cut))
+    ran = []
+    real = study_mod.run_cell
+    monkeypatch.setattr(study_mod, "run_cell", lambda *a: ran.append(a[1:]) or real(*a))
+    resumed = run_study(CONFIG, tmp_path, in_child=False, log=None)
+    assert ran == [("full", 1e-3, 1)]
+    assert resumed["cells"][:3] == study["cells"][:3] and len(resumed["cells"]) == 4
+    # a third seed extends the grid: two new cells, nothing redone
+    ran.clear()
+    run_study(StudyConfig(**{**CONFIG.__dict__, "seeds": (0, 1, 2)}), tmp_path, in_child=False, log=None)
+    assert ran == [("lora", 1e-2, 2), ("full", 1e-3, 2)]
+    # another training budget would mix incomparable cells: refused
+    with pytest.raises(ConfigError, match="steps"):
+        run_study(StudyConfig(**{**CONFIG.__dict__, "steps": 4}), tmp_path, in_child=False, log=None)
+
+
+def test_a_failing_cell_is_recorded_and_tried_again(tmp_path, monkeypatch):
+    config = StudyConfig(**{**CONFIG.__dict__, "methods": ("lora",), "lrs": (("lora", (1e-2,)),), "seeds": (0,)})
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(study_mod, "run_cell", broken)
+    first = run_study(config, tmp_path, in_child=False, log=None)
+    assert first["cells"][0]["status"] == "error: RuntimeError: out of memory"
+    monkeypatch.undo()
+    again = run_study(config, tmp_path, in_child=False, log=None)
+    assert [c["status"] for c in again["cells"]] == ["ok"]
+
+
+def test_summary_picks_the_learning_rate_on_validation_not_test():
+    def cell(lr, seed, valid, test):
+        return {"method": "lora", "lr": lr, "seed": seed, "status": "ok", "valid_accuracy": valid,
+                "test_accuracy": test, "forgetting": 0.01, "trainable_params": 10, "total_params": 100,
+                "peak_memory_mb": 500.0, "step_time_s": 0.1}
+
+    study = {"config": {"task": "sentiment", "framing": "classify", "methods": ["lora"],
+                        "lrs": {"lora": [1e-3, 1e-2]}, "seeds": [0, 1]},
+             "cells": [cell(1e-3, 0, 0.70, 0.90), cell(1e-3, 1, 0.72, 0.92),  # best on test only
+                       cell(1e-2, 0, 0.80, 0.75), cell(1e-2, 1, 0.82, 0.79)]}
+    (row,) = summarize(study)
+    assert row["lr"] == 1e-2 and row["seeds"] == 2
+    assert row["test_accuracy"] == pytest.approx(0.77) and row["test_accuracy_std"] == pytest.approx(0.0282843, rel=1e-5)
+    assert (row["test_accuracy_min"], row["test_accuracy_max"]) == (0.75, 0.79)
+    assert row["trainable_percent"] == pytest.approx(10.0)
+
+
+def test_bad_study_options_are_one_clear_line(tmp_path, capsys):
+    assert main(["study", "--methods", "lorra", "--out", str(tmp_path)]) == 2
+    assert "Did you mean 'lora'" in capsys.readouterr().err
+    assert main(["study", "--methods", "lora", "--lr", "ia3=1e-2", "--out", str(tmp_path)]) == 2
+    assert "not among the study's methods" in capsys.readouterr().err
+    assert main(["study", "--lr", "lora", "--out", str(tmp_path)]) == 2
+    assert "METHOD=LR" in capsys.readouterr().err
+    with pytest.raises(Exception, match="No study"):
+        load_study(tmp_path / "missing.json")
