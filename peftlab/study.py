@@ -57,22 +57,13 @@ VERSION = 1  # of the study.json layout
 # Learning rates each method is swept over, unless --lr METHOD=... says otherwise. Adapters start
 # at zero or identity and take larger steps than full fine-tuning; IA3 and VeRA train a few scaling
 # vectors and want larger still (peft's examples use 1e-2 .. 3e-2 for both).
+ADAPTER_LRS = (1e-3, 4e-3)  # low-rank, orthogonal and selective methods
+SCALING_LRS = (4e-3, 1.6e-2)  # IA3 and VeRA: a few scaling vectors
 DEFAULT_LRS: dict[str, tuple[float, ...]] = {
-    FULL: (5e-5, 2e-4),
-    "lora": (1e-3, 4e-3),
-    "dora": (1e-3, 4e-3),
-    "loha": (1e-3, 4e-3),
-    "lokr": (1e-3, 4e-3),
-    "adalora": (1e-3, 4e-3),
-    "ia3": (4e-3, 1.6e-2),
-    "vera": (4e-3, 1.6e-2),
-    "bitfit": (1e-3, 4e-3),
-    "ln_tuning": (1e-3, 4e-3),
-    "oft": (1e-3, 4e-3),
-    "boft": (1e-3, 4e-3),
-    "prompt_tuning": (3e-3, 3e-2),
+    FULL: (5e-5, 2e-4), "ia3": SCALING_LRS, "vera": SCALING_LRS, "prompt_tuning": (3e-3, 3e-2),
+    **{m: ADAPTER_LRS for m in ("lora", "dora", "loha", "lokr", "adalora", "bitfit", "ln_tuning", "oft", "boft")},
 }
-OTHER_LRS = (1e-3, 4e-3)
+OTHER_LRS = ADAPTER_LRS
 DEFAULT_METHODS = (FULL, "lora", "dora", "ia3", "vera", "bitfit")
 
 
@@ -141,8 +132,8 @@ def run_study(
     if study is None:
         study = {"version": VERSION, "config": config.as_dict(), "provenance": {}, "base": None, "cells": []}
     study["provenance"] = {"command": command or config_command(config), **environment()}
-    done = {(c["method"], c["lr"], c["seed"]) for c in study["cells"] if c["status"] != "error"}
-    study["cells"] = [c for c in study["cells"] if c["status"] != "error"]  # errors are tried again
+    study["cells"] = [c for c in study["cells"] if not c["status"].startswith("error")]  # tried again
+    done = {(c["method"], c["lr"], c["seed"]) for c in study["cells"]}
     todo = [cell for cell in config.cells() if cell not in done]
     if log and done:
         log(f"resuming {path}: {len(done)} cells done, {len(todo)} to go")

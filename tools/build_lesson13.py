@@ -14,7 +14,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parents[1]
 PATH = ROOT / "notebooks" / "13_method_shootout.ipynb"
 old = nbformat.read(PATH, 4)
-INSTALL = old.cells[1].source.split("import copy")[0]  # the Colab install lines, unchanged
+_first = old.cells[1].source
+INSTALL = _first[:_first.rindex("check=True)\n") + len("check=True)\n")]  # the Colab install lines, unchanged
 
 cells = []
 
