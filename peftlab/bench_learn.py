@@ -138,10 +138,8 @@ def _learn(row: LearnRow, task, config: LearnConfig, base_cache: dict[str, float
     import peftlab
 
     d = task.defaults
-    num_labels = len(task.labels) if task.framing == "classify" else None
     torch.manual_seed(config.seed)
-    model, tokenizer = (peftlab.load_model(task.model, num_labels=num_labels) if num_labels
-                        else peftlab.load_model(task.model))
+    model, tokenizer = peftlab.load_model(task.model, num_labels=task.num_labels)
     if task.model not in base_cache:
         base_cache[task.model] = peftlab.evaluate(model, task, tokenizer=tokenizer, limit=task.live_eval_limit)[task.metric]
     row.base = base_cache[task.model]

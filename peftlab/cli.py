@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         dataset = DatasetDict({"train": dataset})
     model, tokenizer = load_model_for(args.model, args.quantization, dataset,
-                                      num_labels=len(task.labels) if task and task.framing == "classify" else None)
+                                      num_labels=task.num_labels if task else None)
     eval_data = None
     if args.eval:
         eval_data = next((dataset[s] for s in ("validation", "test") if s in dataset), None)

@@ -120,17 +120,17 @@ def run_study(
     out = Path(out)
     path = out / "study.json"
     study = load_study(path) if path.exists() else None
+    wanted = config.as_dict()
     if study is not None:
-        changed = sorted(k for k in config.as_dict() if k not in GRID_KEYS
-                         and study["config"].get(k) != config.as_dict()[k])
+        changed = sorted(k for k in wanted if k not in GRID_KEYS and study["config"].get(k) != wanted[k])
         if changed:
             raise ConfigError(f"{path} holds a study whose cells were trained differently (different "
                               f"{', '.join(changed)}). Expected the same options to resume it (methods, "
                               "learning rates and seeds may change: that extends the grid); use another "
                               "--out for a new study.")
-        study["config"] = config.as_dict()
+        study["config"] = wanted
     if study is None:
-        study = {"version": VERSION, "config": config.as_dict(), "provenance": {}, "base": None, "cells": []}
+        study = {"version": VERSION, "config": wanted, "provenance": {}, "base": None, "cells": []}
     study["provenance"] = {"command": command or config_command(config), **environment()}
     study["cells"] = [c for c in study["cells"] if not c["status"].startswith("error")]  # tried again
     done = {(c["method"], c["lr"], c["seed"]) for c in study["cells"]}
@@ -188,13 +188,9 @@ class _Children:
 
 def measure_base(config: StudyConfig) -> dict[str, Any]:
     """The untrained model's metrics (its classifier head, if any, is freshly initialised)."""
-    import peftlab
-
     task = _task(config)
     model, tokenizer = _load(config, task, seed=0)
-    return {"valid": peftlab.evaluate(model, task, tokenizer=tokenizer, split=_valid_split(config),
-                                      limit=task.eval_limit),
-            "test": peftlab.evaluate(model, task, tokenizer=tokenizer, limit=config.test_rows)}
+    return _scores(model, task, tokenizer, config)
 
 
 def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model: bool = False):
@@ -216,7 +212,9 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        kwargs = {"r": config.rank} if "r" in _hyperparameters(method) else {}
+        from peftlab.methods import get_method
+
+        kwargs = {"r": config.rank} if "r" in get_method(method).config.field_names() else {}
         model = peftlab.adapt(model, method, backend=config.backend, **kwargs)
     params = peftlab.count_parameters(model)
     result = peftlab.train(model, task.training_data(f"train[:-{config.validation_rows}]"), tokenizer=tokenizer,
@@ -233,10 +231,8 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
             "device": model_device(model).type,
             "losses": [round(x, 4) for x in losses]}
     if result.stop_reason == "completed":
-        metric = task.metric
-        cell[f"valid_{metric}"] = peftlab.evaluate(model, task, tokenizer=tokenizer, split=_valid_split(config),
-                                                   limit=task.eval_limit)[metric]
-        cell[f"test_{metric}"] = peftlab.evaluate(model, task, tokenizer=tokenizer, limit=config.test_rows)[metric]
+        scores = _scores(model, task, tokenizer, config)
+        cell.update({f"{part}_{task.metric}": scores[part][task.metric] for part in ("valid", "test")})
         cell["forgetting"] = probe.after(model)
     return (cell, model, tokenizer) if keep_model else cell
 
@@ -295,24 +291,22 @@ def _load(config: StudyConfig, task, seed: int):
     import torch
 
     import peftlab
-    from peftlab.tasks import CLASSIFY
 
     torch.manual_seed(seed)  # a classifier's new head
-    if task.framing == CLASSIFY:
-        return peftlab.load_model(config.model or task.model, num_labels=len(task.labels))
-    return peftlab.load_model(config.model or task.model)
+    return peftlab.load_model(config.model or task.model, num_labels=task.num_labels)
 
 
 def _valid_split(config: StudyConfig) -> str:
     return f"train[-{config.validation_rows}:]"
 
 
-def _hyperparameters(method: str) -> set[str]:
-    import dataclasses
+def _scores(model, task, tokenizer, config: StudyConfig) -> dict[str, dict[str, float]]:
+    """``peftlab.evaluate`` on the validation rows (the first ``eval_limit``) and the test rows."""
+    import peftlab
 
-    from peftlab.methods import get_method
-
-    return {f.name for f in dataclasses.fields(get_method(method).config)}
+    return {"valid": peftlab.evaluate(model, task, tokenizer=tokenizer, split=_valid_split(config),
+                                      limit=task.eval_limit),
+            "test": peftlab.evaluate(model, task, tokenizer=tokenizer, limit=config.test_rows)}
 
 
 def _check_config(config: StudyConfig) -> None:

@@ -152,6 +152,11 @@ class Task:
         return self.metrics[0]
 
     @property
+    def num_labels(self) -> int | None:
+        """Outputs of the classification head this task needs (None: a causal LM)."""
+        return len(self.labels) if self.framing == CLASSIFY else None
+
+    @property
     def higher_is_better(self) -> bool:
         return self.metric != "perplexity"
 

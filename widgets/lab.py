@@ -348,8 +348,8 @@ class Lab:
     def _num_labels(self) -> int | None:
         import peftlab
 
-        if self.task is not None and self.task.framing == "classify":
-            return len(self.task.labels)
+        if self.task is not None and self.task.num_labels:
+            return self.task.num_labels
         info = next((d for d in peftlab.list_datasets() if d.name == self.dataset_w.value), None)
         return len(info.labels) if info is not None and info.labels else None
 
@@ -648,7 +648,7 @@ class Lab:
     def _metric_figure(self):
         from peftlab import plots
 
-        task = self._tasks.get(self.task_w.value) if hasattr(self, "_tasks") else None
+        task = self.task
         if task is None:
             return plots.task_metric_curve([], "metric", title="Task metric (pick a task to measure one)")
         before = self.base_eval.get(task.metric) if self.base_eval else None
