@@ -13,7 +13,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c requirements/constraints-cpu.txt)
 STAMP := $(VENV)/.peftlab-installed
 
-.PHONY: install lab app test bench gpu-check browser-deps clean
+.PHONY: install lab app test bench gpu-check browser-deps student clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ ifeq ($(PORTABILITY),1)
 	@echo "== pass 2 (portability): $(PORTABLE_ENV)"
 	$(PORTABLE_ENV) $(PYTEST) $(PORTABILITY_TESTS) -m "not browser" -q
 endif
+
+# Learner notebooks: the lessons with their answers blanked, nbgrader's way (tools/student.py writes
+# notebooks/learner/, which is committed; tests/test_student.py fails when it is out of date).
+student: install
+	$(PY) tools/student.py
 
 # `make bench` = `peftlab bench train`; e.g. make bench ARGS="--dtypes bf16 --repeats 3", or BENCH=spectra
 BENCH ?= train

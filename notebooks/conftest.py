@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import nbcompare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The learner notebooks (tools/student.py) have blank answers and no outputs: tests/test_student.py
+# checks them; nbval runs the solution versions.
+collect_ignore = ["learner"]
 _nbval_compare = plugin.IPyNbCell.compare_outputs
 _nbval_sanitize = plugin.IPyNbCell.sanitize
 # This checkout and this machine's temporary folder, wherever they are (nbval_sanitize.cfg's

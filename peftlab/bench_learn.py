@@ -1,7 +1,7 @@
 """``peftlab bench learn``: how long until the default run has learned its task?
 
     peftlab bench learn                                  # sentiment on SmolLM2, 3 backends x fp32/bf16
-    peftlab bench learn --backends fused --dtypes fp32 --target 0.7
+    peftlab bench learn --backends fused --dtypes fp32 --target 0.6
     peftlab bench learn --task sentiment --framing classify --target 0.7   # MiniLM: seconds
 
 Each (backend, dtype) trains the task's default run (its model, method, rank, learning rate,
@@ -14,6 +14,11 @@ reports:
     train s    seconds of training until then (the steps' own time; the measurements excluded)
     wall s     the same with the measurements included: what a user waits
     metric     the last value measured
+
+The default target, 0.7 on sentiment's 48-row live slice, marks "has learned the task": the base
+model scores 0.06 (it answers in sentences), and the default run settles at 0.69-0.73 there (0.785
+on 200 test reviews) once it answers with the label word, whatever the rate or the number of steps
+(tasks.py has the sweep).
 
 "bf16" is bfloat16 autocast (``peftlab.train(bf16=True)``); backends without it say so. The
 combinations run one after another in one process, so the ratios (against peft) come from one run
@@ -46,10 +51,10 @@ ANCHOR = ("LLMs-from-scratch appendix E: GPT-2 124M + LoRA, SMS spam classificat
 class LearnConfig:
     task: str = "sentiment"
     framing: str | None = None
-    target: float = 0.8
+    target: float = 0.7
     backends: tuple[str, ...] = BACKENDS
     dtypes: tuple[str, ...] = DTYPES
-    max_steps: int = 60
+    max_steps: int | None = None  # None: the task's own number of steps (its schedule too)
     eval_every: int = 5
     seed: int = 0
     out: str = "bench-learn.json"
@@ -78,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"metric to reach (default: {d.target}; for perplexity: at most this)")
     p.add_argument("--backends", default=",".join(d.backends), help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--dtypes", default=",".join(d.dtypes), help=f"comma-separated: {', '.join(DTYPES)}")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"give up after (default: {d.max_steps})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="give up after this many steps, which also set the learning-rate schedule (default: the "
+                        "task's own steps, as the default run)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"measure every N steps (default: {d.eval_every})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order and adapter init")
     p.add_argument("--out", default=d.out, help=f"results file (default: {d.out})")
@@ -99,7 +106,7 @@ def parse_options(options) -> LearnConfig:
         return items
 
     for flag in ("max_steps", "eval_every"):
-        if getattr(opts, flag) < 1:
+        if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(opts, flag)}).")
     from peftlab.tasks import load_task
 
@@ -165,7 +172,7 @@ def _learn(row: LearnRow, task, config: LearnConfig, base_cache: dict[str, float
         return None
 
     start = time.perf_counter()
-    result = peftlab.train(model, task=task, tokenizer=tokenizer, steps=config.max_steps, lr=d.lr,
+    result = peftlab.train(model, task=task, tokenizer=tokenizer, steps=config.max_steps or d.steps, lr=d.lr,
                            batch_size=d.batch_size, max_length=d.max_length, eval_every=config.eval_every,
                            bf16=row.dtype == "bf16", seed=config.seed, callbacks=[callback], progress=False)
     row.wall_s = time.perf_counter() - start

@@ -15,12 +15,14 @@ exception, or how far the values are off and for which input. Nothing is printed
 from __future__ import annotations
 
 import math
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from peftlab.errors import UnknownNameError, closest
 
@@ -31,13 +33,17 @@ class Exercise:
     task: str  # what the learner must write, shown by describe()
     reference: Callable
     make_inputs: Callable[[torch.Generator], dict]  # seeded random arguments
-    hint: str  # shown when the answer is wrong
+    hint: str  # shown when the answer is wrong: a direction, never the answer's code
     atol: float = 1e-5
+    forbid_ops: tuple[str, ...] = ()  # torch functions the idea excludes, by name ("kron")
+    forbid_names: tuple[str, ...] = ()  # names the answer may not read (peftlab's own constants)
+    dense: Callable[[dict], tuple[int, int, int]] | None = None  # (d_out, d_in, r): no d_out x d_in
+    # matrix may be built from the factors, and no SVD of anything larger than r x r
 
 
 def _lora_inputs(g: torch.Generator) -> dict:
     d_in, d_out, r = (int(torch.randint(4, 24, (1,), generator=g)) for _ in range(3))
-    r = max(1, min(r, d_in, d_out))
+    r = max(1, min(r, d_in - 1, d_out - 1))  # below both sizes: a (d_out, d_in) product is ΔW
     return {
         "x": torch.randn(3, d_in, generator=g),
         "W": torch.randn(d_out, d_in, generator=g),
@@ -386,8 +392,10 @@ EXERCISES: dict[str, Exercise] = {
             "lora_forward(x, W, A, B, alpha, r) -> h = x W^T + (alpha / r) (x A^T) B^T, for x of shape (n, d_in).",
             _lora_forward,
             _lora_inputs,
-            "Rows of x are examples, so the base output is x @ W.T; the update goes through A first "
-            "(d_in -> r), then B (r -> d_out), scaled by alpha / r.",
+            "Rows of x are examples, so every linear map multiplies x by its weight transposed. Send x "
+            "through A first (d_in -> r), then through B (r -> d_out), and scale by alpha / r: that way no "
+            "d_out x d_in matrix is ever built.",
+            dense=lambda inputs: (inputs["B"].shape[0], inputs["A"].shape[1], inputs["A"].shape[0]),
         ),
         Exercise(
             "lora_delta_weight",
@@ -410,8 +418,9 @@ EXERCISES: dict[str, Exercise] = {
             "by its largest |value|, then pick the nearest of the 16 NF4 code values.",
             _absmax_quantize,
             _absmax_inputs,
-            "Reshape to (-1, blocksize), divide by each block's max |w|, then argmin |scaled - NF4_CODE| "
-            "over the 16 codes (peftlab.quant.nf4.NF4_CODE).",
+            "Work on rows of blocksize values. A row's scale is its largest absolute value; divided by it, "
+            "every value lies in [-1, 1]. Then each value's code is the index of the nearest of the 16 "
+            "entries of peftlab.quant.nf4.NF4_CODE (compare every value with every entry by broadcasting).",
             atol=0,
         ),
         # -- lesson 02 exercises --
@@ -421,8 +430,10 @@ EXERCISES: dict[str, Exercise] = {
             "without forming ΔW: thin QR of B and of Aᵀ, then the SVD of the small r x r core.",
             _lora_singular_values,
             _factors_inputs,
-            "B = Q1 R1 and Aᵀ = Q2 R2 (torch.linalg.qr), so ΔW = Q1 (scaling · R1 R2ᵀ) Q2ᵀ with orthonormal "
-            "Q1, Q2: the singular values of ΔW are those of the r x r core (torch.linalg.svdvals).",
+            "Multiplying by a matrix with orthonormal columns does not change singular values. A thin QR "
+            "factorisation writes B as (orthonormal d_out x r) times (r x r), and Aᵀ the same way: what is "
+            "left between the two orthonormal factors of ΔW is a small r x r matrix.",
+            dense=lambda inputs: (inputs["B"].shape[0], inputs["A"].shape[1], inputs["A"].shape[0]),
         ),
         Exercise(
             "subspace_phi",
@@ -430,8 +441,10 @@ EXERCISES: dict[str, Exercise] = {
             "of A1 (r1, d), V_j the top-j of A2 (r2, d): a 0-d tensor between 0 and 1.",
             _subspace_phi,
             _phi_inputs,
-            "torch.linalg.svd(A, full_matrices=False) returns Vh, whose rows are the right singular vectors: "
-            "U_i = Vh1[:i].T (d, i), V_j = Vh2[:j].T (d, j); square the Frobenius norm of U_iᵀ V_j.",
+            "The right singular vectors of A1 are the input directions it reads; torch.linalg.svd returns "
+            "them sorted, as the rows of Vh. Take A1's top i and A2's top j as orthonormal bases of two "
+            "subspaces of R^d; how much one lies in the other is the squared Frobenius norm of the product "
+            "of the two bases.",
         ),
         # -- lesson 03 exercises --
         Exercise(
@@ -441,8 +454,10 @@ EXERCISES: dict[str, Exercise] = {
             "0.5 excluded), and an exact 0; divided by the largest value.",
             _code_book,
             _code_book_inputs,
-            "torch.distributions.Normal(0.0, 1.0).icdf(p) gives quantiles; torch.linspace(offset, 0.5, 9)[:-1] "
-            "gives 8 probabilities, torch.linspace(offset, 0.5, 8)[:-1] gives 7. Sort, then divide by the max.",
+            "Quantiles come from torch.distributions.Normal(0.0, 1.0).icdf. The probabilities run evenly "
+            "from offset to 0.5 with 0.5 itself left out (its quantile is the 0, added separately): count "
+            "how many points each half needs. Then sort and normalise so the largest value is 1.",
+            forbid_names=("NF4_CODE", "FP4_CODE"),
         ),
         Exercise(
             "pack_4bit",
@@ -450,7 +465,9 @@ EXERCISES: dict[str, Exercise] = {
             "codes[1] in its low 4 bits, and so on; an odd n gets one padding code 0.",
             _pack_4bit,
             _pack_inputs,
-            "Pad an odd-length input with one 0 (torch.nn.functional.pad), then (q[0::2] << 4) | q[1::2].",
+            "Pair neighbours: the code at an even position goes into the high 4 bits of its byte (a shift "
+            "left by 4), the one after it into the low 4 bits (a bitwise or). An odd count needs one extra "
+            "0 code at the end first.",
             atol=0,
         ),
         # -- lesson 04 exercises --
@@ -460,8 +477,9 @@ EXERCISES: dict[str, Exercise] = {
             "(d_out, d_in); ||V||_c is the L2 norm of each output unit's weights (one per row here).",
             _dora_weight,
             _dora_inputs,
-            "V = W0 + scaling * B @ A; the norm runs over d_in (V.norm(dim=1), shape (d_out,)); row i is "
-            "scaled by m[i] / ||V_i||, so unsqueeze the factor to (d_out, 1).",
+            "First the direction V: W0 plus the scaled low-rank update. An output unit's weights are one "
+            "row of V, so there is one norm per row; divide each row by its norm and multiply it by its "
+            "magnitude. A factor per row needs shape (d_out, 1) to broadcast.",
         ),
         # -- lesson 05 exercises --
         Exercise(
@@ -470,7 +488,8 @@ EXERCISES: dict[str, Exercise] = {
             "(d_out, d_in); w1a, w2a are (d_out, r), w1b, w2b are (r, d_in).",
             _loha_delta,
             _loha_inputs,
-            "Two ordinary matrix products (@), then the element-wise product (*) of the results, times scaling.",
+            "Each pair (w1a, w1b) and (w2a, w2b) is a LoRA-style low-rank product of shape (d_out, d_in); "
+            "LoHa combines the two products entry by entry (the Hadamard product), not as a matrix product.",
             atol=1e-4,
         ),
         Exercise(
@@ -479,7 +498,10 @@ EXERCISES: dict[str, Exercise] = {
             "W1[i, j] · W2. Write it without torch.kron.",
             _kronecker,
             _kron_inputs,
-            "Broadcast W1[:, None, :, None] * W2[None, :, None, :] to (a, b, c, d), then reshape to (a*b, c*d).",
+            "Block (i, j) is W1[i, j] times all of W2. Give each factor two singleton axes so that broadcasting "
+            "multiplies every entry of W1 with every entry of W2 in a 4-d tensor, then reshape it to "
+            "(a·b, c·d); which axes you interleave decides whether the blocks come out in the right places.",
+            forbid_ops=("kron",),
             atol=1e-6,
         ),
         # -- lesson 06 exercises --
@@ -490,8 +512,9 @@ EXERCISES: dict[str, Exercise] = {
             "(b(b-1)/2 numbers, the order of torch.triu_indices(b, b, offset=1)).",
             _cayley_rotation,
             _cayley_inputs,
-            "Put params at torch.triu_indices(b, b, offset=1) of a zero (b, b) matrix U, then Q = U - U.T; "
-            "R = (I - Q) @ torch.linalg.inv(I + Q). Use params' dtype for I.",
+            "Build Q first: a zero b x b matrix with params in its strict upper triangle (torch.triu_indices "
+            "lists those positions in the right order), minus its own transpose. The Cayley transform then "
+            "needs an identity of params' dtype and one inverse (or a solve).",
             atol=1e-9,
         ),
         Exercise(
@@ -500,9 +523,9 @@ EXERCISES: dict[str, Exercise] = {
             "block_diag(blocks[0], ..., blocks[-1]) and blocks has shape (n_blocks, b, b), n_blocks · b = d_in.",
             lambda x, W0, blocks: x @ torch.block_diag(*blocks) @ W0.T,
             _oft_block_inputs,
-            "Rows of x are examples, so the rotation acts as x @ R: cut x into chunks of b features "
-            "(x.unflatten(-1, (n_blocks, b))), multiply chunk i by blocks[i], flatten, then @ W0.T. "
-            "torch.block_diag(*blocks) builds R if you prefer.",
+            "The rotation acts on the input features before W0. Rows of x are examples, so a row vector is "
+            "multiplied by R from the left: cut each row into n_blocks chunks of b features, turn chunk i "
+            "with blocks[i], put the chunks back together, then apply W0 as a linear layer does.",
         ),
         # -- lesson 07 exercises --
         Exercise(
@@ -512,8 +535,8 @@ EXERCISES: dict[str, Exercise] = {
             "(l has d_in entries). W is (d_out, d_in).",
             _ia3_merged_weight,
             _ia3_inputs,
-            "Scaling the output scales W's rows AND the bias: l[:, None] * W, l * b. Scaling the input "
-            "scales W's columns (W * l) and leaves the bias alone.",
+            "An output scale multiplies whole output units: W's rows, and the bias too. An input scale "
+            "multiplies input features, W's columns; the bias is added after W and never sees the input.",
         ),
         Exercise(
             "bitfit_bert_count",
@@ -523,8 +546,9 @@ EXERCISES: dict[str, Exercise] = {
             "pooler's biases (d each). The classifier head is not counted.",
             lambda n_layers, d, d_ff: n_layers * (7 * d + d_ff) + 2 * d,
             _bert_size_inputs,
-            "Per layer: 4 attention biases + 1 output bias + 2 LayerNorm biases = 7 of size d, and one "
-            "of size d_ff. Then two more of size d outside the layers.",
+            "Walk through one encoder layer and list every bias vector with its size: the attention's "
+            "projections and output, the feed-forward's two linear layers (one widens to d_ff, one narrows "
+            "back), the LayerNorms. Then the ones outside the layers the task names.",
             atol=0,
         ),
         # -- lesson 08 exercises --
@@ -535,8 +559,9 @@ EXERCISES: dict[str, Exercise] = {
             "widen the mask (B, T) to (B, n + T) with ones in front (the model must see the prompt).",
             _prepend_soft_prompt,
             _soft_prompt_inputs,
-            "Expand the prompt to (B, n, d) (prompt.unsqueeze(0).expand(B, -1, -1)) and torch.cat it before "
-            "embeds along dim=1; the mask gets attention_mask.new_ones(B, n) in front, also along dim=1.",
+            "The same n vectors go before every row: give the prompt a batch axis and repeat it B times "
+            "(expand costs no memory), then concatenate along the sequence axis. The mask grows the same "
+            "way, with ones in the mask's own dtype.",
         ),
         # -- lesson 09 exercises --
         Exercise(
@@ -545,8 +570,8 @@ EXERCISES: dict[str, Exercise] = {
             "down(h) = h W_down^T + b_down (d -> r) and up(z) = z W_up^T + b_up (r -> d); h is (n, d).",
             _houlsby_forward,
             _houlsby_inputs,
-            "Rows of h are examples: down is h @ W_down.T + b_down, then torch.relu, then @ W_up.T + b_up; "
-            "scale by s and add the residual h.",
+            "Rows of h are examples, so each linear layer multiplies by its weight transposed and adds its "
+            "bias. Down-project, ReLU, up-project, scale by s, and add h back (the residual).",
         ),
         Exercise(
             "gated_prompt_attention",
@@ -554,8 +579,9 @@ EXERCISES: dict[str, Exercise] = {
             "(T, d) attend over K prompt keys and values (K, d) with their own softmax, scaled by gate.",
             _prompt_attention,
             _prompt_attention_inputs,
-            "scores = q @ k_p.T / math.sqrt(d) is (T, K); softmax over the last dim (the prompts), "
-            "multiply by gate, then @ v_p.",
+            "Score every query against every prompt key, scaled by the square root of the head size: a "
+            "(T, K) matrix. The softmax runs over the K prompts; the weighted sum of the prompt values is "
+            "then scaled by the gate.",
         ),
         # -- lesson 10 exercises --
         Exercise(
@@ -565,8 +591,9 @@ EXERCISES: dict[str, Exercise] = {
             "at total_step - tfinal, then target_r · n_layers (an int, rounded down).",
             _adalora_budget,
             _budget_inputs,
-            "b = int((b_init - b_target) · (1 - (t - tinit) / (total_step - tfinal - tinit))³ + b_target) with "
-            "b = r · n_layers; step <= tinit gives b_init, step > total_step - tfinal gives b_target.",
+            "Three phases: the full budget up to and including tinit, the target budget after "
+            "total_step - tfinal, and in between the excess over the target shrinks with the cube of the "
+            "share of the middle phase still to go. Budgets are ranks times layers; round down at the end.",
             atol=0,
         ),
         Exercise(
@@ -575,7 +602,8 @@ EXERCISES: dict[str, Exercise] = {
             "I = |w · grad|, its EMA Ī with beta1, and the EMA Ū of |I - Ī| with beta2 (using the new Ī).",
             _adalora_importance,
             _importance_inputs,
-            "Ī ← beta1 · Ī + (1 - beta1) · I first; then Ū ← beta2 · Ū + (1 - beta2) · |I - Ī| with that new Ī.",
+            "Both are exponential moving averages (new = beta · old + (1 - beta) · value). Order matters: "
+            "update Ī first, and measure the deviation of the sensitivity from that updated Ī.",
         ),
         # -- lesson 11 exercises --
         Exercise(
@@ -585,8 +613,8 @@ EXERCISES: dict[str, Exercise] = {
             "B_i side by side (d_out, n·r), so that B_cat A_cat = Σ_i w_i s_i B_i A_i exactly (peft's 'cat').",
             _lora_cat,
             _cat_inputs,
-            "A block product: [B_1, B_2] @ [A_1; A_2] = B_1 A_1 + B_2 A_2. Scale each A_i by weights[i] * "
-            "scalings[i], then torch.cat the A's along dim=0 and the B's along dim=1.",
+            "A block product: B's side by side times A's stacked is the sum of the B_i A_i. Each adapter's "
+            "weight and scaling must appear once in its term, so put them on one factor only.",
         ),
         Exercise(
             "ties_merge",
@@ -597,9 +625,10 @@ EXERCISES: dict[str, Exercise] = {
             "they are (at least 1).",
             _ties_merge,
             _ties_inputs,
-            "torch.topk(t.abs(), k=int(density * d)).indices gives the entries to keep; elected = "
-            "torch.where(trimmed.sum(0) >= 0, 1, -1); agree = trimmed.sign() == elected (a trimmed 0 never "
-            "agrees); result = (weights[:, None] * trimmed * agree).sum(0) / agree.sum(0).clamp(min=1).",
+            "Three passes, as the task says. Trim: per tensor, the positions of its k largest magnitudes "
+            "(torch.topk on absolute values), zero elsewhere. Elect: per entry, the sign of the sum over "
+            "the trimmed tensors. Mean: per entry, only the tensors whose sign matches (a trimmed 0 never "
+            "matches) count, in the weighted sum and in the divisor.",
         ),
         # -- lesson 12 exercises --
         Exercise(
@@ -608,8 +637,9 @@ EXERCISES: dict[str, Exercise] = {
             "B_new A_new = the best rank-r approximation of W - Q, with B_new = U_r √S_r and A_new = √S_r V_rᵀ.",
             _loftq_step,
             _loftq_inputs,
-            "r = A.shape[0]. U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False); root = S[:r].sqrt(); "
-            "B_new = U[:, :r] * root, A_new = root[:, None] * Vh[:r].",
+            "Quantise what the adapter does not carry; then the adapter takes the best rank-r "
+            "approximation of what the quantiser missed (Eckart-Young: a truncated SVD), with the square "
+            "root of the singular values split evenly between B_new and A_new.",
         ),
         # -- lesson 13 exercises --
         Exercise(
@@ -619,8 +649,9 @@ EXERCISES: dict[str, Exercise] = {
             "pairs, multiplied elementwise) and 'vera' (frozen shared random A, B; trains d and b vectors).",
             _per_layer_count,
             _per_layer_inputs,
-            "lora: r(d_in + d_out); dora: that + d_out; loha: twice lora; vera: d_out + r (b scales the d_out "
-            "outputs, d the r rows of the shared A).",
+            "Count the shapes of what each method trains. LoRA: A reads d_in features into r, B writes r "
+            "into d_out. DoRA adds one magnitude per output unit. LoHa has two LoRA pairs. VeRA freezes "
+            "and shares A and B and trains one scale per row of A and one per output.",
             atol=0,
         ),
         # -- lesson 14 exercises --
@@ -665,18 +696,43 @@ def describe(name: str) -> str:
 
 
 def check(name: str, fn: Callable, cases: int = 5, seed: int = 0) -> bool:
-    """Compare ``fn`` with the reference on ``cases`` seeded random inputs; print the verdict."""
+    """Run ``fn`` and the reference on ``cases`` seeded random inputs; print the verdict.
+
+    The answer must also keep to the exercise's idea: it may not call into peftlab (the checker's own
+    reference included: write it yourself), nor use what the exercise excludes (``torch.kron`` where
+    the point is to build the Kronecker product, a dense ΔW where the point is never to form it).
+    An unwritten answer (``raise NotImplementedError()``, the learner notebooks' stub) gets a
+    message, not a traceback.
+    """
     exercise = _get(name)
+    if getattr(fn, "__module__", "") and str(fn.__module__).split(".")[0] == "peftlab":
+        print(f"✗ {name}: that is peftlab's own {getattr(fn, '__qualname__', 'function')}; the exercise is to "
+              f"write it yourself.\n  {exercise.task}")
+        return False
+    names = _names_read(fn) & set(exercise.forbid_names)
+    if names:
+        print(f"✗ {name}: your function reads {', '.join(sorted(names))}, the answer itself; build it from "
+              f"the definition instead.\n  Hint: {exercise.hint}")
+        return False
     g = torch.Generator().manual_seed(seed)
     for case in range(cases):
         inputs = exercise.make_inputs(g)
         expected = exercise.reference(**inputs)
+        watch = _Watch(exercise, inputs)
         try:
-            got = fn(**inputs)
+            with watch:
+                got = fn(**inputs)
+        except NotImplementedError:
+            print(f"✗ {name}: not written yet. Replace `raise NotImplementedError()` with your code, run the "
+                  f"cell again.\n  {exercise.task}")
+            return False
         except Exception as err:  # the learner's code: report, never crash the notebook
             frame = traceback.extract_tb(err.__traceback__)[-1]
             print(f"✗ {name}: raised {type(err).__name__}: {err} (line {frame.lineno}) on case {case}: "
                   f"{_shapes(inputs)}.\n  Hint: {exercise.hint}")
+            return False
+        if watch.problem:
+            print(f"✗ {name}: {watch.problem} (case {case}: {_shapes(inputs)}).\n  Hint: {exercise.hint}")
             return False
         problem = _compare(got, expected, exercise.atol)
         if problem:
@@ -684,6 +740,123 @@ def check(name: str, fn: Callable, cases: int = 5, seed: int = 0) -> bool:
             return False
     print(f"✓ {name}: correct on {cases} random cases")
     return True
+
+
+_SVD_OPS = frozenset({"svd", "svdvals", "svd_lowrank", "pca_lowrank", "eig", "eigh", "eigvals", "eigvalsh"})
+
+
+class _Watch(TorchFunctionMode):
+    """While the answer runs: every torch call (``TorchFunctionMode``) and every Python call
+    (``sys.setprofile``), to catch what the exercise's idea excludes. The first problem is kept."""
+
+    def __init__(self, exercise: Exercise, inputs: dict) -> None:
+        super().__init__()
+        self.exercise, self.problem = exercise, None
+        self.dense = exercise.dense(inputs) if exercise.dense else None
+        self._allowed = {id(getattr(v, "__code__", None)) for v in inputs.values() if callable(v)}
+        self._inside_allowed = 0
+        self._previous_profile = None
+
+    def __enter__(self):
+        self._previous_profile = sys.getprofile()
+        sys.setprofile(self._profile)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous_profile)
+        return super().__exit__(*exc)
+
+    def _profile(self, frame, event, arg) -> None:
+        # an input callable (LoftQ's `quantize`) may run peftlab code; the answer itself may not
+        if id(frame.f_code) in self._allowed:
+            self._inside_allowed += {"call": 1, "return": -1}.get(event, 0)
+            return
+        if event != "call" or self._inside_allowed or self.problem or frame.f_code in _OWN_CODE:
+            return
+        module = str(frame.f_globals.get("__name__", ""))
+        caller = str(frame.f_back.f_globals.get("__name__", "")) if frame.f_back else ""
+        if module.split(".")[0] == "peftlab" and caller.split(".")[0] != "peftlab":
+            self.problem = (f"your function calls peftlab's {module}.{frame.f_code.co_name}; the exercise is "
+                            "to write it yourself")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.problem is None and not self._inside_allowed:
+            self.problem = self._inspect(getattr(func, "__name__", ""), args, out)
+        return out
+
+    def _inspect(self, op: str, args, out) -> str | None:
+        if op in self.exercise.forbid_ops:
+            return f"your function uses torch's {op}, which this exercise asks you to build yourself"
+        if self.dense is None:
+            return None
+        d_out, d_in, r = self.dense
+        big = {(d_out, d_in), (d_in, d_out)}
+        tensors = [a for a in _flat(args) if isinstance(a, Tensor)]
+        if op in _SVD_OPS and any(t.dim() >= 2 and min(t.shape[-2:]) > r for t in tensors):
+            return (f"your function takes the {op} of a {'x'.join(map(str, tensors[0].shape))} matrix; the "
+                    f"point is that an {r} x {r} one is enough")
+        if (isinstance(out, Tensor) and out.dim() >= 2 and tuple(out.shape[-2:]) in big
+                and not any(t.dim() >= 2 and tuple(t.shape[-2:]) in big for t in tensors)):
+            return (f"your function builds a {d_out} x {d_in} matrix from the factors (that is ΔW); the "
+                    "point is never to form it")
+        return None
+
+
+_OWN_CODE = frozenset(f.__code__ for f in (_Watch.__torch_function__, _Watch._inspect, _Watch.__exit__))
+
+
+def _flat(items) -> list:
+    out = []
+    for item in items:
+        out.extend(_flat(item) if isinstance(item, (list, tuple)) else [item])
+    return out
+
+
+def _names_read(fn: Callable) -> set[str]:
+    """Every global or attribute name ``fn``'s code (nested functions included) refers to."""
+    code = getattr(fn, "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return names
+
+
+def predicted(what: str, prediction, measured, tolerance: float = 0.1) -> bool:
+    """An open exercise's verdict: the learner's prediction beside the measurement.
+
+    ``prediction`` is None until the learner writes one (the learner notebooks' stub), which gets a
+    message, not a traceback. Numbers count as right within ``tolerance`` (relative); anything
+    else must be equal. Prints one line and returns whether the prediction held.
+
+        prediction = None  # the learner's guess, written before running the measurement
+        exercises.predicted("trainable parameters of LoRA r=16", prediction, measured)
+    """
+    if prediction is None:
+        print(f"✗ {what}: no prediction yet. Write yours in the cell above (replace None), run it, then "
+              "run this cell.")
+        return False
+    if isinstance(measured, (int, float)) and not isinstance(measured, bool):
+        try:
+            guess = float(prediction)
+        except (TypeError, ValueError):
+            print(f"✗ {what}: expected a number as the prediction, got {prediction!r}.")
+            return False
+        off = (guess - measured) / measured if measured else guess - measured
+        ok = abs(off) <= tolerance
+        print(f"{'✓' if ok else '✗'} {what}: you predicted {_num(guess)}, measured {_num(measured)} "
+              f"({off:+.1%}{'' if ok else f', more than {tolerance:.0%} off: look at what you left out'})")
+        return ok
+    ok = prediction == measured
+    print(f"{'✓' if ok else '✗'} {what}: you predicted {prediction!r}, measured {measured!r}")
+    return ok
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 and float(x).is_integer() else f"{x:,.4g}"
 
 
 def _compare(got, expected, atol: float) -> str | None:

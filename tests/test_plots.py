@@ -230,3 +230,37 @@ def tiny_llama_small():
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     return LlamaForCausalLM(config)
+
+
+def test_curves_and_loss_curves_one_line_per_run():
+    fig = plots.loss_curves({"lora": [3.0, 2.0, 1.5], "dora": [3.0, 2.5]})
+    assert [t.name for t in fig.data] == ["lora", "dora"]
+    np.testing.assert_allclose(fig.data[0].x, [1, 2, 3])
+    np.testing.assert_allclose(fig.data[1].y, [3.0, 2.5])
+    assert "nats" in _titles(fig)[2]
+    log = plots.curves({"r = 8": [1.0, 0.9]}, steps=[1, 2], x_title="iteration", y_title="error", log_y=True)
+    assert log.layout.yaxis.type == "log" and _titles(log)[1] == "iteration"
+
+
+def test_singular_values_drops_zeros_on_the_log_axis():
+    fig = plots.singular_values({"lora": torch.tensor([2.0, 1.0, 0.0]), "lokr": [4.0, 3.0, 2.0, 1.0]})
+    assert fig.layout.yaxis.type == "log"
+    assert np.isnan(fig.data[0].y[2]) and len(fig.data[1].y) == 4
+    np.testing.assert_allclose(fig.data[1].x, [1, 2, 3, 4])
+
+
+def test_bars_one_bar_per_entry_with_its_value():
+    fig = plots.bars({"cat": 0.0, "linear": 0.99}, y_title="relative error", fmt="{:.2f}")
+    assert list(fig.data[0].x) == ["cat", "linear"]
+    np.testing.assert_allclose(fig.data[0].y, [0.0, 0.99])
+    assert list(fig.data[0].text) == ["0.00", "0.99"]
+
+
+def test_magnitude_direction_fits_a_slope_per_method():
+    d = np.array([1.0, 2.0, 3.0])
+    fig = plots.magnitude_direction({"LoRA": (d, 2 * d + 1), "DoRA": (d, -d)})
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["LoRA: slope +2", "DoRA: slope -1"]
+    points = [t for t in fig.data if t.mode == "markers"]
+    np.testing.assert_allclose(points[1].y, [-1.0, -2.0, -3.0])
+    assert points[0].xaxis == "x" and points[1].xaxis == "x2"

@@ -24,10 +24,15 @@ def md(text: str) -> None:
     cells.append(new_markdown_cell(text.strip()))
 
 
-def code(text: str, tags: tuple[str, ...] = ()) -> None:
+def code(text: str, tags: tuple[str, ...] = (), solution: str | None = None, stub: str | None = None) -> None:
     cell = new_code_cell(text.strip())
     if tags:
         cell.metadata["tags"] = list(tags)
+    if solution:  # an exercise: nbgrader's solution-cell metadata (tools/student.py blanks the answer)
+        cell.metadata["nbgrader"] = {"grade": False, "grade_id": solution, "locked": False,
+                                     "schema_version": 3, "solution": True}
+    if stub:  # what the learner version holds instead of the answer
+        cell.metadata["peftlab"] = {"stub": stub}
     cells.append(cell)
 
 
@@ -137,7 +142,7 @@ resolved by this study.
 """)
 
 code("""
-plots.study_tradeoff(list(rows.values()), "accuracy", base=base_accuracy).show()
+plots.show(plots.study_tradeoff(list(rows.values()), "accuracy", base=base_accuracy))
 """, tags=("nbval-figure-structure",))
 
 md("""
@@ -149,7 +154,7 @@ still with a rate outside it.
 """)
 
 code("""
-plots.study_lr_sweep(study["cells"], "accuracy").show()
+plots.show(plots.study_lr_sweep(study["cells"], "accuracy"))
 edge = [m for m, r in rows.items() if r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"]))]
 print("best rate at the edge of its sweep:", ", ".join(f"{m} ({rows[m]['lr']:g})" for m in edge))
 """, tags=("nbval-figure-structure",))
@@ -161,7 +166,7 @@ Forgetting, peak memory and time per step, at each method's best rate (medians o
 """)
 
 code("""
-plots.study_costs(list(rows.values())).show()
+plots.show(plots.study_costs(list(rows.values())))
 """, tags=("nbval-figure-structure",))
 
 md("""
@@ -275,13 +280,16 @@ print(exercises.describe("per_layer_count"))
 
 
 def per_layer_count(method, d_in, d_out, r):
-    # YOUR CODE
+    ### BEGIN SOLUTION
     lora = r * (d_in + d_out)
     return {"lora": lora, "dora": lora + d_out, "loha": 2 * lora, "vera": d_out + r}[method]
+    ### END SOLUTION
 
 
 exercises.check("per_layer_count", per_layer_count)
+""", solution="ex-per_layer_count")
 
+code("""
 from peftlab.inject import find_targets, layer_dims
 
 for method in ("lora", "dora", "loha", "vera"):
@@ -291,6 +299,40 @@ for method in ("lora", "dora", "loha", "vera"):
     adapted = peftlab.adapt(fresh, method, r=8, targets=("query", "value"), modules_to_save=())
     counted = peftlab.count_parameters(adapted).trainable
     print(f"{method:5} r=8 {len(layers)} layers: formula {formula:>8,}  counted {counted:>8,}")
+""")
+
+md("""
+### Your turn: pick a rank under a budget
+
+A budget of **200,000 trainable numbers** for the adapter (the head not counted), LoRA on MiniLM's
+`query` and `value` layers (6 blocks, each $384 \\to 384$). What is the largest rank $r$ that fits?
+Work it out with your `per_layer_count` before running the search below. (The study above used
+$r = 8$: how much of the budget is that?)
+""")
+
+code("""
+prediction = None  # the largest LoRA rank within 200,000 trainable numbers
+### BEGIN SOLUTION
+prediction = 200_000 // (6 * 2 * (384 + 384))  # r (d_in + d_out) per layer, 12 layers: 9,216 per unit of r
+### END SOLUTION
+""", solution="predict-rank-budget", stub="# YOUR PREDICTION HERE (replace None above)")
+
+code("""
+import copy
+
+from peftlab.widgets import plan
+
+
+def lora_trainable(r):
+    shapes_only = copy.deepcopy(plan.meta_model("minilm-l6", num_labels=2))  # shapes on the meta device
+    adapted = peftlab.adapt(shapes_only, "lora", r=r, targets=("query", "value"), modules_to_save=())
+    return peftlab.count_parameters(adapted).trainable
+
+
+measured = max(r for r in range(1, 65) if lora_trainable(r) <= 200_000)
+exercises.predicted("largest LoRA rank within 200,000 trainable numbers", prediction, measured, tolerance=0)
+print(f"r={measured}: {lora_trainable(measured):,} numbers; r={measured + 1}: {lora_trainable(measured + 1):,}; "
+      f"the study's r=8: {lora_trainable(8):,} ({lora_trainable(8) / 200_000:.0%} of the budget)")
 """)
 
 md("""

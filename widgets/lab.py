@@ -16,8 +16,7 @@ The task picker (``peftlab.list_tasks``) fills the model, method, rank, learning
 sequence length and steps with the task's own defaults, chosen from measurements: the default
 run (sentiment answered by SmolLM2-135M, LoRA r=8 on q/v, lr 3e-3, 30 steps of 8 rows) takes
 the accuracy on the Lab's 48-row held-out slice from the base model's 0.06 to 0.73 in about two
-minutes on a 2-core CPU (``peftlab bench learn``; 0.84 on 96 other held-out rows, see
-peftlab.tasks). Before the first step the Lab measures the base
+minutes on a 2-core CPU (0.045 to 0.785 on 200 test rows; the sweep is in peftlab.tasks). Before the first step the Lab measures the base
 model on the task's small fixed held-out slice (``Task.live_eval_limit`` rows) and shows a few
 of its answers; ``peftlab.train(task=..., eval_every=k)`` re-measures the metric every k steps
 (plotted live beside the loss); after the run the same held-out prompts are answered by the
@@ -44,6 +43,8 @@ box, never as a traceback.
 """
 
 from __future__ import annotations
+
+import html
 
 import importlib.util
 import math
@@ -276,10 +277,37 @@ class Lab:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        display(self._repr_mimebundle_(), raw=True)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live dashboard where widgets run (JupyterLab, VS Code, Voila, nbviewer with the
+        stored widget state); elsewhere (GitHub, a terminal) a summary of the choice instead of
+        ``VBox(children=...)``."""
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        text, rows = self.summary()
+        bundle["text/plain"] = text
+        bundle["text/html"] = ("<p><b>peftlab Lab</b> (a static view: open this notebook in JupyterLab, VS Code "
+                               "or Voila for the live dashboard)</p><table>"
+                               + "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                                         f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
+                               + "</table>")
+        return bundle
+
+    def summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """The current choice and its preview as text and as (label, value) rows."""
+        c, est = self.choice(), self.estimate
+        targets = ", ".join(c.targets) if c.targets else "the method's default targets"
+        rows = [("task", c.task or "none (a dataset)"), ("model", c.model),
+                ("data", c.dataset if not c.task else "the task's training split"),
+                ("method", f"{c.method} r={c.r} alpha={c.alpha:g} on {targets} ({c.backend} backend"
+                           f"{', NF4 base' if c.quantization else ''})"),
+                ("training", f"lr {c.lr:g}, {c.steps} steps of {c.batch_size} rows x {c.max_length} tokens")]
+        if est is not None:
+            rows.append(("trainable", f"{est.count.trainable:,} of {est.count.total:,} ({est.count.percent:.2f}%)"))
+            rows.append(("memory (estimate)", f"{sum(est.memory.values()) / 2**20:,.0f} MiB per training step"))
+        text = "peftlab Lab (static view: open in JupyterLab or Voila for the dashboard)\n" + "\n".join(
+            f"  {k:<18}{v}" for k, v in rows)
+        return text, rows
 
     # ------------------------------------------------------------------------------------------
     # Choices and the instant preview
