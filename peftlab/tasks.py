@@ -254,7 +254,10 @@ _TASKS: dict[tuple[str, str], Task] = {
         "topic", "bbc-news", GENERATE, "smollm2-135m",
         "BBC News articles (first 400 characters); the model names one of 5 topics",
         prompt=_TOPIC_PROMPT, labels=_TOPICS, max_input_chars=400, max_new_tokens=3,
-        defaults=TrainDefaults(max_length=160),
+        # measured (2-core AMD EPYC, seed 0): the base model names no topic word (0.0 on the live
+        # slice and on 200 test articles); 30 steps of 8 at 3e-3 reach 0.65 / 0.90 / 0.81 on the
+        # live slice at steps 10 / 20 / 30 and 0.815 on the 200 test articles
+        defaults=TrainDefaults(lr=3e-3, steps=30, batch_size=8, max_length=160, eval_every=10),
     ),
     ("topic", CLASSIFY): Task(
         "topic", "bbc-news", CLASSIFY, "minilm-l6",
@@ -272,6 +275,9 @@ _TASKS: dict[tuple[str, str], Task] = {
         "style", "shakespeare", PERPLEXITY, "smollm2-135m",
         "Shakespeare's plays; held-out perplexity of the continuation (lower is better)",
         target_column=None, eval_limit=64, live_eval_limit=16,
+        # measured (2-core AMD EPYC, seed 0): held-out perplexity 58.8 -> 36.4 on 64 test passages
+        # (64.1 -> 39.7 on the 16-passage live slice, 44.8 / 40.3 / 39.7 at steps 10 / 20 / 30)
+        defaults=TrainDefaults(lr=2e-3, steps=30, batch_size=8, max_length=128, eval_every=10),
     ),
     ("forgetting", PERPLEXITY): Task(
         "forgetting", "bbc-news", PERPLEXITY, "smollm2-135m",
