@@ -253,10 +253,14 @@ def estimate_memory(
         from peftlab.models import _default_device
 
         device = _default_device(quantization)
-    acts, terms = activation_bytes(config, model, batch, tokens, torch_dtype, adapter_dtype,
-                                   gradient_checkpointing, attn_implementation, full, fusion,
-                                   cuda=torch.device(device).type == "cuda", trained_input=virtual > 0,
-                                   prefix=prefix, padded=padded)
+    if formula_models(config, method):
+        acts, terms = activation_bytes(config, model, batch, tokens, torch_dtype, adapter_dtype,
+                                       gradient_checkpointing, attn_implementation, full, fusion,
+                                       cuda=torch.device(device).type == "cuda", trained_input=virtual > 0,
+                                       prefix=prefix, padded=padded)
+    else:
+        acts, terms = traced_activation_bytes(model, batch, seq_len, gradient_checkpointing,
+                                              attn_implementation, padded)
     vocab = int(getattr(config, "vocab_size", 0)) if _is_causal(config) else 0
     rows = batch * tokens
     if fusion is not None and fusion.loss:  # one chunk of logits at a time (and logsumexp's copy)
@@ -268,12 +272,105 @@ def estimate_memory(
     # time and after the loss's buffers are gone: the larger of the two is the temporary
     temporaries = max(temporaries, terms.get("recomputed_block", 0))
     details = {"activation_terms": terms, "config": type(config).__name__, "method": method or "full",
+               "activations_from": "formula" if "traced" not in terms else "traced on the meta device",
                "backend": backend,
                "r": r, "batch": batch, "seq_len": seq_len, "dtype": str(torch_dtype),
                "quantization": quantization, "gradient_checkpointing": gradient_checkpointing,
                "padded": padded,
                "trainable_params": sum(p.numel() for _, p in _unique_parameters(model) if p.requires_grad)}
     return MemoryLedger(weights, adapter, grads, optim, acts, temporaries, "estimate", details)
+
+
+# Architectures (``config.model_type``) and methods whose activations the formula of the module
+# docstring models term by term (tests/test_memory.py holds them within 2% of a measurement);
+# every other pair is traced (:func:`traced_activation_bytes`).
+FORMULA_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "bert", "roberta"})
+FORMULA_METHODS = frozenset({None, "full", "lora", "loftq", "adalora", "dora", "vera", "loha", "lokr", "ia3",
+                             "bitfit", "prompt_tuning", "p_tuning", "prefix_tuning"})
+
+
+def formula_models(config, method: str | None) -> bool:
+    """Whether the closed-form ledger covers this architecture and method (BERT's prefix aside:
+    its explicit-mask attention path is not the Llama one the prefix terms describe)."""
+    if getattr(config, "model_type", None) not in FORMULA_ARCHITECTURES or method not in FORMULA_METHODS:
+        return False
+    return not (method == "prefix_tuning" and _is_bert(config))
+
+
+def traced_activation_bytes(model: nn.Module, batch: int, seq_len: int, checkpointing: bool = False,
+                            attn: str = "sdpa", padded: bool = False) -> tuple[int, dict[str, int]]:
+    """Activations of one step of the meta-device ``model``, counted as :func:`measure_memory`
+    counts them: its forward runs on meta tensors (shapes only, no arithmetic) under the same
+    ``saved_tensors_hooks``, and the distinct storages the graph still holds at the end are
+    summed. Any architecture transformers builds from a config works, and any method.
+
+    Two things differ from a CPU run and are put right: on the meta device, SDPA would take its
+    "math" path (which keeps the attention probabilities), so each call takes the kernel the CPU
+    picks for the same shapes, dtype, mask and dropout (``torch._fused_sdp_choice``, FlashAttention
+    for the CPU in most cases); and transformers' check for packed sequences reads a value, which
+    meta tensors do not have, so the traced rows are taken as unpacked (they are: one row each)."""
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    def key(t: Tensor) -> int:  # meta storages have no address; their StorageImpl is the identity
+        return t.untyped_storage()._cdata
+
+    param_storages = {key(p) for p in model.parameters()} | {key(b) for b in model.buffers()}
+    saved: dict[int, list[tuple[weakref.ref, int]]] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if key(t) not in param_storages:
+            saved.setdefault(key(t), []).append((weakref.ref(t), t.untyped_storage().nbytes()))
+        return t
+
+    ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    labels = torch.zeros(batch, dtype=torch.long, device="meta") if _is_classifier(model) else ids
+    mask = torch.ones(batch, seq_len, dtype=torch.long, device="meta") if padded else None
+    was_training, impl = model.training, getattr(model.config, "_attn_implementation", None)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        if attn == "eager" and impl is not None:  # "sdpa" is the default; models that cannot
+            model.config._attn_implementation = attn  # use it (Gemma 2's soft-capping) chose eager
+        packed = mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None) \
+            if hasattr(masking_utils, "find_packed_sequence_indices") else mock.patch.dict({})
+        with packed, _CpuAttentionOnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # holds the graph
+        total = sum(max((nbytes for ref, nbytes in refs if ref() is not None), default=0)
+                    for refs in saved.values())
+        del loss
+    finally:
+        model.train(was_training)
+        if impl is not None:
+            model.config._attn_implementation = impl
+    return total, {"traced": total}
+
+
+class _CpuAttentionOnMeta(torch.overrides.TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` on meta tensors runs the kernel the CPU would choose."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].device.type != "meta":
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        options = dict(zip(names, args[3:])) | kwargs
+        mask, p = options.get("attn_mask"), float(options.get("dropout_p", 0.0))
+        causal, scale, gqa = bool(options.get("is_causal", False)), options.get("scale"), options.get("enable_gqa", False)
+
+        def standin(t: Tensor) -> Tensor:  # same heads, head size and dtype; two positions
+            return torch.zeros(1, *t.shape[1:-2], 2, t.shape[-1], dtype=t.dtype, requires_grad=t.requires_grad)
+
+        small_mask = None if mask is None else torch.ones((1,) * (mask.dim() - 2) + (2, 2), dtype=mask.dtype)
+        choice = torch._fused_sdp_choice(standin(q), standin(k), standin(v), small_mask, p, causal,
+                                         scale=scale, enable_gqa=gqa)
+        if choice == torch.nn.attention.SDPBackend.FLASH_ATTENTION.value:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, p, causal, attn_mask=mask, scale=scale)[0]
+        return func(*args, **kwargs)
 
 
 def nf4_bytes(n: int, double_quant: bool = True, block: int = NF4_BLOCK) -> int:

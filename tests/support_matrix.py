@@ -1,0 +1,331 @@
+"""The support matrix: every registered method on tiny random models of the common architectures.
+
+Each cell runs four checks on one (architecture, method) pair, the method with its own defaults:
+
+- **trains**: ``peftlab.adapt`` (reference backend), one forward and backward on a random batch:
+  the loss is finite and every trainable tensor gets a gradient that is not all zero;
+- **peft**: the adapter (moved away from its init) saved by ``peftlab.save_adapter`` loads in
+  Hugging Face peft with the same logits, and one saved by peft (``backend="peft"``) loads back
+  through ``peftlab.load_adapter`` with the same logits;
+- **fused**: ``backend="fused"`` with the same weights gives the same loss and gradients;
+- **memory**: ``peftlab.estimate_memory`` from the config alone is within 15% of
+  ``peftlab.measure_memory`` on the adapted model (every ledger category and the total).
+
+A cell is ``ok``, a refusal (a ``PeftlabError`` at ``adapt`` / ``estimate_memory`` time, its
+message kept), ``n/a`` (no production path of that kind), or ``FAIL`` with what went wrong.
+``python -m tests.support_matrix`` prints the table; ``--write`` puts it into the README between
+the ``support-matrix`` markers; tests/test_support_matrix.py checks both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VOCAB = 128
+TOLERANCE = 0.15  # the memory estimate, as tests/test_memory.py
+ATOL = 1e-5
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # as the README prints it
+    build: Callable[[], nn.Module]
+    kind: str  # "causal" or "classify"
+
+
+def _seeded(cls, config) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config)
+    return model.eval()
+
+
+def _decoder(config_name: str, model_name: str, **fields) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, config_name)(**fields)
+        return _seeded(getattr(transformers, model_name), config)
+
+    return build
+
+
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, num_labels=2)
+
+ARCHS: tuple[Arch, ...] = (
+    Arch("Llama", _decoder("LlamaConfig", "LlamaForCausalLM", **_LLAMA_LIKE), "causal"),
+    Arch("Qwen2", _decoder("Qwen2Config", "Qwen2ForCausalLM", **_LLAMA_LIKE), "causal"),
+    Arch("Qwen3", _decoder("Qwen3Config", "Qwen3ForCausalLM", **_LLAMA_LIKE, head_dim=8), "causal"),
+    Arch("Mistral", _decoder("MistralConfig", "MistralForCausalLM", **_LLAMA_LIKE), "causal"),
+    Arch("Gemma 2", _decoder("Gemma2Config", "Gemma2ForCausalLM", **_LLAMA_LIKE, head_dim=8), "causal"),
+    Arch("Gemma 3", _decoder("Gemma3TextConfig", "Gemma3ForCausalLM", **_LLAMA_LIKE, head_dim=8), "causal"),
+    Arch("Phi-3", _decoder("Phi3Config", "Phi3ForCausalLM", **_LLAMA_LIKE, pad_token_id=0), "causal"),
+    Arch("GPT-2", _decoder("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_positions=64, n_embd=32,
+                           n_layer=2, n_head=4), "causal"),
+    Arch("GPT-NeoX", _decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=64), "causal"),
+    Arch("OPT", _decoder("OPTConfig", "OPTForCausalLM", vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                         word_embed_proj_dim=32), "causal"),
+    Arch("Falcon", _decoder("FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=4), "causal"),
+    Arch("BERT", _decoder("BertConfig", "BertForSequenceClassification", **_ENCODER), "classify"),
+    Arch("RoBERTa", _decoder("RobertaConfig", "RobertaForSequenceClassification", **_ENCODER,
+                             pad_token_id=1), "classify"),
+    Arch("DistilBERT", _decoder("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=VOCAB,
+                                dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                                num_labels=2), "classify"),
+)
+
+CHECKS = ("trains", "peft", "fused", "memory")
+
+
+@dataclass
+class Cell:
+    status: str  # "ok", "refused", "n/a", "FAIL"
+    detail: str = ""
+
+    def short(self) -> str:
+        return {"ok": "ok", "refused": "refused", "n/a": "-", "FAIL": "FAIL"}[self.status]
+
+
+def _hyperparameters(method: str) -> dict:
+    return {"total_step": 4} if method == "adalora" else {}
+
+
+def _batch(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    if kind == "classify":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+    if out.logits.dim() == 3:
+        return out.logits
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
+
+
+@torch.no_grad()
+def _randomise(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=g) * 0.1 * (param.abs().mean() + 0.1))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> str | None:
+    if a.shape != b.shape:
+        return f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    err = (a - b).abs().max().item()
+    return None if err <= atol + 1e-5 * b.abs().max().item() else f"{what} differ by {err:.2e}"
+
+
+def _fresh_base(base: nn.Module, model: nn.Module) -> nn.Module:
+    """A new copy of the base the adapter sits on (LoftQ's with its NF4-quantised weights)."""
+    state = {name.replace(".base_layer", "").replace(".original_module", ""): tensor
+             for name, tensor in model.state_dict().items() if ".adapters." not in name and ".copies." not in name}
+    fresh = copy.deepcopy(base)
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
+def _fail(err: BaseException) -> Cell:
+    return Cell("FAIL", f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+
+
+def _adapt(arch: Arch, method: str, backend: str = "reference"):
+    import peftlab
+
+    base = arch.build()
+    torch.manual_seed(0)
+    return base, peftlab.adapt(copy.deepcopy(base), method, backend=backend, **_hyperparameters(method))
+
+
+def check_trains(arch: Arch, method: str) -> Cell:
+    from peftlab.errors import PeftlabError
+    from peftlab.train import method_loss, run_step_hooks
+
+    try:
+        _, model = _adapt(arch, method)
+    except PeftlabError as err:
+        return Cell("refused", str(err))
+    except Exception as err:  # noqa: BLE001 - the matrix records every failure
+        return _fail(err)
+    try:  # two steps: zero-initialised factors (LoRA's B, a gate) hold the others' gradient at 0
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        for step in range(2):
+            optimizer.zero_grad()
+            loss = model(**_batch(arch.kind, seed=step)).loss + method_loss(model)
+            if not math.isfinite(loss.item()):
+                return Cell("FAIL", f"loss {loss.item()} at step {step}")
+            loss.backward()
+            if step == 0:
+                optimizer.step()
+                run_step_hooks(model, 0)
+        dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        if dead:
+            return Cell("FAIL", f"no gradient reaches {len(dead)} trainable tensors, e.g. {dead[0]}")
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    return Cell("ok")
+
+
+def check_peft(arch: Arch, method: str) -> Cell:
+    import peftlab
+    from peftlab.errors import PeftlabError
+    from peftlab.methods import METHODS
+
+    if METHODS[method].peft_type is None:
+        return Cell("n/a", "peft lacks the method")
+    inputs = _batch(arch.kind)
+    try:
+        base, model = _adapt(arch, method)
+    except PeftlabError as err:
+        return Cell("refused", str(err))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # peftlab -> peft
+            from peft import PeftModel
+
+            model.eval()
+            _randomise(model)
+            expected = _logits(model, inputs)
+            folder = peftlab.save_adapter(model, Path(tmp) / "ours")
+            plain = _fresh_base(base, model)
+            if method == "xlora":
+                plain.config.use_cache = False
+            theirs = PeftModel.from_pretrained(plain, str(folder)).eval()
+            if problem := _close(_logits(theirs, inputs), expected, "peftlab -> peft logits"):
+                return Cell("FAIL", problem)
+        except Exception as err:  # noqa: BLE001
+            return _fail(err)
+        try:  # peft -> peftlab
+            _, peft_model = _adapt(arch, method, backend="peft")
+            peft_model.eval()
+            _randomise(peft_model, seed=2)
+            expected = _logits(peft_model, inputs)
+            folder = peftlab.save_adapter(peft_model, Path(tmp) / "theirs")
+            ours = peftlab.load_adapter(_fresh_base(base, model), folder).eval()
+            if problem := _close(_logits(ours, inputs), expected, "peft -> peftlab logits"):
+                return Cell("FAIL", problem)
+        except PeftlabError as err:
+            return Cell("FAIL", f"peft -> peftlab: {err}")
+        except Exception as err:  # noqa: BLE001
+            return _fail(err)
+    return Cell("ok")
+
+
+def check_fused(arch: Arch, method: str) -> Cell:
+    import peftlab
+    from peftlab.errors import PeftlabError
+    from peftlab.train import method_loss
+
+    base = arch.build()
+    try:
+        torch.manual_seed(0)
+        fused = peftlab.adapt(copy.deepcopy(base), method, backend="fused", **_hyperparameters(method))
+    except PeftlabError as err:
+        return Cell("refused", str(err))
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    try:
+        torch.manual_seed(0)
+        ref = peftlab.adapt(copy.deepcopy(base), method, **_hyperparameters(method))
+        _randomise(ref)
+        fused.load_state_dict(ref.state_dict())
+        inputs = _batch(arch.kind)
+        losses, grads = [], []
+        for model in (ref, fused):
+            model.train()
+            torch.manual_seed(0)
+            loss = model(**inputs).loss + method_loss(model)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if problem := _close(losses[1], losses[0], "loss"):
+            return Cell("FAIL", problem)
+        for name, g in grads[0].items():
+            if problem := _close(grads[1][name], g, f"gradient of {name}", atol=1e-4):
+                return Cell("FAIL", problem)
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    return Cell("ok")
+
+
+def check_memory(arch: Arch, method: str) -> Cell:
+    import peftlab
+    from peftlab.errors import PeftlabError
+
+    base = arch.build()
+    try:
+        est = peftlab.estimate_memory(base.config, method, batch=2, seq_len=32, **_hyperparameters(method))
+    except PeftlabError as err:
+        return Cell("refused", str(err))
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    try:
+        torch.manual_seed(0)
+        model = peftlab.adapt(base, method, **_hyperparameters(method))
+        got = peftlab.measure_memory(model, batch=2, seq_len=32)
+    except PeftlabError as err:
+        return Cell("refused", f"adapt: {err}")
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    errors = est.relative_error(got)
+    bad = {k: f"{v:+.0%}" for k, v in errors.items() if abs(v) > TOLERANCE}
+    if bad:
+        return Cell("FAIL", f"estimate off: {bad}")
+    return Cell("ok", f"total {errors.get('total', 0):+.1%}")
+
+
+CHECK_FUNCTIONS = {"trains": check_trains, "peft": check_peft, "fused": check_fused, "memory": check_memory}
+
+
+def run_cell(arch: Arch, method: str) -> dict[str, Cell]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {check: CHECK_FUNCTIONS[check](arch, method) for check in CHECKS}
+
+
+def matrix(methods=None, archs=ARCHS) -> dict[tuple[str, str], dict[str, Cell]]:
+    from peftlab.methods import METHODS
+
+    return {(a.name, m): run_cell(a, m) for a in archs for m in (methods or list(METHODS))}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    names = [a for a in sys.argv[1:] if not a.startswith("-")]
+    archs = tuple(a for a in ARCHS if not names or a.name in names)
+    for arch in archs:
+        from peftlab.methods import METHODS
+
+        for method in METHODS:
+            cells = run_cell(arch, method)
+            line = " ".join(f"{c}={cells[c].short()}" for c in CHECKS)
+            print(f"{arch.name:10} {method:14} {line}", flush=True)
+            for c in CHECKS:
+                if cells[c].status in ("FAIL", "refused"):
+                    print(f"    {c}: {cells[c].detail[:300]}", flush=True)
