@@ -24,11 +24,14 @@ Nothing here knows any particular model: targets are found by module name and ty
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
@@ -36,6 +39,8 @@ from peftlab.errors import ConfigError
 # HF transformers' GPT-2 style `Conv1D` stores its weight as (d_in, d_out); matched by name so
 # that this module does not import transformers.
 _CONV1D = "Conv1D"
+# torch's convolutions, whose weight is (C_out, C_in / groups, *kernel)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,8 +56,14 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
+def is_conv(module: nn.Module) -> bool:
+    """nn.Conv1d, nn.Conv2d or nn.Conv3d (grouped ones included; transposed convolutions are not)."""
+    return isinstance(module, CONV_LAYERS)
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear-like or embedding layer, in logical (not packed) units."""
+    """(d_in, d_out) of a linear-like or embedding layer, in logical (not packed) units; for a
+    convolution (C_in, C_out), its channels (the kernel and groups: :func:`conv_shape`)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == _CONV1D:
@@ -60,10 +71,68 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         return d_in, d_out
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
+    if is_conv(module):
+        return module.in_channels, module.out_channels
     raise ConfigError(
         f"{type(module).__name__} is not a layer peftlab can adapt. Expected nn.Linear, "
-        "nn.Embedding or transformers' Conv1D. Try targets that name linear layers, or 'all-linear'."
+        "nn.Embedding, transformers' Conv1D or nn.Conv1d/2d/3d. Try targets that name linear "
+        "layers, or 'all-linear'."
     )
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What a convolution adds to (C_in, C_out): its weight is (C_out, C_in / groups, *kernel)."""
+
+    kernel: tuple[int, ...]  # (k,), (kh, kw) or (kd, kh, kw)
+    groups: int  # input and output channels split into this many independent groups
+
+    @property
+    def taps(self) -> int:
+        """K = kd·kh·kw: how many input positions one output position reads per input channel."""
+        return math.prod(self.kernel)
+
+
+def conv_shape(module: nn.Module) -> ConvShape | None:
+    """The kernel and groups of an nn.Conv1d/2d/3d; None for any other layer."""
+    return ConvShape(tuple(module.kernel_size), module.groups) if is_conv(module) else None
+
+
+def matrix_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of the layer's weight seen as a matrix. A convolution's weight
+    (C_out, C_in/g, *kernel) is a matrix (C_out, C_in/g · K) applied to every patch of its input
+    (im2col), so there d_in = C_in/g · K; other layers: :func:`layer_dims`."""
+    d_in, d_out = layer_dims(module)
+    shape = conv_shape(module)
+    return (d_in // shape.groups * shape.taps, d_out) if shape is not None else (d_in, d_out)
+
+
+def apply_weight(base: nn.Module, x: Tensor, delta: Tensor) -> Tensor:
+    """ΔW x for a ΔW in matrix layout (d_out, d_in): a linear map, or, on a convolution, the
+    convolution with ΔW reshaped to the weight's shape (same stride, padding, dilation, groups)."""
+    if is_conv(base):
+        return conv_with(base, x, delta.reshape(base.weight.shape))
+    return F.linear(x, delta)
+
+
+def conv_with(base: nn.Module, x: Tensor, weight: Tensor, **overrides) -> Tensor:
+    """``x`` through the convolution ``base`` with another ``weight`` and no bias: the same
+    stride, padding, dilation and groups unless ``overrides`` say otherwise."""
+    settings = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation,
+                "groups": base.groups} | overrides
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]  # weight (C_out, C_in/g, *kernel)
+    return conv(x, weight, None, **settings)
+
+
+def check_zero_padding(base: nn.Module, method: str) -> None:
+    """peft computes a conv adapter's own path with zero padding; with another padding_mode the
+    base pads differently, so the merged layer would compute something else: refuse it."""
+    if is_conv(base) and base.padding_mode != "zeros":
+        raise ConfigError(
+            f"{method} on a {type(base).__name__} with padding_mode={base.padding_mode!r} is not "
+            "supported: peft's adapter path pads with zeros, so merging would change the output. "
+            "Expected padding_mode='zeros'; try other targets."
+        )
 
 
 def is_quantized(weight: Tensor) -> bool:
@@ -100,6 +169,16 @@ class Adapter(nn.Module):
     # True when delta_weight depends on the base weight itself (DoRA, OFT): unmerging must then
     # subtract the delta that was added, not a fresh one computed from the merged weight.
     delta_uses_base: ClassVar[bool] = False
+
+    # the convolution types this adapter can wrap too (none: linear layers and embeddings only)
+    conv_layers: ClassVar[tuple[type[nn.Module], ...]] = ()
+    # the layers this adapter can wrap, in words for the error that refuses the others
+    layer_types: ClassVar[str] = "a linear layer (nn.Linear, transformers' Conv1D) or an nn.Embedding"
+
+    @classmethod
+    def can_adapt(cls, module: nn.Module) -> bool:
+        """Whether this adapter can wrap ``module`` (find_targets refuses the others by name)."""
+        return is_linear(module) or isinstance(module, (nn.Embedding, *cls.conv_layers))
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         raise NotImplementedError
@@ -287,12 +366,14 @@ def find_targets(
     targets: Targets,
     accept: Callable[[nn.Module], bool] = lambda m: is_linear(m) or isinstance(m, nn.Embedding),
     exclude: Iterable[str] = (),
+    expected: str = "a linear layer (nn.Linear, Conv1D) or, for some methods, an nn.Embedding",
 ) -> list[str]:
     """Names of the modules a method should adapt.
 
     ``targets`` is ``"all-linear"`` (every linear layer except the output head), a regex string,
     or a list of module names / name suffixes. Raises :class:`ConfigError` listing the available
-    names when nothing matches, or when a match is the output head or an unsupported type.
+    names when nothing matches, or when a match is the output head or a type ``accept`` refuses
+    (``expected`` says, in words, what it accepts).
     """
     # a layer that already carries an adapter is judged by its base layer, so that a second
     # named adapter can go on the same layers
@@ -314,8 +395,7 @@ def find_targets(
             if not accept(modules[name]):
                 raise ConfigError(
                     f"Target {name!r} is a {type(modules[name]).__name__}, which this method cannot "
-                    "adapt. Expected a linear layer (nn.Linear, Conv1D) or, for some methods, an "
-                    "nn.Embedding. Try a more specific pattern."
+                    f"adapt. Expected {expected}. Try a more specific pattern."
                 )
     if not found:
         raise ConfigError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftlab.errors import UnknownNameError, closest
-from peftlab.inject import Adapter, find_targets, inject
+from peftlab.inject import Adapter, conv_shape, find_targets, inject, layer_dims
 from peftlab.methods.adalora import AdaLoRAConfig, build_adalora
 from peftlab.methods.base import AdapterConfig
 from peftlab.methods.bitfit import BitFitConfig, bitfit_parameter_count, build_bitfit
@@ -22,9 +22,9 @@ from peftlab.methods.dora import DoRA, DoRAConfig
 from peftlab.methods.ia3 import IA3_TARGETS, IA3Config, build_ia3, ia3_parameter_count, resolve_ia3
 from peftlab.methods.llama_adapter import (ATTENTION_TARGETS, LlamaAdapterConfig, build_llama_adapter,
                                           llama_adapter_parameter_count, resolve_llama_adapter)
-from peftlab.methods.loha import LoHa, LoHaConfig
+from peftlab.methods.loha import LoHa, LoHaConfig, loha_parameter_count
 from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
-from peftlab.methods.lora import LoftQConfig, LoRA, LoRAConfig
+from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, lora_parameter_count
 from peftlab.methods.oft import OFT, OFTConfig, oft_parameter_count
 from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
 from peftlab.methods.prefix_tuning import PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count
@@ -58,9 +58,10 @@ class Method:
     description: str  # one line for learners
     paper: str  # citation with link
     formula: str  # trainable parameters, in words a learner can check
-    # trainable parameters of one adapted layer of shape (d_in, d_out): the contract tests'
-    # closed form; None for methods whose count is not per layer
-    params_per_layer: Callable[[int, int, AdapterConfig], int] | None
+    # trainable parameters of one adapted layer of shape (d_in, d_out) (a convolution's channels,
+    # its kernel and groups in the optional 4th argument, a ConvShape): the contract tests'
+    # closed form (see layer_parameter_count); None for methods whose count is not per layer
+    params_per_layer: Callable[..., int] | None
     mergeable: bool
     peft_type: str | None  # the peft method it bridges to, None where peft lacks it
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=lambda: ATTENTION_QV)
@@ -77,13 +78,28 @@ class Method:
         return self.default_targets.get(model_type, "all-linear")
 
 
-def layer_method(adapter: type[Adapter]) -> Callable[[nn.Module, AdapterConfig, str], None]:
-    """Builder for a method that wraps layers: find the targets, attach ``adapter`` to each."""
+# which methods adapt convolutions, for the error that refuses a convolution to the others
+CONV_HINT = ("nn.Conv1d/2d/3d layers are adapted by method 'lora' (1d, 2d, 3d), 'loha' and 'lokr' "
+             "(1d, 2d) and 'ia3' (2d, 3d)")
+
+
+def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None
+                 ) -> Callable[[nn.Module, AdapterConfig, str], None]:
+    """Builder for a method that wraps layers: find the targets, attach ``adapter`` to each (or
+    ``conv`` to the convolutions, where the method has a separate adapter for them)."""
+    kinds = [adapter] + ([conv] if conv is not None else [])
+    expected = ", or ".join(k.layer_types for k in kinds)
+    if not any(k.conv_layers for k in kinds):
+        expected += f" ({CONV_HINT})"
+
+    def pick(base: nn.Module) -> type[Adapter]:
+        return next(k for k in reversed(kinds) if k.can_adapt(base))
 
     def build(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         # adapt() has already replaced targets=None by the method's default for this model
-        names = find_targets(model, config.targets, exclude=config.modules_to_save or ())
-        inject(model, names, lambda _name, base: adapter(base, config), adapter_name)
+        names = find_targets(model, config.targets, accept=lambda m: any(k.can_adapt(m) for k in kinds),
+                             exclude=config.modules_to_save or (), expected=expected)
+        inject(model, names, lambda _name, base: pick(base)(base, config), adapter_name)
 
     return build
 
@@ -92,12 +108,12 @@ METHODS: dict[str, Method] = {
     "lora": Method(
         name="lora",
         config=LoRAConfig,
-        build=layer_method(LoRA),
+        build=layer_method(LoRA, conv=ConvLoRA),
         family="reparameterisation",
         description="Learn a low-rank update B A beside each frozen weight: W0 + (alpha/r) B A.",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2106.09685",
-        formula="r · (d_in + d_out) per adapted layer",
-        params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out),
+        formula="r · (d_in + d_out) per adapted layer (a convolution: r · (C_in · K + C_out / groups), K = kernel size)",
+        params_per_layer=lora_parameter_count,
         mergeable=True,
         peft_type="LORA",
     ),
@@ -144,8 +160,8 @@ METHODS: dict[str, Method] = {
         family="reparameterisation",
         description="Update each weight by the Hadamard product of two low-rank products: rank up to r².",
         paper="Hyeon-Woo et al. 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning, https://arxiv.org/abs/2108.06098",
-        formula="2 · r · (d_in + d_out) per adapted layer",
-        params_per_layer=lambda d_in, d_out, c: 2 * c.r * (d_in + d_out),
+        formula="2 · r · (d_in + d_out) per adapted layer (a convolution: d_in = C_in / groups · K, K = kernel size)",
+        params_per_layer=loha_parameter_count,
         mergeable=True,
         peft_type="LOHA",
     ),
@@ -156,7 +172,7 @@ METHODS: dict[str, Method] = {
         family="reparameterisation",
         description="Update each weight by a Kronecker product W1 ⊗ W2 of a small and a (low-rank) larger matrix.",
         paper="Edalati et al. 2022, KronA: Parameter-Efficient Tuning with Kronecker Adapter, https://arxiv.org/abs/2212.10650",
-        formula="a·c + b·d per adapted layer, d_out = a·b, d_in = c·d (a factor is r·(rows + cols) where low-rank)",
+        formula="a·c + b·d per adapted layer, d_out = a·b, d_in = c·d (a factor is r·(rows + cols) where low-rank; a convolution: d_in = C_in / groups, W2 is b·d·K, K = kernel size)",
         params_per_layer=lokr_parameter_count,
         mergeable=True,
         peft_type="LOKR",
@@ -312,6 +328,14 @@ METHODS: dict[str, Method] = {
         parameter_count=xlora_parameter_count,
     ),
 }
+
+
+def layer_parameter_count(spec: Method, layer: nn.Module, config: AdapterConfig) -> int:
+    """The closed-form trainable count of one (unadapted) layer: ``params_per_layer`` with the
+    layer's (d_in, d_out), and its kernel and groups when it is a convolution."""
+    conv = conv_shape(layer)
+    extra = () if conv is None else (conv,)
+    return spec.params_per_layer(*layer_dims(layer), config, *extra)
 
 
 def get_method(name: str) -> Method:

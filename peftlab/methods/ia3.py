@@ -24,6 +24,11 @@ them, ``ia3_l`` of shape (d_out, 1) or (1, d_in), and the defaults are peft's (k
 down_proj for Llama; key, value, output.dense for BERT, where "output.dense" names both the
 attention output and the feed-forward output, and both scale their input).
 
+On a convolution (peft: nn.Conv2d and nn.Conv3d) l scales channels: h = l ⊙ conv(x; W) + ... with
+l of shape (1, C, 1, 1[, 1]) broadcast over the positions, as peft stores it. Merging scales W's
+output rows, or its input channels: with groups = g the weight (C_out, C_in/g, *kernel) sees only
+its group's inputs, so output o (group q = o // (C_out/g)) takes l[q·C_in/g : (q+1)·C_in/g].
+
 The reference runs the base layer a second time on ``l ⊙ x`` for input-scaled layers, for
 clarity (the wrapper has already computed ``W x``); merging removes all extra cost.
 """
@@ -36,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, base_of, find_targets, inject, is_linear, layer_dims, matches
+from peftlab.inject import Adapter, base_of, conv_shape, find_targets, inject, is_linear, layer_dims, matches
 from peftlab.methods.base import AdapterConfig
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING), by model_type
@@ -88,30 +93,50 @@ class IA3(Adapter):
     """h = l ⊙ (W x + b)  or, for a feed-forward layer,  h = W (l ⊙ x) + b."""
 
     delta_uses_base = True  # ΔW = W ⊙ (l - 1) depends on W
+    conv_layers = (nn.Conv2d, nn.Conv3d)  # peft's IA3 has no nn.Conv1d
+    layer_types = "a linear layer (nn.Linear, transformers' Conv1D) or an nn.Conv2d / nn.Conv3d (peft's IA3 has no nn.Conv1d)"
+
+    @classmethod
+    def can_adapt(cls, module: nn.Module) -> bool:
+        return is_linear(module) or isinstance(module, cls.conv_layers)
 
     def __init__(self, base: nn.Module, config: IA3Config, feedforward: bool) -> None:
         super().__init__()
         d_in, d_out = layer_dims(base)
         self.feedforward = feedforward
         self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
-        # peft's shapes, so the vectors copy and save 1:1: a column for outputs, a row for inputs
-        shape = (1, d_in) if feedforward else (d_out, 1)
+        self.conv = conv_shape(base)
+        # peft's shapes, so the vectors copy and save 1:1: a column for outputs, a row for inputs;
+        # on a convolution one value per channel, (1, C, 1, 1) broadcasting over the positions
+        if self.conv is not None:
+            shape = (1, d_in if feedforward else d_out) + (1,) * len(self.conv.kernel)
+        else:
+            shape = (1, d_in) if feedforward else (d_out, 1)
         init = torch.ones(shape) if config.init_ia3_weights else torch.randn(shape)
         self.ia3_l = nn.Parameter(init)
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
-        scale = self.ia3_l.flatten()  # (d_in,) or (d_out,): broadcasts over the last dim
+        # (d,) broadcasts over a linear layer's last dim; (1, C, 1, 1) over a conv's positions
+        scale = self.ia3_l if self.conv is not None else self.ia3_l.flatten()
         if self.feedforward:  # h = W (l ⊙ x) + b: the base layer runs on the rescaled input
             return base((x.to(scale.dtype) * scale).to(x.dtype))
         return (result * scale).to(result.dtype)  # h = l ⊙ (W x + b)
 
-    def _scale_along_weight(self) -> Tensor:
+    def _scale_along_weight(self, base: nn.Module) -> Tensor:
         """l shaped to multiply the base weight in its own layout (rows = outputs for nn.Linear)."""
         scale = self.ia3_l  # (d_out, 1) scales rows, (1, d_in) scales columns of (d_out, d_in)
-        return scale.T if self.transposed else scale
+        if self.conv is None:
+            return scale.T if self.transposed else scale
+        if not self.feedforward:
+            return scale.transpose(0, 1)  # (C_out, 1, 1, 1): output rows of (C_out, C_in/g, *kernel)
+        c_out, c_in, g = base.out_channels, base.in_channels, self.conv.groups
+        ones = (1,) * len(self.conv.kernel)
+        # output o sees only its group's C_in/g inputs: repeat each group's slice of l C_out/g times
+        per_group = scale.reshape(g, 1, c_in // g).expand(g, c_out // g, c_in // g)
+        return per_group.reshape(c_out, c_in // g, *ones)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
-        return base.weight * (self._scale_along_weight() - 1)  # W' = W ⊙ l  =>  ΔW = W ⊙ (l - 1)
+        return base.weight * (self._scale_along_weight(base) - 1)  # W' = W ⊙ l  =>  ΔW = W ⊙ (l - 1)
 
     def delta_bias(self, base: nn.Module) -> Tensor | None:
         if self.feedforward or getattr(base, "bias", None) is None:
@@ -121,7 +146,8 @@ class IA3(Adapter):
 
 def build_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     """Attach IA3 to each target; a target that matches ``feedforward_modules`` scales its input."""
-    names = find_targets(model, config.targets, accept=is_linear, exclude=config.modules_to_save or ())
+    names = find_targets(model, config.targets, accept=IA3.can_adapt, exclude=config.modules_to_save or (),
+                         expected=IA3.layer_types)
     feedforward = config.feedforward_modules or ()
     if feedforward and not any(matches(n, feedforward) for n in names):
         raise ConfigError(
@@ -134,10 +160,12 @@ def build_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
 
 
 def ia3_parameter_count(model: nn.Module, config: IA3Config) -> int:
-    """Closed form: d_out per output-scaled target plus d_in per feed-forward target."""
+    """Closed form: d_out per output-scaled target plus d_in per feed-forward target (a
+    convolution's channels: C_out or C_in)."""
     total = 0
     feedforward = config.feedforward_modules or ()
-    for name in find_targets(model, config.targets, accept=is_linear, exclude=config.modules_to_save or ()):
+    for name in find_targets(model, config.targets, accept=IA3.can_adapt, exclude=config.modules_to_save or (),
+                             expected=IA3.layer_types):
         d_in, d_out = layer_dims(base_of(model.get_submodule(name)))
         total += d_in if feedforward and matches(name, feedforward) else d_out
     return total

@@ -21,6 +21,18 @@ them equal to ``decompose_factor``). W2 becomes a low-rank product W2a W2b (r co
 r < max(b, d) / 2, and W1 too when ``decompose_both``; otherwise they train as full matrices.
 rank(A ⊗ B) = rank(A) rank(B), so a few hundred numbers can make a full-rank update.
 
+On a convolution (nn.Conv1d, nn.Conv2d; peft has no LoKr for nn.Conv3d) the channels factor as
+above, d_out = C_out = a·b and C_in/g = c·d, and the kernel goes into W2: a full W2 is
+(b, d, *kernel), a low-rank one W2a (b, r) W2b (r, d·K). For nn.Conv2d
+
+        ΔW[i·b + j, k·d + l, :, :] = s · W1[i, k] · W2[j, l, :, :]     (W1 ⊗ W2, kernel kept whole)
+
+and the result has the conv weight's shape (C_out, C_in/g, *kernel); h = conv(x; W0 + ΔW) with the
+layer's stride, padding, dilation and groups. One quirk is peft's and kept, so that a saved
+adapter means the same in both: for nn.Conv1d with a full (b, d, k) W2, torch.kron pads the 2-D
+W1 to (1, a, c), so the product is (b, a·d, c·k) and its reshape to (C_out, C_in/g, k) orders the
+entries differently - still W1 ⊗ W2's numbers, in other places.
+
 Init (peft): W1 (or W1a) = 0, the other factors Kaiming-uniform, so ΔW = 0 at start.
 The singular values of W1 ⊗ W2 are all products σ_i(W1) σ_j(W2), so ``singular_values`` gets
 ΔW's spectrum from two tiny SVDs. ``rank_dropout`` and ``module_dropout`` as in LoHa (peft's
@@ -37,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, layer_dims
+from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, layer_dims
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
-from peftlab.methods.loha import drop_rows, skip_module
+from peftlab.methods.loha import check_conv_lycoris, drop_rows, skip_module
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class LoKrConfig(AdapterConfig):
     rank_dropout_scale: bool = False  # divide kept rows by the fraction kept (like dropout does)
     decompose_both: bool = False  # also make the small factor W1 a low-rank product
     decompose_factor: int = -1  # a factor of each dim to split at; -1: near the square root
+    # peft's CP-decomposed kernel for convolutions: not in peftlab, refused on conv kernels > 1
+    use_effective_conv2d: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.r)
@@ -85,7 +99,8 @@ Shape = tuple[int, int]
 
 
 def lokr_shapes(d_in: int, d_out: int, config: LoKrConfig) -> tuple[Shape, Shape, bool, bool]:
-    """((a, c), (b, d), W1 full?, W2 full?): W1 is (a, c), W2 is (b, d), as peft chooses."""
+    """((a, c), (b, d), W1 full?, W2 full?): W1 is (a, c), W2 is (b, d), as peft chooses
+    (on a convolution d_in = C_in / groups; W2 also carries the kernel)."""
     c, d = factorization(d_in, config.decompose_factor)
     a, b = factorization(d_out, config.decompose_factor)
     w1_full = not (config.decompose_both and config.r < max(a, c) / 2)
@@ -93,11 +108,13 @@ def lokr_shapes(d_in: int, d_out: int, config: LoKrConfig) -> tuple[Shape, Shape
     return (a, c), (b, d), w1_full, w2_full
 
 
-def lokr_parameter_count(d_in: int, d_out: int, config: LoKrConfig) -> int:
-    """Trainable numbers of one layer: each factor is rows·cols when full, r·(rows + cols) if not."""
-    (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in, d_out, config)
+def lokr_parameter_count(d_in: int, d_out: int, config: LoKrConfig, conv: ConvShape | None = None) -> int:
+    """Trainable numbers of one layer: each factor is rows·cols when full, r·(rows + cols) if not;
+    on a convolution (d_in = C_in/groups) W2 is b·d·K full, r·(b + d·K) low-rank."""
+    taps = 1 if conv is None else conv.taps
+    (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in if conv is None else d_in // conv.groups, d_out, config)
     w1 = a * c if w1_full else config.r * (a + c)
-    w2 = b * d if w2_full else config.r * (b + d)
+    w2 = b * d * taps if w2_full else config.r * (b + d * taps)
     return w1 + w2
 
 
@@ -107,7 +124,10 @@ def kaiming(*shape: int) -> nn.Parameter:
 
 
 class LoKr(Adapter):
-    """h = W0 x + s · (W1 ⊗ W2) x, for nn.Linear and Conv1D bases."""
+    """h = W0 x + s · (W1 ⊗ W2) x, for nn.Linear, Conv1D, nn.Conv1d and nn.Conv2d bases."""
+
+    conv_layers = (nn.Conv1d, nn.Conv2d)  # peft 0.21 has no LoKr for nn.Conv3d
+    layer_types = "a linear layer (nn.Linear, transformers' Conv1D) or an nn.Conv1d / nn.Conv2d (peft's LoKr has no nn.Conv3d)"
 
     def __init__(self, base: nn.Module, config: LoKrConfig) -> None:
         super().__init__()
@@ -116,22 +136,28 @@ class LoKr(Adapter):
                 "LoKr adapts linear layers, not embeddings (peft neither). Expected targets that "
                 "name nn.Linear layers; try 'all-linear'."
             )
+        check_conv_lycoris(base, config, "LoKr")
         d_in, d_out = layer_dims(base)
+        conv = conv_shape(base)
+        kernel = () if conv is None else conv.kernel  # W2 carries a convolution's kernel
+        d_in = d_in if conv is None else d_in // conv.groups
         (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in, d_out, config)
         r = config.r
         self.scaling = config.alpha / r
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.rank_dropout_scale = config.rank_dropout_scale
         self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        # a convolution's weight (C_out, C_in/g, *kernel): ΔW takes that shape to merge
+        self.conv_weight_shape = tuple(base.weight.shape) if conv_shape(base) is not None else None
         if w1_full:
             self.lokr_w1 = nn.Parameter(torch.zeros(a, c))  # zero, so ΔW = 0 at start
         else:
             self.lokr_w1_a = nn.Parameter(torch.zeros(a, r))  # (a, r)
             self.lokr_w1_b = kaiming(r, c)  # (r, c)
         if w2_full:
-            self.lokr_w2 = kaiming(b, d)  # (b, d)
-        else:
-            self.lokr_w2_a, self.lokr_w2_b = kaiming(b, r), kaiming(r, d)  # (b, r), (r, d)
+            self.lokr_w2 = kaiming(b, d, *kernel)  # (b, d, *kernel)
+        else:  # (b, r), (r, d·K)
+            self.lokr_w2_a, self.lokr_w2_b = kaiming(b, r), kaiming(r, d * math.prod(kernel))
 
     def kron_factors(self) -> tuple[Tensor, Tensor]:
         """(W1 (a, c), W2 (b, d)), multiplying out the low-rank ones."""
@@ -140,9 +166,11 @@ class LoKr(Adapter):
         return w1, w2
 
     def update(self) -> Tensor:
-        """ΔW in (d_out, d_in) layout: s · W1 ⊗ W2."""
+        """ΔW in (d_out, d_in) layout: s · W1 ⊗ W2 (a convolution's: (C_out, C_in/g · K))."""
         w1, w2 = self.kron_factors()
-        return torch.kron(w1, w2) * self.scaling
+        if w2.dim() == 4:  # a full Conv2d W2 (b, d, kh, kw): W1 (a, c, 1, 1) keeps the kernel whole
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2).reshape(w1.shape[0] * w2.shape[0], -1) * self.scaling
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         # h = W0 x + ΔW x,  ΔW = s · W1 ⊗ W2
@@ -151,18 +179,24 @@ class LoKr(Adapter):
         delta = self.update()  # (d_out, d_in)
         if self.training and self.rank_dropout > 0:
             delta = drop_rows(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
-        update = F.linear(x.to(delta.dtype), delta)  # (..., d_out)
+        update = apply_weight(base, x.to(delta.dtype), delta)  # (..., d_out), or (N, C_out, ...)
         return (result + update).to(result.dtype)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
-        delta = self.update()
+        delta = self.update()  # (d_out, d_in): on a convolution reshaped to (C_out, C_in/g, *kernel)
+        if self.conv_weight_shape is not None:
+            return delta.reshape(self.conv_weight_shape)
         return delta.T if self.transposed else delta
 
     @torch.no_grad()
     def singular_values(self) -> Tensor:
         """ΔW's singular values, descending, min(d_out, d_in) of them: σ(W1 ⊗ W2) = {|s| σ_i(W1) σ_j(W2)}
-        plus zeros, from SVDs of the two small factors instead of the whole ΔW."""
+        plus zeros, from SVDs of the two small factors instead of the whole ΔW (on a convolution,
+        of ΔW as the matrix (C_out, C_in/g · K))."""
         w1, w2 = self.kron_factors()
+        if w2.dim() == 3:  # peft's Conv1d order (module docstring): no Kronecker product of matrices
+            return torch.linalg.svdvals(self.update().float())
+        w2 = w2.reshape(w2.shape[0], -1)  # a Conv2d kernel joins W2's columns: (b, d·K)
         products = torch.outer(torch.linalg.svdvals(w1.float()), torch.linalg.svdvals(w2.float()))
         values = (products.flatten() * abs(self.scaling)).sort(descending=True).values
         size = min(w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
