@@ -151,8 +151,8 @@ def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters)
         return config
     if config.targets is None:
         config = dataclasses.replace(config, targets=spec.targets_for(model))
-    if config.modules_to_save is None:
-        config = dataclasses.replace(config, modules_to_save=default_modules_to_save(model))
+    entries = default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
+    config = dataclasses.replace(config, modules_to_save=inject.modules_to_save_paths(model, entries))
     if spec.resolve is not None:  # model-dependent defaults and early checks (IA3, LLaMA-Adapter)
         config = spec.resolve(model, config)
     return config

@@ -456,6 +456,19 @@ def inject(
     return layers
 
 
+def modules_to_save_paths(model: nn.Module, entries: Iterable[str]) -> tuple[str, ...]:
+    """The modules peft trains whole for ``modules_to_save`` entries: every module whose full
+    name ends with an entry, compared as plain strings (peft's rule: so "classifier" also takes
+    DistilBERT's "pre_classifier", the first layer of its new head). Entries that match nothing
+    are dropped, as peft does: for SEQ_CLS it lists both "classifier" and "score"."""
+    found: dict[str, None] = {}
+    for entry in entries:
+        for name in candidate_modules(model):
+            if name.endswith(entry):
+                found.setdefault(name, None)
+    return tuple(found)
+
+
 def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
     """Give each named module a trainable copy for this adapter (peft's modules_to_save)."""
     for name in names:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import AdapterFileError, ConfigError
+from peftlab.inject import modules_to_save_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -299,7 +300,7 @@ def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
     """The peft config that describes this reference adapter exactly: targets as full module
     paths (so peft adapts the very same layers), plus the fields peft fills in when saving."""
     from peftlab.inject import adapted_layers
-    from peftlab.production.hf_peft import task_type, to_peft_config
+    from peftlab.production.hf_peft import soft_prompt_geometry, takes_fan_in_fan_out, task_type, to_peft_config
 
     layers = {n: m for n, m in adapted_layers(model).items() if adapter_name in m.adapters}
     if layers:
@@ -309,8 +310,10 @@ def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
         extra["task_type"] = task_type(model)
     if spec.peft_type is None:  # peft lacks the method: peftlab's own fields, under a peftlab type
         return {"peft_type": PEFTLAB_TYPE_PREFIX + spec.name.upper(), **extra, **_json_fields(config)}
-    if any(type(m.base_layer).__name__ == "Conv1D" for m in layers.values()):
+    if any(type(m.base_layer).__name__ == "Conv1D" for m in layers.values()) and takes_fan_in_fan_out(spec):
         extra["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W transposed; peft wants to be told
+    if spec.family == "soft prompt":  # dimensions peft cannot read from this model's config
+        extra.update(soft_prompt_geometry(spec, model, for_peft_model=False))
     return to_peft_config(spec, config, None, **extra)
 
 
@@ -446,7 +449,7 @@ def load_adapter(
     method, config = _reference_config(raw_config, folder)
     state = read_adapter_weights(folder)
     hyperparameters = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    hyperparameters["modules_to_save"] = _resolve_modules_to_save(model, config.modules_to_save or ())
+    hyperparameters["modules_to_save"] = modules_to_save_paths(model, _heads_peft_trains(raw_config, config, state))
     trained_on = raw_config.get("base_model_name_or_path")
     hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
 
@@ -544,6 +547,18 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
+def _heads_peft_trains(raw: dict, config, state: dict) -> tuple[str, ...]:
+    """The modules_to_save of a saved adapter, with the head a peft SEQ_CLS model always trains:
+    peft adds "classifier" / "score" even when the saved list is empty, as its prompt methods
+    save it (adapter_config.json: modules_to_save null, the head's tensors in the file). Taken
+    only when the file holds that head's tensors (an X-LoRA expert's folder holds none)."""
+    entries = tuple(config.modules_to_save or ())
+    if raw.get("task_type") == "SEQ_CLS":
+        entries += tuple(e for e in ("classifier", "score")
+                         if e not in entries and any(f".{e}." in key for key in state))
+    return entries
+
+
 def _reference_config(raw: dict, folder: Path):
     from peftlab.production.hf_peft import from_peft_config
 
@@ -573,20 +588,6 @@ def _reference_config(raw: dict, folder: Path):
                     "LoRA adapter without it. Try load_adapter(..., backend='peft')."
                 )
     return method, config
-
-
-def _resolve_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
-    """Full module paths for peft's modules_to_save entries (names or name suffixes). Entries
-    that match nothing are dropped, as peft does: for SEQ_CLS it lists both 'classifier' and
-    'score', and a model has only one of them."""
-    from peftlab.inject import candidate_modules, matches
-
-    found: dict[str, None] = {}
-    for entry in names:
-        for module_name in candidate_modules(model):
-            if matches(module_name, [entry]):
-                found.setdefault(module_name, None)
-    return tuple(found)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, hint: str) -> None:

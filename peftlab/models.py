@@ -359,6 +359,11 @@ def _quiet_transformers() -> Iterator[None]:
             gguf_utils.tqdm = gguf_bar
 
 
+def is_causal_lm_class(class_name: str) -> bool:
+    """A transformers causal-LM class by its name: ``LlamaForCausalLM``, ``GPT2LMHeadModel``."""
+    return class_name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def _guess_task(config, num_labels: int | None) -> str:
     """Causal LM or classifier, from the saved architecture, else from the model family."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -367,7 +372,7 @@ def _guess_task(config, num_labels: int | None) -> str:
     architectures = getattr(config, "architectures", None) or []
     if num_labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures):
         return SEQUENCE_CLASSIFICATION
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+    if any(is_causal_lm_class(a) for a in architectures):
         return CAUSAL_LM
     # a bare encoder ("BertModel") is for classification; a decoder family for generation
     family = config.model_type

@@ -76,7 +76,7 @@ HYPERPARAMETERS: dict[str, dict[str, dict | Refused]] = {
     "bitfit": {"llama": {"include_norms": True}, "bert": {}},
     "bottleneck": {"llama": {"reduction_factor": 16}, "bert": {"reduction_factor": 16}},
     "llama_adapter": {"llama": {"adapter_len": 4, "adapter_layers": 1},
-                      "bert": Refused(r"Llama-architecture models only")},
+                      "bert": Refused(r"architectures peft.s AdaptionPrompt knows")},
     # fresh experts: the router and both LoRA experts train
     "xlora": {"llama": {"n_experts": 2, "r": 2}, "bert": {"n_experts": 2, "r": 2}},
 }

@@ -289,7 +289,7 @@ def test_ia3_peft_config_has_exact_feedforward_subset():
 # --------------------------------------------------------------------------------------------
 def test_llama_adapter_refuses_bert_clearly():
     for backend in ("reference", "peft"):
-        with pytest.raises(ConfigError, match="Llama-architecture models only"):
+        with pytest.raises(ConfigError, match="architectures peft.s AdaptionPrompt knows"):
             peftlab.adapt(_tiny_bert(), "llama_adapter", backend=backend)
     with pytest.raises(ConfigError, match="more than the model's 2 attention layers"):
         peftlab.adapt(_tiny_llama(), "llama_adapter", adapter_layers=3)

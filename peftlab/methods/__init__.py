@@ -27,7 +27,8 @@ from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
 from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, lora_parameter_count
 from peftlab.methods.oft import OFT, OFTConfig, oft_parameter_count
 from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
-from peftlab.methods.prefix_tuning import PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count
+from peftlab.methods.prefix_tuning import (PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count,
+                                          resolve_prefix_tuning)
 from peftlab.methods.prompt_tuning import PromptTuningConfig, build_prompt_tuning, prompt_tuning_parameter_count
 from peftlab.methods.vera import VeRAConfig, build_vera
 from peftlab.methods.xlora import XLoRAConfig, build_xlora, xlora_parameter_count
@@ -240,6 +241,7 @@ METHODS: dict[str, Method] = {
         mergeable=False,
         peft_type="PREFIX_TUNING",
         default_targets={},
+        resolve=resolve_prefix_tuning,
         parameter_count=prefix_tuning_parameter_count,
     ),
     "p_tuning": Method(

@@ -25,8 +25,16 @@ the prompt's key/value heads are repeated like the model's own.
 
 This matches Hugging Face peft's ``AdaptionPromptConfig(adapter_len=K, adapter_layers=L)``
 exactly (one scalar gate per layer, the separate softmax, W_o applied to the prompt branch), on
-Llama-architecture models (llama, mistral), as peft. peft wraps each attention module the same
-way peftlab does: ``PromptedAttention`` holds the original attention as ``base_layer``.
+the architectures peft 0.21 supports: Llama-style attention (llama, mistral) as above, and GPT-2,
+where peft's variant differs in three ways, followed here:
+
+    q, _, _ = c_attn(x).split(d_model)     queries from the fused projection (its bias too),
+    _, k_p, v_p = c_attn(P).split(d_model)  no rotary positions (GPT-2 adds positions at the input)
+    h' = h + g · softmax(q k_pᵀ / √d_head) v_p      no output projection on the prompt branch:
+                                                    h is already past c_proj
+
+peft wraps each attention module the same way peftlab does: ``PromptedAttention`` holds the
+original attention as ``base_layer``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ from peftlab.errors import ConfigError
 from peftlab.inject import Adapter, AdaptedLayer, _set_module, candidate_modules, matches
 from peftlab.methods.base import AdapterConfig
 
-SUPPORTED = ("llama", "mistral")  # peft's AdaptionPrompt: Llama-architecture attention
-ATTENTION_TARGETS = {t: ("self_attn",) for t in SUPPORTED}
+# peft 0.21's AdaptionPrompt: Llama-architecture attention, and GPT-2's (its own variant)
+SUPPORTED = ("llama", "mistral", "gpt2")
+ATTENTION_TARGETS = {"llama": ("self_attn",), "mistral": ("self_attn",), "gpt2": ("attn",)}
 
 
 @dataclass(frozen=True)
@@ -72,16 +81,18 @@ def resolve_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> Llama
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
         raise ConfigError(
-            f"LLaMA-Adapter works on Llama-architecture models only (model_type {', '.join(SUPPORTED)}), "
-            f"and this is a {model_type or type(model).__name__!r} model. It recomputes the attention's "
-            "rotary queries and needs q_proj, k_proj, v_proj, o_proj (as peft's AdaptionPrompt). "
-            "Expected e.g. peftlab.load_model('smollm2-135m') or 'tiny-llama'; for this model try "
-            "'prompt_tuning' or 'lora'."
+            f"LLaMA-Adapter works on the architectures peft's AdaptionPrompt knows (model_type "
+            f"{', '.join(SUPPORTED)}), and this is a {model_type or type(model).__name__!r} model. It "
+            "recomputes each attention's queries, so it needs that attention's own layout (Llama's "
+            "q_proj, k_proj, v_proj, o_proj with rotary positions, or GPT-2's c_attn). Expected e.g. "
+            "peftlab.load_model('smollm2-135m') or 'tiny-llama'; for this model try 'prompt_tuning' "
+            "or 'lora'."
         )
     found = attention_modules(model, config)
     if not found:
+        expected = ATTENTION_TARGETS[model_type]
         raise ConfigError(f"Targets {config.targets!r} matched no attention module. Expected "
-                          "('self_attn',), the Llama attention modules.")
+                          f"{expected!r}, the {model_type} attention modules.")
     layers = config.adapter_layers or len(found)
     if layers > len(found):
         raise ConfigError(f"adapter_layers={layers} is more than the model's {len(found)} attention "
@@ -104,14 +115,17 @@ class AdaptionPrompt(Adapter):
     def __init__(self, attention: nn.Module, config: LlamaAdapterConfig) -> None:
         super().__init__()
         cfg = attention.config
-        dtype = attention.q_proj.weight.dtype
+        self.gpt2 = hasattr(attention, "c_attn")  # GPT-2's fused projection (module docstring)
+        dtype = (attention.c_proj if self.gpt2 else attention.q_proj).weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32  # a quantised base: fp32 prompts
         self.adapter_len = config.adapter_len
         self.adaption_prompt = nn.Parameter(torch.randn(1, config.adapter_len, cfg.hidden_size, dtype=dtype))
         self.adaption_gate = nn.Parameter(torch.zeros(1, dtype=dtype))  # zero-init: output unchanged
 
     def forward(self, hidden_states: Tensor, attention: nn.Module, output: Tensor,
-                position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+                position_embeddings: tuple[Tensor, Tensor] | None) -> Tensor:
+        if self.gpt2:
+            return self._gpt2(hidden_states, attention, output)
         cfg = attention.config
         head_dim, n_heads, n_kv = attention.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         bsz, q_len, _ = hidden_states.shape
@@ -128,6 +142,19 @@ class AdaptionPrompt(Adapter):
         prompt_out = (probs @ v).transpose(1, 2).reshape(bsz, q_len, -1)  # (B, T, H·d)
         return (output + attention.o_proj(prompt_out)).to(q.dtype)
 
+    def _gpt2(self, hidden_states: Tensor, attention: nn.Module, output: Tensor) -> Tensor:
+        """h + g · softmax(q k_pᵀ / √d) v_p, all from c_attn, with no positions and no c_proj."""
+        heads, head_dim = attention.config.num_attention_heads, attention.head_dim
+        bsz, q_len, d_model = output.shape
+        q = attention.c_attn(hidden_states).split(d_model, dim=2)[0]
+        q = q.view(bsz, q_len, heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+        _, k, v = attention.c_attn(self.adaption_prompt).split(d_model, dim=2)
+        k, v = (t.view(1, self.adapter_len, heads, head_dim).transpose(1, 2) for t in (k, v))  # (1, H, K, d)
+        scores = q @ k.transpose(2, 3).to(q.dtype) / math.sqrt(head_dim)  # (B, H, T, K)
+        probs = self.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        prompt_out = (probs @ v).transpose(1, 2).reshape(bsz, q_len, -1)  # (B, T, d_model)
+        return (output + prompt_out).to(q.dtype)
+
 
 class PromptedAttention(AdaptedLayer):
     """An attention module plus adaption prompts. transformers calls attention with keyword
@@ -139,6 +166,7 @@ class PromptedAttention(AdaptedLayer):
         if self.disabled:
             return (output, *rest)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        # Llama's (cos, sin); GPT-2's attention takes none (its branch does not read this)
         position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         for name in self.active:
             output = self.adapters[name](hidden, self.base_layer, output, position_embeddings)

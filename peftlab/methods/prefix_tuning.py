@@ -32,8 +32,10 @@ Gradient checkpointing must be off: checkpointed layers drop the cache the prefi
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
@@ -91,10 +93,40 @@ class PrefixEncoder(SoftPrompt):
             return self.transform(self.embedding.weight)  # (n, d_kv) -> (n, 2·L·d_kv)
         return self.embedding.weight  # (n, 2·L·d_kv)
 
+    def batched_prompt(self, batch: int) -> Tensor:
+        """The MLP runs on every row's copy of P', as peft runs it: the same numbers, but a
+        (B·n)-row matrix product, which a CPU's kernels may round differently from an n-row one."""
+        if not self.projected:
+            return super().batched_prompt(batch)
+        tokens = torch.arange(self.num_virtual_tokens, device=self.embedding.weight.device).expand(batch, -1)
+        return self.transform(self.embedding(tokens))  # (B, n, d_kv) -> (B, n, 2·L·d_kv)
+
 
 def build_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
     """Add a prefix-tuning adapter named ``adapter_name`` to ``model``."""
     attach(model, PrefixEncoder(config, *attention_geometry(model)), adapter_name)
+
+
+def resolve_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningConfig:
+    """adapt()'s early check, for either backend: the model must read a key/value cache."""
+    check_reads_a_cache(model)
+    return config
+
+
+def check_reads_a_cache(model: nn.Module) -> None:
+    """The prefix is the layers' past keys and values, so the model must take a cache
+    (``past_key_values``), itself or in its transformer backbone, as peft checks it too.
+    DistilBERT takes none: its attention would never see the prefix, which would not train."""
+    backbone = getattr(model, "base_model", model)
+    if any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        return
+    raise ConfigError(
+        f"Prefix tuning needs a model whose attention reads past keys and values (a "
+        f"past_key_values argument), and {type(model).__name__} takes none, so the prefix would "
+        "never reach the attention (peft refuses it for the same reason). Expected a model with "
+        "a key/value cache (Llama, GPT-2, BERT, ...); on this one try prompt_tuning or p_tuning, "
+        "which put trained vectors at the input instead."
+    )
 
 
 def prefix_tuning_parameter_count(model: nn.Module, config: PrefixTuningConfig) -> int:

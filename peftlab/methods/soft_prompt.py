@@ -89,6 +89,10 @@ class SoftPrompt(Adapter):
         prefix. This is also what peft saves, as ``prompt_embeddings``."""
         raise NotImplementedError
 
+    def batched_prompt(self, batch: int) -> Tensor:
+        """``prompt()`` for each of ``batch`` rows: (batch, n, width)."""
+        return self.prompt().expand(batch, -1, -1)
+
 
 # --------------------------------------------------------------------------------------------
 # What the methods need to know about a model
@@ -127,7 +131,9 @@ def attention_geometry(model: nn.Module) -> tuple[int, int, int]:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     layers, heads = config.num_hidden_layers, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B style multi-query attention: one key/value head for every query
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return layers, kv_heads, head_dim
 
@@ -236,9 +242,9 @@ def prefix_cache(model: nn.Module, prompt: SoftPrompt, batch: int, cache=None):
     if model.training and torch.is_grad_enabled() and _checkpointing(model):
         raise ConfigError(_CHECKPOINTING_MESSAGE)  # checking when it is turned on after adapt()
     layers, kv_heads, head_dim = prompt.layers, prompt.kv_heads, prompt.head_dim
-    n, flat = prompt.num_virtual_tokens, prompt.prompt()  # (n, 2·L·d_kv)
-    kv = flat.to(getattr(model, "dtype", flat.dtype)).view(n, 2 * layers, kv_heads, head_dim)  # [K^0, V^0, K^1, ...]
-    kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, hd)
+    n, flat = prompt.num_virtual_tokens, prompt.batched_prompt(batch)  # (B, n, 2·L·d_kv)
+    kv = flat.to(getattr(model, "dtype", flat.dtype)).view(batch, n, 2 * layers, kv_heads, head_dim)
+    kv = kv.permute(2, 0, 3, 1, 4)  # (2L, B, H, n, hd): [K^0, V^0, K^1, ...]
     cache = cache if cache is not None else DynamicCache()
     for layer in range(layers):
         cache.update(kv[2 * layer], kv[2 * layer + 1], layer)

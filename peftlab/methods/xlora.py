@@ -386,7 +386,7 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
     On any error the model is left as it was."""
     from peftlab.api import adapt, records
     from peftlab.errors import AdapterFileError
-    from peftlab.io import (CONFIG_NAME, WEIGHTS_NAME, _load_state, _resolve_modules_to_save, _Snapshot,
+    from peftlab.io import (CONFIG_NAME, WEIGHTS_NAME, _load_state, _Snapshot,
                             read_adapter_weights)
     from peftlab.production.hf_peft import PREFIX
 
@@ -430,7 +430,7 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
     undo = _Snapshot(model)
     try:
         adapt(model, "xlora", adapter_name=adapter_name, experts=experts,
-              modules_to_save=_resolve_modules_to_save(model, tuple(saved_heads)), **options)
+              modules_to_save=inject.modules_to_save_paths(model, tuple(saved_heads)), **options)
         try:
             router_of(model, adapter_name).load_state_dict(router)
         except RuntimeError as err:  # missing, extra or misshapen tensors
@@ -502,6 +502,21 @@ def xlora_parameter_count(model: nn.Module, config: XLoRAConfig) -> int:
     widths = [hidden] + [config.xlora_size] * (config.xlora_depth - 1) + [out]
     router = sum(a * b + b for a, b in zip(widths, widths[1:]))  # weight + bias per Linear
     return router + (experts if trainable else 0)
+
+
+def check_peft_can_load(model: nn.Module) -> None:
+    """peft 0.21's X-LoRA loader renames the experts' weights as if the transformer sat at
+    ``model.``: on other models (GPT-2's ``transformer.``, BERT's ``bert.``) peft refuses the very
+    folder it saved, so a peft X-LoRA model there could not be kept."""
+    if isinstance(getattr(model, "model", None), nn.Module):
+        return
+    raise ConfigError(
+        f"peft 0.21's X-LoRA cannot load its own saved adapters on a {type(model).__name__}: its "
+        "loader rewrites the experts' weight names as if the transformer sat at `model.` (as in "
+        f"Llama, Qwen, Mistral, OPT), and this model keeps it at "
+        f"`{getattr(model, 'base_model_prefix', '?')}.`, so peft refuses the names it wrote. "
+        "Expected backend='reference': peftlab's X-LoRA trains, saves and loads on this model."
+    )
 
 
 def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:

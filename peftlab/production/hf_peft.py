@@ -92,8 +92,11 @@ def _llama_adapter_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -
 
 
 def _xlora_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
-    from peftlab.methods.xlora import peft_kwargs
+    """X-LoRA as a peft model (backend="peft"): refused where peft cannot load what it saves."""
+    from peftlab.methods.xlora import check_peft_can_load, peft_kwargs
 
+    if model is not None:
+        check_peft_can_load(model)
     return peft_kwargs(config, model)
 
 
@@ -112,8 +115,10 @@ _FROM_PEFT_KWARGS: dict[str, Callable[[dict], dict]] = {"llama_adapter": _llama_
 
 def task_type(model: nn.Module) -> str | None:
     """peft's task type for a transformers model, from its class name."""
+    from peftlab.models import is_causal_lm_class
+
     name = type(model).__name__
-    if name.endswith("ForCausalLM"):
+    if is_causal_lm_class(name):
         return "CAUSAL_LM"
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
@@ -142,6 +147,7 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
             if model is not None:
                 value = find_targets(model, value, exclude=config.modules_to_save or ())
                 if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in value):
+                    _check_peft_takes_conv1d(spec, value, PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type])
                     kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
             kwargs["target_modules"] = value if isinstance(value, str) else list(value)
         elif field.name == "modules_to_save":
@@ -157,9 +163,70 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
         kwargs["init_lora_weights"] = True
     if model is not None and task_type(model):
         kwargs["task_type"] = task_type(model)
+    if model is not None and spec.family == "soft prompt":
+        kwargs.update(soft_prompt_geometry(spec, model))
     kwargs.update(_PEFT_MARKERS.get(spec.name, {}))
     kwargs.update(extra)
     return PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type](**kwargs)
+
+
+# peft methods whose layers take transformers' Conv1D (GPT-2's linear layers, W stored as
+# (d_in, d_out), told by fan_in_fan_out=True). peft 0.21's LoHa and LoKr have no such option, and
+# its OFT and BOFT refuse the layer while building the model ("Target module Conv1D(...) is not
+# supported. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d` ... are supported").
+PEFT_TAKES_CONV1D = frozenset({"LORA", "ADALORA", "IA3", "VERA", "XLORA"})
+
+
+def takes_fan_in_fan_out(spec: Method) -> bool:
+    """Whether peft's version of the method adapts transformers' Conv1D layers."""
+    return spec.peft_type in PEFT_TAKES_CONV1D
+
+
+def _check_peft_takes_conv1d(spec: Method, targets, peft_config_class) -> None:
+    if takes_fan_in_fan_out(spec):
+        return
+    raise ConfigError(
+        f"peft cannot put {spec.name!r} on transformers' Conv1D layers (GPT-2 style, here "
+        f"{', '.join(list(targets)[:3])}): its {peft_config_class.__name__} adapts nn.Linear and "
+        "convolutions only, so a peft model cannot be built and a saved adapter does not load in "
+        "peft. Expected backend='reference' (peftlab's own method adapts Conv1D; its adapter "
+        "saves and loads with peftlab.save_adapter / load_adapter), or a method peft applies "
+        "to Conv1D: lora, dora, adalora, vera, ia3."
+    )
+
+
+# the model-config keys peft 0.21 reads each prompt dimension from (peft.utils.other.
+# _prepare_prompt_learning_config); a model with none of them needs the value in the peft config
+_PEFT_GEOMETRY_KEYS = {"token_dim": ("hidden_size", "n_embd", "d_model"),
+                       "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+                       "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+
+
+def soft_prompt_geometry(spec: Method, model: nn.Module, *, for_peft_model: bool = True) -> dict:
+    """token_dim, num_layers and num_attention_heads for peft's prompt configs, where peft cannot
+    read them itself: it looks for the config's own keys (hidden_size, n_embd, ...), which not
+    every model has (DistilBERT's are dim, n_layers, n_heads); peftlab reads them through the
+    config's aliases. ``for_peft_model``: refuse a prefix peft would shape wrongly (see below);
+    False when only describing a reference adapter on disk (peftlab loads it back)."""
+    from peftlab.methods.soft_prompt import attention_geometry
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, kv_heads, _ = attention_geometry(model)
+    values = {"token_dim": int(config.hidden_size), "num_layers": layers,
+              "num_attention_heads": int(config.num_attention_heads)}
+    keys = config.to_dict()
+    if for_peft_model and spec.name == "prefix_tuning" and kv_heads != keys.get("num_key_value_heads", config.num_attention_heads):
+        # peft sizes the prefix for num_key_value_heads when the config has that key, else for
+        # every attention head: Falcon's multi-query attention (config key num_kv_heads) has one
+        raise ConfigError(
+            f"peft cannot build prefix tuning for this {type(model).__name__}: its attention has "
+            f"{kv_heads} key/value head(s), but peft sizes the prefix for "
+            f"{keys.get('num_key_value_heads', config.num_attention_heads)} (it reads only the config key "
+            "num_key_value_heads), and the forward pass fails. Expected backend='reference' "
+            "(peftlab's prefix has the model's own key/value width; peft cannot load its adapter), "
+            "or prompt_tuning / p_tuning, which peft runs on this model."
+        )
+    return {k: v for k, v in values.items() if not any(key in keys for key in _PEFT_GEOMETRY_KEYS[k])}
 
 
 def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
