@@ -371,8 +371,76 @@ def matrix(methods=None, archs=ARCHS) -> dict[tuple[str, str], dict[str, Cell]]:
     return {(a.name, m): run_cell(a, m) for a in archs for m in (methods or list(METHODS))}
 
 
+_MARK = {"ok": "✓", "refused": "R", "n/a": "–", "FAIL": "FAIL"}
+
+
+# one note per kind of refusal (the errors themselves name the model and say what to try)
+REASONS = (
+    ("has kernels for", ""),  # the fused backend has kernels for LoRA and DoRA: no such path ("–")
+    ("has no bias parameters", "BitFit: the model has no bias to train (include_norms=True trains its norm gains instead)"),
+    ("AdaptionPrompt knows", "LLaMA-Adapter: peft's AdaptionPrompt knows Llama, Mistral and GPT-2 attention only"),
+    ("on transformers' Conv1D layers", "peft's OFT, BOFT, LoHa and LoKr do not adapt GPT-2's Conv1D layers "
+                                        "(peftlab's reference does; its adapters load in peftlab)"),
+    ("cannot build prefix tuning", "peft sizes a prefix for every attention head; Falcon's multi-query attention "
+                                    "has one key/value head (peftlab's reference sizes it right)"),
+    ("reads past keys and values", "prefix tuning needs a key/value cache; DistilBERT's attention takes none "
+                                    "(peft refuses it too)"),
+    ("X-LoRA cannot load its own", "X-LoRA in peft: peft 0.21's loader assumes the transformer at `model.` and "
+                                    "refuses the folder it saved itself"),
+)
+
+
+def _reason(detail: str) -> str:
+    """The note for a refusal: its kind from REASONS, else its first sentence."""
+    for key, note in REASONS:
+        if key in detail:
+            return note
+    return detail.split(". ")[0].rstrip(".")
+
+
+def render(cells: dict[tuple[str, str], dict[str, Cell]], archs=ARCHS) -> str:
+    """The README table: a row per method, a column per architecture, four marks per cell."""
+    from peftlab.methods import METHODS
+
+    reasons: dict[str, int] = {}
+    lines = ["| method | " + " | ".join(a.name for a in archs) + " |",
+             "|---|" + "---|" * len(archs)]
+    for method in METHODS:
+        row = []
+        for arch in archs:
+            marks = []
+            for check in CHECKS:
+                cell = cells[(arch.name, method)][check]
+                mark, reason = _MARK[cell.status], _reason(cell.detail)
+                if cell.status == "refused" and not reason:
+                    mark = _MARK["n/a"]
+                elif cell.status == "refused":
+                    mark += f"<sup>{reasons.setdefault(reason, len(reasons) + 1)}</sup>"
+                marks.append(mark)
+            row.append(" ".join(marks))
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    notes = [f"{n}. {reason}." for reason, n in reasons.items()]
+    one_way = [f"X-LoRA's peft check is one way: {ONE_WAY['xlora']}."]
+    return "\n".join(lines + [""] + notes + [""] + one_way)
+
+
+def readme_section(text: str) -> str | None:
+    """What the README holds between the markers (None: no markers)."""
+    if BEGIN not in text or END not in text:
+        return None
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if "--write" in sys.argv:  # the whole matrix into the README
+        table = render(matrix())
+        text = README.read_text()
+        before, rest = text.split(BEGIN, 1)
+        after = rest.split(END, 1)[1]
+        README.write_text(f"{before}{BEGIN}\n{table}\n{END}{after}")
+        print(table)
+        sys.exit(0)
     names = [a for a in sys.argv[1:] if not a.startswith("-")]
     archs = tuple(a for a in ARCHS if not names or a.name in names)
     for arch in archs:

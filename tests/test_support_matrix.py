@@ -1,0 +1,65 @@
+"""The support matrix (tests/support_matrix.py): every method on tiny random models of 14
+architectures, each cell a pass or a clear refusal, and the README prints exactly this table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import support_matrix as sm
+
+# refusals of the reference backend itself, each where the method cannot apply or peft cannot do it
+REFERENCE_REFUSALS = (
+    "has no bias parameters at all",  # BitFit on a model without biases (Llama, Qwen, Gemma, Phi-3)
+    "architectures peft's AdaptionPrompt knows",  # LLaMA-Adapter: peft has llama, mistral, gpt2
+    "needs a model whose attention reads past keys and values",  # prefix tuning on DistilBERT
+)
+
+
+@pytest.fixture(scope="module")
+def cells():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster on the small build machines
+    try:
+        return sm.matrix()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_cell_passes_or_is_a_clear_refusal(cells):
+    failed = {f"{arch}/{method}/{check}": cell.detail for (arch, method), row in cells.items()
+              for check, cell in row.items() if cell.status == "FAIL"}
+    assert not failed, failed
+    unclear = {f"{arch}/{method}/{check}": cell.detail for (arch, method), row in cells.items()
+               for check, cell in row.items()
+               if cell.status == "refused" and not any(w in cell.detail for w in ("Expected", "try", "Try"))}
+    assert not unclear, unclear  # a refusal says what was expected or what to try
+
+
+def test_the_reference_refuses_only_what_cannot_apply_or_peft_cannot_do(cells):
+    for (arch, method), row in cells.items():
+        if row["trains"].status != "refused":
+            assert row["trains"].status == "ok"
+            continue
+        assert any(r in row["trains"].detail for r in REFERENCE_REFUSALS), (arch, method, row["trains"].detail)
+        assert row["peft"].status in ("refused", "n/a"), (arch, method)  # peft cannot either
+        assert row["memory"].status == "refused", (arch, method)  # estimate_memory says the same
+
+
+def test_peft_interop_everywhere_peft_builds_the_method(cells):
+    """LoRA, DoRA, IA3 and VeRA interoperate with peft on every architecture in the matrix."""
+    for method in ("lora", "dora", "ia3", "vera", "adalora", "loftq", "prompt_tuning", "p_tuning"):
+        bad = {arch: row["peft"] for (arch, m), row in cells.items() if m == method and row["peft"].status != "ok"}
+        assert not bad, (method, bad)
+
+
+def test_fused_is_exact_wherever_it_runs(cells):
+    for method in ("lora", "dora"):
+        bad = {arch: row["fused"] for (arch, m), row in cells.items() if m == method and row["fused"].status != "ok"}
+        assert not bad, (method, bad)
+
+
+def test_the_readme_prints_the_matrix(cells):
+    printed = sm.readme_section(sm.README.read_text())
+    assert printed is not None, f"README.md lacks the {sm.BEGIN} ... {sm.END} markers"
+    assert printed == sm.render(cells), "the README's support matrix is stale: run `python -m tests.support_matrix --write`"
