@@ -384,3 +384,15 @@ def test_a_step_trains_only_the_conv_adapter():
     changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
     assert changed == {"conv.adapters.default.lora_A", "conv.adapters.default.lora_B"}
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize(("model_name", "method", "hp"),
+                         [p for p in PARAMS if p.id in ("Conv2d 2 LoRA", "Conv3d 1 LoRA", "Conv2d Groups IA3",
+                                                        "Conv1d LOHA 1", "Conv2d 1 LOKR")])
+def test_peft_backend_adapts_convolutions(model_name, method, hp):
+    """backend="peft" builds peft's own model on the same conv targets, equal to the reference."""
+    base, ours = adapt(model_name, method, hp)
+    theirs = peftlab.adapt(copy.deepcopy(base), method, backend="peft", **hp)
+    hf_peft.copy_reference_to_peft(ours, theirs)
+    x = inputs(base)
+    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)

@@ -177,8 +177,8 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
     """Trainable parameters (by layer type) and memory of ``choice``, without loading weights."""
     import peftlab
     from peftlab.api import make_config
-    from peftlab.inject import candidate_modules, find_targets, layer_dims
-    from peftlab.methods import get_method
+    from peftlab.inject import candidate_modules, find_targets
+    from peftlab.methods import get_method, layer_parameter_count
 
     base = meta_model(choice.model, num_labels)
     model = copy.deepcopy(base)
@@ -197,7 +197,7 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
         if spec.params_per_layer is None:
             raise
         modules = candidate_modules(base)
-        added = sum(spec.params_per_layer(*layer_dims(modules[n]), config)
+        added = sum(layer_parameter_count(spec, modules[n], config)
                     for n in find_targets(base, config.targets, exclude=config.modules_to_save or ()))
         by_type = {k: dict(v, trainable=0) for k, v in base_count.by_type.items()}
         by_type[spec.name] = {"trainable": int(added), "total": int(added)}

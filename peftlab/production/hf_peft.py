@@ -61,11 +61,12 @@ _PEFT_TO_INIT = {True: "kaiming", "gaussian": "gaussian", "loftq": "loftq"}
 def _ia3_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
     """IA3: peft wants ``feedforward_modules`` as a subset of ``target_modules`` (its check, and
     what a saved adapter_config.json is read back with), so both become exact names together."""
-    from peftlab.inject import is_linear, matches
+    from peftlab.inject import is_conv, is_linear, matches
 
     targets, kwargs = config.targets, {}
     if model is not None:
-        targets = find_targets(model, targets, accept=is_linear, exclude=config.modules_to_save or ())
+        targets = find_targets(model, targets, accept=lambda m: is_linear(m) or is_conv(m),
+                               exclude=config.modules_to_save or ())
         if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
             kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
     feedforward = config.feedforward_modules or ()
@@ -145,7 +146,7 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
             continue
         if field.name == "targets":
             if model is not None:
-                value = find_targets(model, value, exclude=config.modules_to_save or ())
+                value = find_targets(model, value, exclude=config.modules_to_save or (), **_layer_kinds(spec))
                 if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in value):
                     _check_peft_takes_conv1d(spec, value, PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type])
                     kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
@@ -180,6 +181,20 @@ PEFT_TAKES_CONV1D = frozenset({"LORA", "ADALORA", "IA3", "VERA", "XLORA"})
 def takes_fan_in_fan_out(spec: Method) -> bool:
     """Whether peft's version of the method adapts transformers' Conv1D layers."""
     return spec.peft_type in PEFT_TAKES_CONV1D
+
+
+# peft methods that adapt nn.Conv1d/2d/3d besides linear layers (which kinds, peft decides)
+PEFT_TAKES_CONV = frozenset({"LORA", "LOHA", "LOKR", "IA3"})
+
+
+def _layer_kinds(spec: Method) -> dict:
+    """find_targets' accept/expected for the layers peft's version of the method takes."""
+    from peftlab.inject import is_conv, is_linear
+
+    if spec.peft_type not in PEFT_TAKES_CONV:
+        return {}
+    return {"accept": lambda m: is_linear(m) or is_conv(m) or isinstance(m, nn.Embedding),
+            "expected": "a linear layer (nn.Linear, Conv1D), a convolution (nn.Conv1d/2d/3d) or an nn.Embedding"}
 
 
 def _check_peft_takes_conv1d(spec: Method, targets, peft_config_class) -> None:
