@@ -307,8 +307,10 @@ def traced_activation_bytes(model: nn.Module, batch: int, seq_len: int, checkpoi
     Two things differ from a CPU run and are put right: on the meta device, SDPA would take its
     "math" path (which keeps the attention probabilities), so each call takes the kernel the CPU
     picks for the same shapes, dtype, mask and dropout (``torch._fused_sdp_choice``, FlashAttention
-    for the CPU in most cases); and transformers' check for packed sequences reads a value, which
-    meta tensors do not have, so the traced rows are taken as unpacked (they are: one row each)."""
+    for the CPU in most cases); and transformers' mask code reads values (is the mask all ones? are
+    the rows packed?), which meta tensors do not have, so it is told that it is being traced, as
+    under torch.compile: it then builds the mask a padded batch gets (``padded``) and takes the
+    rows as unpacked (they are: one sequence each)."""
     from unittest import mock
 
     from transformers import masking_utils
@@ -326,7 +328,7 @@ def traced_activation_bytes(model: nn.Module, batch: int, seq_len: int, checkpoi
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if _is_classifier(model) else ids
-    mask = torch.ones(batch, seq_len, dtype=torch.long, device="meta") if padded else None
+    mask = torch.ones(batch, seq_len, dtype=torch.long, device="meta") if padded else None  # values unread
     was_training, impl = model.training, getattr(model.config, "_attn_implementation", None)
     model.train()
     if checkpointing:
@@ -334,9 +336,10 @@ def traced_activation_bytes(model: nn.Module, batch: int, seq_len: int, checkpoi
     try:
         if attn == "eager" and impl is not None:  # "sdpa" is the default; models that cannot
             model.config._attn_implementation = attn  # use it (Gemma 2's soft-capping) chose eager
-        packed = mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None) \
-            if hasattr(masking_utils, "find_packed_sequence_indices") else mock.patch.dict({})
-        with packed, _CpuAttentionOnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        real = getattr(masking_utils, "is_tracing", None)
+        tracing = mock.patch.object(masking_utils, "is_tracing", lambda t=None: (
+            isinstance(t, Tensor) and t.device.type == "meta") or real(t)) if real else mock.patch.dict({})
+        with tracing, _CpuAttentionOnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # holds the graph
         total = sum(max((nbytes for ref, nbytes in refs if ref() is not None), default=0)
                     for refs in saved.values())

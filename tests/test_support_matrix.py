@@ -63,3 +63,24 @@ def test_the_readme_prints_the_matrix(cells):
     printed = sm.readme_section(sm.README.read_text())
     assert printed is not None, f"README.md lacks the {sm.BEGIN} ... {sm.END} markers"
     assert printed == sm.render(cells), "the README's support matrix is stale: run `python -m tests.support_matrix --write`"
+
+
+@pytest.mark.parametrize("method", ["lora", "oft", "prompt_tuning"])
+def test_the_labs_preview_works_from_every_architectures_folder(tmp_path, method):
+    """The Lab's model box takes a local folder (or a hub id): its preview (trainable count and
+    memory) comes from the config alone, for every architecture of the matrix, with no fallback."""
+    import peftlab
+    from widgets import plan
+
+    for arch in sm.ARCHS:
+        model = arch.build()
+        model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
+        folder = tmp_path / arch.name.replace(" ", "")
+        model.config.save_pretrained(folder)
+        choice = plan.Choice(model=str(folder), method=method, batch_size=2, max_length=32)
+        est = plan.estimate(choice)
+        assert not [n for n in est.notes if "failed" in n], (arch.name, est.notes)
+        torch.manual_seed(0)
+        real = peftlab.count_parameters(peftlab.adapt(model, method, **choice.hyperparameters()))
+        assert est.count.trainable == real.trainable, arch.name
+        assert est.memory["activations"] > 0, arch.name
