@@ -1,8 +1,9 @@
-"""LoRA, LoHa, LoKr and IA3 on nn.Conv1d / nn.Conv2d / nn.Conv3d, proven equal to Hugging Face peft.
+"""LoRA, LoHa, LoKr, IA3, OFT and BOFT on nn.Conv1d / nn.Conv2d / nn.Conv3d, proven equal to Hugging Face peft.
 
 The cases follow peft's own ``tests/test_custom_models.py`` entries for convolutions ("Conv1d",
-"Conv2d", "Conv2d 1x1", "Conv2d Groups", "Conv2d Groups2", "Conv3d", "Conv3d 1x1", with and without
-a linear layer beside the convolution), on small models of our own, with peft's defaults. Each case:
+"Conv2d", "Conv2d 1x1", "Conv2d Groups", "Conv2d Groups2", "Conv3d", "Conv3d 1x1", "Conv2d 1 OFT",
+"Conv2d 1 BOFT", with and without a linear layer beside the convolution), on small models of our
+own, with peft's defaults. Each case:
 
 - same weights -> same outputs and gradients as peft's own layer (``peft.get_peft_model`` on a deep
   copy, weights copied through peftlab's bridge), fp32, and the same trainable count as peft's;
@@ -62,6 +63,11 @@ MODELS = {
     "Conv2dStrided": (lambda: nn.Conv2d(6, 12, (3, 2), stride=(2, 1), padding=(1, 0)), (6, 8, 6)),
     "Conv3d": (lambda: nn.Conv3d(5, 10, 3), (5, 4, 5, 5)),
     "Conv3d1x1": (lambda: nn.Conv3d(8, 16, 1), (8, 3, 4, 4)),
+    "Conv2d1x1Strided": (lambda: nn.Conv2d(6, 12, 1, stride=2, padding=1), (6, 7, 7)),
+    "Conv2d1x1Groups": (lambda: nn.Conv2d(8, 16, 1, groups=2), (8, 5, 5)),
+    "Conv2dPadded": (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1), (4, 7, 7)),
+    "Conv2dDilated": (lambda: nn.Conv2d(4, 8, 3, padding=2, dilation=2), (4, 7, 7)),
+    "Conv2dUneven": (lambda: nn.Conv2d(4, 8, 3, stride=(2, 1), padding=1), (4, 7, 7)),
 }
 
 
@@ -118,6 +124,19 @@ CASES = [
     ("Conv2d Groups2 LOKR", "Conv2dGroups2", "lokr", {"targets": ("conv",)}),
     ("Conv2d decompose LOKR", "Conv2dGroups", "lokr", {"targets": ("conv",), "r": 1, "decompose_both": True,
                                                        "decompose_factor": 4}),
+    # OFT: 1x1 kernels only (see peftlab/methods/oft.py: peft's k > 1 forward is not its merge)
+    ("Conv2d 1x1 OFT", "Conv2d1x1", "oft", {"targets": ("conv",), "block_size": 4}),
+    ("Conv2d 1x1 r OFT", "Conv2d1x1", "oft", {"targets": ("conv",), "r": 2, "use_cayley_neumann": False}),
+    ("Conv2d 1x1 2 OFT", "Conv2d1x1", "oft", {"targets": ("conv", "lin0"), "block_size": 4}),
+    ("Conv2d 1x1 strided OFT", "Conv2d1x1Strided", "oft", {"targets": ("conv",), "block_size": 3,
+                                                           "block_share": True}),
+    ("Conv2d 1x1 COFT", "Conv2d1x1", "oft", {"targets": ("conv",), "block_size": 4, "coft": True, "eps": 1e-2}),
+    # BOFT: the rotation turns the flattened (C_in·k·k) patch axis of the weight
+    ("Conv2d 1 BOFT", "Conv2d", "boft", {"targets": ("conv",), "block_size": 9}),
+    ("Conv2d 2 BOFT", "Conv2d", "boft", {"targets": ("conv", "lin0"), "block_num": 5}),
+    ("Conv2d 1x1 BOFT", "Conv2d1x1", "boft", {"targets": ("conv",), "block_size": 4}),
+    ("Conv2d padded BOFT", "Conv2dPadded", "boft", {"targets": ("conv",), "block_size": 6}),
+    ("Conv2d 1x1 strided BOFT", "Conv2d1x1Strided", "boft", {"targets": ("conv",), "block_num": 2}),
 ]
 PARAMS = [pytest.param(model, method, hp, id=name) for name, model, method, hp in CASES]
 
@@ -141,13 +160,20 @@ def randomise(model: nn.Module, seed: int = 1) -> None:
 
 def peft_config(method: str, hp: dict, **extra):
     """peft's own config for a case, built from peft's classes (peft's defaults elsewhere)."""
-    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+    from peft import BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
     kwargs = {("target_modules" if k == "targets" else k): (list(v) if isinstance(v, tuple) else v)
               for k, v in hp.items()}
-    if method == "lora":
-        kwargs = {("lora_alpha" if k == "alpha" else k): v for k, v in kwargs.items()}
-    config = {"lora": LoraConfig, "ia3": IA3Config, "loha": LoHaConfig, "lokr": LoKrConfig}[method]
+    renames = {"lora": {"alpha": "lora_alpha"}, "oft": {"block_size": "oft_block_size"},
+               "boft": {"block_size": "boft_block_size", "block_num": "boft_block_num",
+                        "n_butterfly_factor": "boft_n_butterfly_factor"}}.get(method, {})
+    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+    if method == "oft" and "r" in kwargs:
+        kwargs["oft_block_size"] = 0  # peft takes r or oft_block_size (default 32), not both
+    if method == "boft" and "boft_block_num" in kwargs:
+        kwargs["boft_block_size"] = 0  # likewise boft_block_num or boft_block_size (default 4)
+    config = {"lora": LoraConfig, "ia3": IA3Config, "loha": LoHaConfig, "lokr": LoKrConfig,
+              "oft": OFTConfig, "boft": BOFTConfig}[method]
     return config(**kwargs, **extra)
 
 
@@ -313,8 +339,22 @@ def test_factors_and_singular_values_are_those_of_the_weight_matrix(model_name, 
 # --------------------------------------------------------------------------------------------
 REFUSALS = [
     ("Conv2d", "dora", {"targets": ("conv",)}, r"'conv' is a Conv2d, which this method cannot adapt.*'lora'"),
-    ("Conv2d", "oft", {"targets": ("conv",)}, r"'conv' is a Conv2d.*Expected a linear layer"),
-    ("Conv2d", "boft", {"targets": ("conv",)}, r"'conv' is a Conv2d.*Expected a linear layer"),
+    ("Conv1d", "oft", {"targets": ("conv",)}, r"'conv' is a Conv1d.*no nn\.Conv1d / nn\.Conv3d"),
+    ("Conv3d", "oft", {"targets": ("conv",)}, r"'conv' is a Conv3d.*no nn\.Conv1d / nn\.Conv3d"),
+    ("Conv1d", "boft", {"targets": ("conv",)}, r"'conv' is a Conv1d.*no nn\.Conv1d / nn\.Conv3d"),
+    ("Conv3d", "boft", {"targets": ("conv",)}, r"'conv' is a Conv3d.*no nn\.Conv1d / nn\.Conv3d"),
+    ("Conv2d", "oft", {"targets": ("conv",), "block_size": 5},
+     r"kernel_size=\(3, 3\).*differ by 43.*Expected kernel_size=1"),
+    ("Conv2d1x1Groups", "oft", {"targets": ("conv",), "block_size": 4}, r"groups=2.*Expected groups=1"),
+    ("Conv2dGroups", "boft", {"targets": ("conv",), "block_size": 4}, r"groups=2.*Expected groups=1"),
+    ("Conv2dDilated", "oft", {"targets": ("conv",), "block_size": 4}, r"dilation=\(2, 2\).*Expected dilation=1"),
+    ("Conv2dDilated", "boft", {"targets": ("conv",), "block_size": 4}, r"dilation=\(2, 2\).*Expected dilation=1"),
+    ("Conv2dStrided", "boft", {"targets": ("conv",), "block_size": 2},
+     r"kernel_size=\(3, 2\), stride=\(2, 1\), padding=\(1, 0\).*Expected a square kernel"),
+    ("Conv2dUneven", "boft", {"targets": ("conv",), "block_size": 4}, r"stride=\(2, 1\) is not.*Expected a square kernel"),
+    ("Conv2d", "boft", {"targets": ("conv",)}, r"block_size=4 .*d_in=45.*Expected block_size in \[1, 3, 5, 9, 15, 45\]"),
+    ("Conv2d1x1", "oft", {"targets": ("conv",)},
+     r"block_size=32 does not fit a layer with d_in=8.*Expected block_size in \[2, 4, 8\]"),
     ("Conv2d", "vera", {"targets": ("conv",)}, r"'conv' is a Conv2d"),
     ("Conv2d", "adalora", {"targets": ("conv",), "total_step": 10}, r"'conv' is a Conv2d"),
     ("Conv2d", "loftq", {"targets": ("conv",)}, r"'conv' is a Conv2d"),
@@ -345,7 +385,7 @@ def test_unsupported_conv_cases_are_refused_clearly(model_name, method, hp, matc
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
-@pytest.mark.parametrize("method", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "boft"])
 def test_padding_other_than_zeros_is_refused(method, padding_mode):
     """peft's adapter path pads with zeros while the base pads its own way: merging would then
     change the output, so peftlab refuses instead of computing something else."""
@@ -366,6 +406,39 @@ def test_ia3_on_a_reflect_padded_conv_is_exact():
         unmerged = model(x)
         peftlab.merge(model)
         torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_oft_on_a_reflect_padded_1x1_conv_is_exact():
+    """OFT on a 1x1 kernel turns each pixel's channels, which commutes with any padding."""
+    torch.manual_seed(0)
+    base = ConvNet(nn.Conv2d(8, 10, 1, padding=1, padding_mode="reflect"), (8, 5, 5))
+    model = peftlab.adapt(copy.deepcopy(base), "oft", targets=("conv",), block_size=4)
+    randomise(model)
+    x = inputs(base)
+    unmerged = model(x)
+    peftlab.merge(model)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_boft_butterfly_factors_on_a_conv_equal_peft(monkeypatch):
+    """n_butterfly_factor=2 on a 3x3 conv: peft builds more than one factor only with its CUDA
+    kernel, so a torch.block_diag stand-in for it (as tests/test_methods_orthogonal.py) runs peft's
+    own multi-factor code on CPU."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", object())
+    monkeypatch.setattr(boft_layer.FastBlockDiag, "apply",
+                        staticmethod(lambda blocks: torch.stack([torch.block_diag(*level) for level in blocks])))
+    hp = {"targets": ("conv",), "block_size": 6, "n_butterfly_factor": 2}  # C_in·k·k = 36: 6 blocks, paired once
+    base, ours = adapt("Conv2dPadded", "boft", hp)
+    theirs = peft_twin(base, ours, "boft", hp)
+    assert trainable(ours) == trainable(theirs) == layer_parameter_count(
+        METHODS["boft"], base.conv, records(ours)["default"].config)
+    x = inputs(base)
+    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+    unmerged = ours(x)
+    peftlab.merge(ours)
+    torch.testing.assert_close(ours(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_a_step_trains_only_the_conv_adapter():

@@ -81,7 +81,7 @@ class Method:
 
 # which methods adapt convolutions, for the error that refuses a convolution to the others
 CONV_HINT = ("nn.Conv1d/2d/3d layers are adapted by method 'lora' (1d, 2d, 3d), 'loha' and 'lokr' "
-             "(1d, 2d) and 'ia3' (2d, 3d)")
+             "(1d, 2d), 'ia3' (2d, 3d), 'boft' (2d) and 'oft' (1x1 2d)")
 
 
 def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None

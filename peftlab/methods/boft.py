@@ -25,6 +25,16 @@ The factors start at A = 0 (R = I) and s = 1, so the model starts at the pretrai
 ``dropout`` is multiplicative: in training, for one random level, a share of the blocks is set
 to I. peft without its CUDA extension (any CPU) silently uses m = 1; peftlab always builds all
 m levels, with the same math as peft's CUDA path.
+
+On an nn.Conv2d (as peft) R turns the weight's flattened patch axis: W0 (C_out, C_in, k, k) is the
+matrix (C_out, C_in·k·k), channel-major, R is (C_in·k·k, C_in·k·k) and the layer runs with the
+rotated, scaled weight and its own stride and padding (the input is never rotated):
+
+        h = conv(x; diag(s) W0 R^T) + b     (W0 R^T reshaped back to (C_out, C_in, k, k))
+
+peft reads one number of kernel_size, stride and padding (``[0]``), ignores dilation and refuses
+groups, so peftlab adapts square kernels with equal strides and paddings, zero padding, no
+dilation and groups=1, and refuses the rest.
 """
 
 from __future__ import annotations
@@ -32,13 +42,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, layer_dims
+from peftlab.inject import Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, conv_with, matrix_dims
 from peftlab.methods.base import AdapterConfig, check_range
-from peftlab.methods.oft import block_dropout, divisors, linear_weight, reject_embedding
+from peftlab.methods.oft import block_dropout, check_conv_rotation, divisors, linear_weight, reject_embedding
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,11 @@ class BOFTConfig(AdapterConfig):
         check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
 
 
-def boft_parameter_count(d_in: int, d_out: int, config: BOFTConfig) -> int:
-    """Trainable numbers on one layer: m factors of D = d_in / b full b x b blocks, plus s (d_out)."""
+def boft_parameter_count(d_in: int, d_out: int, config: BOFTConfig, conv: ConvShape | None = None) -> int:
+    """Trainable numbers on one layer: m factors of D = d_in / b full b x b blocks, plus s (d_out);
+    on a convolution d_in = C_in/groups · K, the flattened patch that R turns."""
+    if conv is not None:
+        d_in = d_in // conv.groups * conv.taps
     b = config.block_size or d_in // config.block_num
     return config.n_butterfly_factor * d_in * b + d_out
 
@@ -96,11 +108,17 @@ class BOFT(Adapter):
     """h = s ⊙ (W0 R^T x) + b with R a product of butterfly factors; merged W' = diag(s) W0 R^T."""
 
     delta_uses_base = True  # ΔW = diag(s) W0 R^T - W0 depends on W0
+    conv_layers = (nn.Conv2d,)  # peft's BOFT has no nn.Conv1d / nn.Conv3d
+    layer_types = ("a linear layer (nn.Linear, transformers' Conv1D) or an nn.Conv2d (peft's BOFT has no "
+                   "nn.Conv1d / nn.Conv3d)")
 
     def __init__(self, base: nn.Module, config: BOFTConfig) -> None:
         super().__init__()
         reject_embedding(base, "BOFT")
-        d_in, d_out = layer_dims(base)
+        check_conv_rotation(base, "BOFT")
+        check_square_conv(base)
+        self.conv = conv_shape(base) is not None
+        d_in, d_out = matrix_dims(base)  # a convolution: (C_in·k·k, C_out)
         m = config.n_butterfly_factor
         b = config.block_size or (d_in // config.block_num if d_in % config.block_num == 0 else 0)
         if not fits(d_in, b, m):
@@ -115,7 +133,8 @@ class BOFT(Adapter):
         self.block_size, self.block_num, self.p = b, d_in // b, config.dropout
         self.transposed = type(base).__name__ == "Conv1D"
         self.boft_R = nn.Parameter(torch.zeros(m, self.block_num, b, b))  # A per level and block
-        self.boft_s = nn.Parameter(torch.ones(d_out, 1))  # per-output scale s
+        # per-output scale s, in peft's shapes so it copies and saves 1:1
+        self.boft_s = nn.Parameter(torch.ones((1, d_out) if self.conv else (d_out, 1)))
         perms = torch.stack([butterfly_permutation(d_in, b, k) for k in range(m)])  # (m, d_in)
         self.register_buffer("perms", perms, persistent=False)
 
@@ -136,25 +155,61 @@ class BOFT(Adapter):
             R = B_k if R is None else B_k @ R
         return R
 
+    def scale(self, h: Tensor) -> Tensor:
+        """s shaped to multiply an output h: (d_out,) for a linear layer, (C_out, 1, 1) on a conv."""
+        s = self.boft_s.flatten()
+        return s.view(-1, *(1,) * (h.dim() - 2)) if self.conv else s
+
+    def rotated_weight(self, base: nn.Module) -> Tensor:
+        """diag(s) W0 R^T in matrix layout (d_out, d_in): each weight row turned, then scaled."""
+        W0 = linear_weight(base)  # (d_out, d_in); a convolution: (C_out, C_in·k·k)
+        R = self.rotation().to(W0.dtype)
+        return (W0 @ R.T) * self.boft_s.flatten()[:, None]
+
     def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
+        if self.conv:  # h = conv(x; diag(s) W0 R^T) + b: the weight turns, not the input patches
+            weight = self.rotated_weight(base)
+            h = conv_with(base, x.to(weight.dtype), weight.reshape(base.weight.shape))
+            return (h if base.bias is None else h + self.bias_of(base, h)).to(x.dtype)
         # h = s ⊙ (W0 (x R)) + b: the frozen layer runs on rotated inputs, then each output is scaled
         R = self.rotation()  # (d_in, d_in)
         h = base((x.to(R.dtype) @ R).to(x.dtype), *args, **kwargs)  # W0 (x R) + b
         bias = getattr(base, "bias", None)
         if bias is None:
-            return h * self.boft_s.squeeze(-1).to(h.dtype)
-        return ((h - bias) * self.boft_s.squeeze(-1).to(h.dtype) + bias).to(h.dtype)
+            return h * self.scale(h).to(h.dtype)
+        return ((h - bias) * self.scale(h).to(h.dtype) + bias).to(h.dtype)
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         # Stacked after another adapter: h = s ⊙ (W0 (x R)) + b, W0 (x R) = (result - b) + W0 (x R - x)
         R = self.rotation()  # (d_in, d_in)
         xr = x.to(R.dtype)
-        bias = base.bias.to(R.dtype) if getattr(base, "bias", None) is not None else 0.0
-        rotated = result.to(R.dtype) - bias + F.linear(xr @ R - xr, linear_weight(base).to(R.dtype))
-        return (rotated * self.boft_s.squeeze(-1) + bias).to(result.dtype)
+        bias = self.bias_of(base, result).to(R.dtype) if getattr(base, "bias", None) is not None else 0.0
+        W0 = linear_weight(base).to(R.dtype)
+        rotated = result.to(R.dtype) - bias + apply_weight(base, xr, W0 @ R.T - W0)  # W0 R^T x
+        return (rotated * self.scale(result) + bias).to(result.dtype)
+
+    def bias_of(self, base: nn.Module, h: Tensor) -> Tensor:
+        """The base bias shaped to add to h (per channel on a convolution's (N, C_out, H, W))."""
+        return base.bias.view(-1, *(1,) * (h.dim() - 2)) if self.conv else base.bias
 
     def delta_weight(self, base: nn.Module) -> Tensor:
-        W0 = linear_weight(base)  # (d_out, d_in)
-        R = self.rotation().to(W0.dtype)
-        delta = (W0 @ R.T) * self.boft_s - W0  # W' = diag(s) W0 R^T
+        delta = self.rotated_weight(base) - linear_weight(base)  # W' = diag(s) W0 R^T, (d_out, d_in)
+        if self.conv:
+            return delta.reshape(base.weight.shape)  # (C_out, C_in, k, k)
         return delta.T if self.transposed else delta
+
+
+def check_square_conv(base: nn.Module) -> None:
+    """peft's BOFT conv reads kernel_size[0], stride[0] and padding[0] only: refuse what that changes."""
+    if not isinstance(base, nn.Conv2d):
+        return
+    check_zero_padding(base, "BOFT")  # peft's forward pads with zeros, whatever the base does
+    settings = {"kernel_size": base.kernel_size, "stride": base.stride, "padding": base.padding}
+    uneven = {k: v for k, v in settings.items() if isinstance(v, str) or len(set(v)) > 1}
+    if uneven:
+        raise ConfigError(
+            f"BOFT on an nn.Conv2d with {', '.join(f'{k}={v!r}' for k, v in uneven.items())} is not "
+            "supported: peft's BOFT reads one number of each (kernel_size[0], stride[0], padding[0]) "
+            "and would compute another layer. Expected a square kernel, equal strides and an integer "
+            "padding equal on both axes; try method 'lora', 'loha' or 'lokr' for this layer."
+        )

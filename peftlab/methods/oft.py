@@ -25,6 +25,18 @@ the model starts exactly at the pretrained one. Options (all as in peft 0.21):
 - ``block_share``: one block R_1 repeated n times (b(b-1)/2 parameters in all).
 - ``dropout``: multiplicative dropout; in training a random share of the blocks is set to I.
   (peft 0.21.2 builds this layer but never calls it; peftlab applies it as documented.)
+
+On a convolution (peft: nn.Conv2d) the weight (C_out, C_in, k, k) is the matrix
+(C_out, C_in·k·k) applied to every input patch, so R is (C_in·k·k, C_in·k·k), its blocks tiling
+that flattened axis channel-major, and merging is W' = W0 R^T reshaped. peft's unmerged forward
+rotates the *input* instead: it cuts x into k x k patches (stride 1, no padding), turns each one and
+folds them back, adding overlapping patches. That is the same as the merged weight only when
+k = 1, where a patch is one pixel's C_in channels:
+
+        h = conv(x R; W0) + b   (x R: each pixel's channels turned)   ==   conv(x; W0 R^T) + b
+
+so peftlab adapts 1x1 nn.Conv2d exactly (any stride, padding); for k > 1 peft's own merged and
+unmerged outputs differ (by 43 on a random 3x3 layer), and peftlab refuses the layer.
 """
 
 from __future__ import annotations
@@ -33,11 +45,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, dense_weight, is_linear, layer_dims
+from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, dense_weight, is_conv, is_linear, matrix_dims
 from peftlab.methods.base import AdapterConfig, check_range
 
 
@@ -70,8 +81,11 @@ class OFTConfig(AdapterConfig):
         check_range("num_cayley_neumann_terms", self.num_cayley_neumann_terms, low=1)
 
 
-def oft_parameter_count(d_in: int, d_out: int, config: OFTConfig) -> int:
-    """Trainable numbers on one layer: D · b(b-1)/2, D = d_in / b blocks (D = 1 with block_share)."""
+def oft_parameter_count(d_in: int, d_out: int, config: OFTConfig, conv: ConvShape | None = None) -> int:
+    """Trainable numbers on one layer: D · b(b-1)/2, D = d_in / b blocks (D = 1 with block_share);
+    on a convolution d_in = C_in/groups · K, the flattened patch that R turns."""
+    if conv is not None:
+        d_in = d_in // conv.groups * conv.taps
     b = config.block_size or d_in // config.r
     return (1 if config.block_share else d_in // b) * b * (b - 1) // 2
 
@@ -81,8 +95,11 @@ def divisors(n: int, at_least: int = 2) -> list[int]:
 
 
 def linear_weight(base: nn.Module) -> Tensor:
-    """The frozen weight in nn.Linear's (d_out, d_in) layout (Conv1D transposed, 4-bit dequantised)."""
+    """The frozen weight in nn.Linear's (d_out, d_in) layout (Conv1D transposed, 4-bit dequantised;
+    a convolution's (C_out, C_in/g, *kernel) flattened to (C_out, C_in/g · K), channel-major)."""
     weight = dense_weight(base)
+    if is_conv(base):
+        return weight.flatten(1)
     return weight.T if type(base).__name__ == "Conv1D" else weight
 
 
@@ -98,10 +115,28 @@ def block_dropout(blocks: Tensor, p: float) -> Tensor:
 
 
 def reject_embedding(base: nn.Module, method: str) -> None:
-    if not is_linear(base):
+    if not (is_linear(base) or isinstance(base, nn.Conv2d)):
         raise ConfigError(
-            f"peftlab's {method} adapts linear layers, not {type(base).__name__}. Expected targets "
-            "that name linear layers; try the defaults, 'all-linear', or names such as 'q_proj'."
+            f"peftlab's {method} adapts linear layers and nn.Conv2d, not {type(base).__name__}. Expected "
+            "targets that name linear layers; try the defaults, 'all-linear', or names such as 'q_proj'."
+        )
+
+
+def check_conv_rotation(base: nn.Module, method: str) -> None:
+    """What OFT and BOFT share on a convolution: peft's forward runs it without groups or dilation."""
+    if not is_conv(base):
+        return
+    if base.groups > 1:
+        raise ConfigError(
+            f"{method} on an nn.Conv2d with groups={base.groups} is not supported: R turns all C_in·k·k "
+            "inputs of a patch together, and a grouped weight only sees its group's channels, so the "
+            "rotated weight is not a grouped weight (peft's merge fails on it; its BOFT refuses it). "
+            "Expected groups=1; try method 'lora', 'loha' or 'lokr', or other targets."
+        )
+    if any(d != 1 for d in base.dilation):
+        raise ConfigError(
+            f"{method} on an nn.Conv2d with dilation={base.dilation} is not supported: peft's forward "
+            "ignores or refuses dilation. Expected dilation=1; try method 'loha' or 'lokr', or other targets."
         )
 
 
@@ -109,11 +144,25 @@ class OFT(Adapter):
     """h = W0 (R^T x) + b with R block-diagonal orthogonal; merged: W' = W0 R^T."""
 
     delta_uses_base = True  # ΔW = W0 R^T - W0 depends on W0
+    conv_layers = (nn.Conv2d,)  # peft's OFT has no nn.Conv1d / nn.Conv3d
+    layer_types = ("a linear layer (nn.Linear, transformers' Conv1D) or a 1x1 nn.Conv2d (peft's OFT has no "
+                   "nn.Conv1d / nn.Conv3d)")
 
     def __init__(self, base: nn.Module, config: OFTConfig) -> None:
         super().__init__()
         reject_embedding(base, "OFT")
-        d_in, _ = layer_dims(base)
+        check_conv_rotation(base, "OFT")
+        shape = conv_shape(base)
+        if shape is not None and shape.taps > 1:
+            raise ConfigError(
+                f"OFT on an nn.Conv2d with kernel_size={base.kernel_size} is not supported: peft 0.21.2 "
+                "rotates overlapping input patches and adds them back up, which is not its own merged "
+                "weight W0 R^T (merged and unmerged peft models differ by 43 on a random 3x3 layer). "
+                "Expected kernel_size=1 (a 1x1 convolution, exact); try method 'boft', 'lora', 'loha' "
+                "or 'lokr' for larger kernels."
+            )
+        self.conv = shape is not None  # channels on dim 1: rotate each pixel's C_in channels
+        d_in, _ = matrix_dims(base)  # a 1x1 convolution: C_in
         b = config.block_size or (d_in // config.r if d_in % config.r == 0 else 0)
         if b < 2 or d_in % b:
             given = f"r={config.r}" if config.r else f"block_size={config.block_size}"
@@ -171,10 +220,13 @@ class OFT(Adapter):
         return torch.block_diag(*self.blocks())
 
     def rotate(self, x: Tensor) -> Tensor:
-        """x R: each block of b input features turned by its R_i, (..., d_in) in R's dtype."""
+        """x R: each block of b input features turned by its R_i, (..., d_in) in R's dtype; a 1x1
+        convolution's input (N, C_in, H, W) is turned pixel by pixel."""
         R = self.blocks()  # (n, b, b)
-        xb = x.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
-        return torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in)
+        channels_last = x.movedim(1, -1) if self.conv else x  # (N, H, W, C_in) on a convolution
+        xb = channels_last.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
+        rotated = torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in)
+        return rotated.movedim(-1, 1) if self.conv else rotated
 
     def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
         # h = W0 (x R) + b: the frozen layer runs on rotated inputs (x a row, so x R is R^T x)
@@ -183,11 +235,13 @@ class OFT(Adapter):
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         # Stacked after another adapter: h = result + W0 (x R - x), the same change as above.
         x_rot = self.rotate(x)
-        change = F.linear(x_rot - x.to(x_rot.dtype), linear_weight(base).to(x_rot.dtype))  # (..., d_out)
+        change = apply_weight(base, x_rot - x.to(x_rot.dtype), linear_weight(base).to(x_rot.dtype))  # (..., d_out)
         return (result + change).to(result.dtype)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         W0 = linear_weight(base)  # (d_out, d_in)
         R = self.rotation().to(W0.dtype)
         delta = W0 @ R.T - W0  # W' = W0 R^T  (the paper's R W0, transposed)
+        if self.conv:
+            return delta.reshape(base.weight.shape)  # (C_out, C_in, 1, 1)
         return delta.T if self.transposed else delta
