@@ -25,11 +25,14 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from tests.test_contract import fresh_base, randomise
 
 VOCAB = 128
 TOLERANCE = 0.15  # the memory estimate, as tests/test_memory.py
@@ -136,28 +139,11 @@ def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     return torch.cat([logits.flatten(), seen[0].flatten()])
 
 
-@torch.no_grad()
-def _randomise(model: nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=g) * 0.1 * (param.abs().mean() + 0.1))
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> str | None:
     if a.shape != b.shape:
         return f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
     err = (a - b).abs().max().item()
     return None if err <= atol + 1e-5 * b.abs().max().item() else f"{what} differ by {err:.2e}"
-
-
-def _fresh_base(base: nn.Module, model: nn.Module) -> nn.Module:
-    """A new copy of the base the adapter sits on (LoftQ's with its NF4-quantised weights)."""
-    state = {name.replace(".base_layer", "").replace(".original_module", ""): tensor
-             for name, tensor in model.state_dict().items() if ".adapters." not in name and ".copies." not in name}
-    fresh = copy.deepcopy(base)
-    fresh.load_state_dict(state)
-    return fresh.eval()
 
 
 def _peft_base(base: nn.Module, peft_model: nn.Module, method: str) -> nn.Module:
@@ -171,6 +157,19 @@ def _fail(err: BaseException) -> Cell:
     return Cell("FAIL", f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
 
 
+def _attempt(step: Callable[[], Any]) -> tuple[Any, Cell | None]:
+    """Run ``step``: (its value, None), or (None, the cell it ends in): a PeftlabError is a
+    refusal (its message kept), anything else a failure (the matrix records every failure)."""
+    from peftlab.errors import PeftlabError
+
+    try:
+        return step(), None
+    except PeftlabError as err:
+        return None, Cell("refused", str(err))
+    except Exception as err:  # noqa: BLE001
+        return None, _fail(err)
+
+
 def _adapt(arch: Arch, method: str, backend: str = "reference"):
     import peftlab
 
@@ -180,15 +179,12 @@ def _adapt(arch: Arch, method: str, backend: str = "reference"):
 
 
 def check_trains(arch: Arch, method: str) -> Cell:
-    from peftlab.errors import PeftlabError
     from peftlab.train import method_loss, run_step_hooks
 
-    try:
-        _, model = _adapt(arch, method)
-    except PeftlabError as err:
-        return Cell("refused", str(err))
-    except Exception as err:  # noqa: BLE001 - the matrix records every failure
-        return _fail(err)
+    adapted, ended = _attempt(lambda: _adapt(arch, method))
+    if ended:
+        return ended
+    model = adapted[1]
     try:  # two steps: zero-initialised factors (LoRA's B, a gate) hold the others' gradient at 0
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -226,7 +222,7 @@ def _peft_side(arch: Arch, method: str, tmp: Path):
         for i in range(2):
             torch.manual_seed(10 + i)
             expert = peftlab.adapt(arch.build(), "lora")
-            _randomise(expert, seed=10 + i)
+            randomise(expert, seed=10 + i)
             experts[f"e{i}"] = peftlab.save_adapter(expert, tmp / f"expert{i}")
         extra = {"experts": experts}
     base = arch.build()
@@ -243,24 +239,21 @@ def check_peft(arch: Arch, method: str) -> Cell:
     """Refused where peft cannot build the method on this model (backend="peft" says why);
     otherwise both directions of the file format, with equal logits."""
     import peftlab
-    from peftlab.errors import PeftlabError
     from peftlab.methods import METHODS
 
     if METHODS[method].peft_type is None:
         return Cell("n/a", "peft lacks the method")
     inputs = _batch(arch.kind)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            base, peft_model = _peft_side(arch, method, Path(tmp))
-        except PeftlabError as err:
-            return Cell("refused", str(err))
-        except Exception as err:  # noqa: BLE001
-            return _fail(err)
+        sides, ended = _attempt(lambda: _peft_side(arch, method, Path(tmp)))
+        if ended:
+            return ended
+        base, peft_model = sides
         try:  # peft -> peftlab
             if method in ONE_WAY:
                 raise _Skip
             peft_model.eval()
-            _randomise(peft_model, seed=2)
+            randomise(peft_model, seed=2)
             expected = _logits(peft_model, inputs)
             folder = peftlab.save_adapter(peft_model, Path(tmp) / "theirs")
             ours = peftlab.load_adapter(_peft_base(base, peft_model, method), folder).eval()
@@ -275,10 +268,10 @@ def check_peft(arch: Arch, method: str) -> Cell:
 
             base, model = _adapt(arch, method)
             model.eval()
-            _randomise(model)
+            randomise(model)
             expected = _logits(model, inputs)
             folder = peftlab.save_adapter(model, Path(tmp) / "ours")
-            plain = _fresh_base(base, model)
+            plain = fresh_base(base, model)
             if method == "xlora":
                 plain.config.use_cache = False
             theirs = PeftModel.from_pretrained(plain, str(folder)).eval()
@@ -295,21 +288,16 @@ class _Skip(Exception):
 
 def check_fused(arch: Arch, method: str) -> Cell:
     import peftlab
-    from peftlab.errors import PeftlabError
     from peftlab.train import method_loss
 
-    base = arch.build()
-    try:
-        torch.manual_seed(0)
-        fused = peftlab.adapt(copy.deepcopy(base), method, backend="fused", **_hyperparameters(method))
-    except PeftlabError as err:
-        return Cell("refused", str(err))
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
+    adapted, ended = _attempt(lambda: _adapt(arch, method, backend="fused"))
+    if ended:
+        return ended
+    base, fused = adapted
     try:
         torch.manual_seed(0)
         ref = peftlab.adapt(copy.deepcopy(base), method, **_hyperparameters(method))
-        _randomise(ref)
+        randomise(ref)
         fused.load_state_dict(ref.state_dict())
         inputs = _batch(arch.kind)
         losses, grads = [], []
@@ -332,23 +320,20 @@ def check_fused(arch: Arch, method: str) -> Cell:
 
 def check_memory(arch: Arch, method: str) -> Cell:
     import peftlab
-    from peftlab.errors import PeftlabError
 
     base = arch.build()
-    try:
-        est = peftlab.estimate_memory(base.config, method, batch=2, seq_len=32, **_hyperparameters(method))
-    except PeftlabError as err:
-        return Cell("refused", str(err))
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
-    try:
+    est, ended = _attempt(lambda: peftlab.estimate_memory(base.config, method, batch=2, seq_len=32,
+                                                          **_hyperparameters(method)))
+    if ended:
+        return ended
+
+    def measure():
         torch.manual_seed(0)
-        model = peftlab.adapt(base, method, **_hyperparameters(method))
-        got = peftlab.measure_memory(model, batch=2, seq_len=32)
-    except PeftlabError as err:
-        return Cell("refused", f"adapt: {err}")
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
+        return peftlab.measure_memory(peftlab.adapt(base, method, **_hyperparameters(method)), batch=2, seq_len=32)
+
+    got, ended = _attempt(measure)
+    if ended:
+        return Cell("refused", f"adapt: {ended.detail}") if ended.status == "refused" else ended
     errors = est.relative_error(got)
     bad = {k: f"{v:+.0%}" for k, v in errors.items() if abs(v) > TOLERANCE}
     if bad:
