@@ -47,6 +47,7 @@ _EXPORTS = {
     "train": "peftlab.train",
     "TrainResult": "peftlab.train",
     "PeftlabError": "peftlab.errors",
+    "PeftlabWarning": "peftlab.errors",
     "add_adapter": "peftlab.compose",
     "set_adapter": "peftlab.compose",
     "delete_adapter": "peftlab.compose",

@@ -75,7 +75,18 @@ def adapt(
         # first two wrapped: take everything this call added back out, then re-raise
         undo = _Snapshot(model)
         try:
-            spec.build(model, config, adapter_name)
+            if config.targets != ():  # () when only parameters are targeted (LoRA's target_parameters)
+                spec.build(model, config, adapter_name)
+            if getattr(config, "target_parameters", None):  # LoRA on bare parameters (MoE experts)
+                from peftlab.methods.param_lora import add_parameter_lora
+
+                add_parameter_lora(model, config, adapter_name)
+            tokens = getattr(config, "trainable_token_indices", None)  # LoRA's extra: a few embedding rows
+            if tokens:
+                from peftlab.methods.trainable_tokens import add_trainable_tokens
+
+                adapted = [n for n, layer in inject.adapted_layers(model).items() if adapter_name in layer.adapters]
+                add_trainable_tokens(model, tokens, adapter_name, adapted)
         except BaseException:
             undo.restore(adapter_name)
             raise
@@ -149,8 +160,9 @@ def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters)
     config = spec.config(**hyperparameters)
     if model is None:
         return config
-    if config.targets is None:
-        config = dataclasses.replace(config, targets=spec.targets_for(model))
+    if config.targets is None:  # with only target_parameters given, no module is a target (as in peft)
+        targets = () if getattr(config, "target_parameters", None) else spec.targets_for(model)
+        config = dataclasses.replace(config, targets=targets)
     entries = default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
     config = dataclasses.replace(config, modules_to_save=inject.modules_to_save_paths(model, entries))
     if spec.resolve is not None:  # model-dependent defaults and early checks (IA3, LLaMA-Adapter)

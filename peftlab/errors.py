@@ -43,6 +43,13 @@ class TrainingError(PeftlabError, RuntimeError):
     """Training could not go on (non-finite loss, a failing callback, ...)."""
 
 
+class PeftlabWarning(UserWarning):
+    """Something works, but probably not as the user meant (a rank no layer can use, ...).
+
+    The message says what was odd, what it costs and what to try, like the errors above.
+    """
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

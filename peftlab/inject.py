@@ -115,13 +115,13 @@ def apply_weight(base: nn.Module, x: Tensor, delta: Tensor) -> Tensor:
     return F.linear(x, delta)
 
 
-def conv_with(base: nn.Module, x: Tensor, weight: Tensor, **overrides) -> Tensor:
-    """``x`` through the convolution ``base`` with another ``weight`` and no bias: the same
-    stride, padding, dilation and groups unless ``overrides`` say otherwise."""
+def conv_with(base: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None = None, **overrides) -> Tensor:
+    """``x`` through the convolution ``base`` with another ``weight`` and ``bias`` (default none):
+    the same stride, padding, dilation and groups unless ``overrides`` say otherwise."""
     settings = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation,
                 "groups": base.groups} | overrides
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]  # weight (C_out, C_in/g, *kernel)
-    return conv(x, weight, None, **settings)
+    return conv(x, weight, bias, **settings)
 
 
 def check_zero_padding(base: nn.Module, method: str) -> None:
@@ -169,6 +169,9 @@ class Adapter(nn.Module):
     # True when delta_weight depends on the base weight itself (DoRA, OFT): unmerging must then
     # subtract the delta that was added, not a fresh one computed from the merged weight.
     delta_uses_base: ClassVar[bool] = False
+    # True for an extra that rides along with a method's adapter on a layer that is not one of its
+    # targets (LoRA's trainable tokens): a saved config's target_modules leaves such layers out
+    rides_along: ClassVar[bool] = False
 
     # the convolution types this adapter can wrap too (none: linear layers and embeddings only)
     conv_layers: ClassVar[tuple[type[nn.Module], ...]] = ()
@@ -210,6 +213,16 @@ class AdaptedLayer(nn.Module):
         # one call by peftlab.compose's mixed-batch hook; None: every example runs `active`
         self.example_adapters: list[str] | None = None
 
+    # the base layer's tensors, for model code that reads them through the layer (T5 checks
+    # ``self.wo.weight.dtype``); peft's layers pass them through the same way
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled and self.merged:
             self.unmerge()  # "disabled" must mean the base model, so take merged updates out
@@ -238,6 +251,12 @@ class AdaptedLayer(nn.Module):
         for name in dict.fromkeys(names):  # each distinct name once, in order of appearance
             if name == "__base__" or name not in self.adapters:
                 continue  # base rows (and adapters that skip this layer) keep the base output
+            if hasattr(self.adapters[name], "merge_into"):  # MultiheadAttention, parameters: whole-layer changes
+                raise ConfigError(
+                    f"Adapter {name!r} changes what this layer computes with ({type(self.adapters[name]).__name__}), "
+                    "so it cannot run on some rows of a batch only. Expected adapters that add to the "
+                    "layer's output (LoRA on linear layers, ...); try one adapter per batch with set_adapter."
+                )
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             adapted = self.adapters[name](x[rows], self.base_layer, result[rows])
             result = result.index_put((rows,), adapted)
@@ -259,6 +278,10 @@ class AdaptedLayer(nn.Module):
                     f"{type(adapter).__name__} cannot be merged into the base weight: "
                     f"{adapter.unmergeable_reason}. Keep it unmerged."
                 )
+            if hasattr(adapter, "merge_into"):  # it changes parameters other than weight (LoRA on parameters)
+                adapter.merge_into(self.base_layer, +1)
+                self.merged.append(name)
+                continue
             delta = adapter.delta_weight(self.base_layer)
             bias_delta = adapter.delta_bias(self.base_layer)  # both from the unmerged base
             _add_to_weight(self.base_layer, delta)
@@ -274,6 +297,9 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged:
             name = self.merged.pop()
+            if hasattr(self.adapters[name], "merge_into"):
+                self.adapters[name].merge_into(self.base_layer, -1)
+                continue
             delta = self._merged_deltas.pop(name, None)
             bias_delta = self._merged_bias_deltas.pop(name, None)
             if delta is None:
@@ -379,12 +405,22 @@ def find_targets(
     # named adapter can go on the same layers
     modules = {n: base_of(m) for n, m in candidate_modules(model).items()}
     heads = output_head_names(model) | set(exclude)
+    # nn.MultiheadAttention never calls its out_proj (it reads out_proj.weight itself), so an
+    # adapter there would be ignored: the attention block is the target instead
+    inside_attention = {f"{n}.out_proj" for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     if targets == "all-linear":
-        found = [n for n, m in modules.items() if is_linear(m) and n not in heads
+        found = [n for n, m in modules.items() if is_linear(m) and n not in heads | inside_attention
                  and not any(n.startswith(h + ".") for h in heads)]
     else:
         found = [n for n in modules if matches(n, targets)]
         for name in found:
+            if name in inside_attention:
+                raise ConfigError(
+                    f"Target {name!r} is the out_proj of an nn.MultiheadAttention, which never calls it "
+                    "(it reads the weight directly), so an adapter there would change nothing. Expected "
+                    f"the attention module itself; try targets=[{name.rsplit('.', 1)[0].rsplit('.', 1)[-1]!r}] "
+                    "with method 'lora' (it adapts in_proj and out_proj together)."
+                )
             if name in heads:
                 raise ConfigError(
                     f"Target {name!r} is the model's output head. Adapting it is rarely intended "

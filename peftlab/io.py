@@ -302,7 +302,8 @@ def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
     from peftlab.inject import adapted_layers
     from peftlab.production.hf_peft import soft_prompt_geometry, takes_fan_in_fan_out, task_type, to_peft_config
 
-    layers = {n: m for n, m in adapted_layers(model).items() if adapter_name in m.adapters}
+    layers = {n: m for n, m in adapted_layers(model).items()
+              if adapter_name in m.adapters and not m.adapters[adapter_name].rides_along}
     if layers:
         config = dataclasses.replace(config, targets=tuple(layers))
     extra: dict = {"base_model_name_or_path": base_model_name(model), "inference_mode": True}
@@ -448,6 +449,11 @@ def load_adapter(
         return read_folder(model, folder, raw_config, adapter_name)
     method, config = _reference_config(raw_config, folder)
     state = read_adapter_weights(folder)
+    from peftlab.methods import get_method
+
+    as_saved = get_method(method).as_saved
+    if as_saved is not None:
+        config = as_saved(config, state)
     hyperparameters = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     hyperparameters["modules_to_save"] = modules_to_save_paths(model, _heads_peft_trains(raw_config, config, state))
     trained_on = raw_config.get("base_model_name_or_path")
@@ -574,11 +580,13 @@ def _reference_config(raw: dict, folder: Path):
     except TypeError as err:  # a field of the right name with a value of the wrong type
         raise AdapterFileError(f"{folder / CONFIG_NAME} has an invalid field: {err}.") from err
     if str(raw.get("peft_type")).split(".")[-1].upper() == "LORA":  # lora and its variants (dora)
+        from peftlab.methods import get_method
         from peftlab.production import hf_peft
 
         handled = getattr(hf_peft, "_PEFT_MARKERS", {}).get(method, {})  # e.g. dora: use_dora=True
+        implemented = set(get_method(method).config.field_names())  # e.g. lora's trainable_token_indices
         for key, (default, what) in _LORA_FEATURES_NOT_IN_REFERENCE.items():
-            if key in handled:
+            if key in handled or key in implemented:
                 continue
             value = raw.get(key, default)
             if value != default and (value or default):  # {} vs None etc. both mean "off"

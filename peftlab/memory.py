@@ -784,9 +784,11 @@ def resolve_config(source: Any):
 def meta_model(config, dtype: torch.dtype, method: str | None, r: int | None, targets,
                **hp) -> nn.Module:
     """The model built on the meta device (shapes only) and adapted with peftlab's reference."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if _is_causal(config) else AutoModelForSequenceClassification
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART: the labels are the decoder's targets
+        auto = AutoModelForSeq2SeqLM
     with torch.device("meta"):
         model = auto.from_config(config, dtype=dtype)
         if method in (None, "full"):

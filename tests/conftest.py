@@ -24,6 +24,19 @@ def pytest_report_header(config):
             + (f"; forced {forced}" if forced else ""))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: tiny models gain nothing from threads on a
+    small, shared machine, and one thread keeps their float rounding the same everywhere.
+    A test file opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- models (owner: models.py) ---------------------------------------------------------------
 @pytest.fixture
 def tiny_llama():

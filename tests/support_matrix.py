@@ -45,7 +45,7 @@ BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 class Arch:
     name: str  # as the README prints it
     build: Callable[[], nn.Module]
-    kind: str  # "causal" or "classify"
+    kind: str  # "causal", "classify" or "seq2seq"
 
 
 def _seeded(cls, config) -> nn.Module:
@@ -94,6 +94,12 @@ ARCHS: tuple[Arch, ...] = (
     Arch("DistilBERT", _decoder("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=VOCAB,
                                 dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
                                 num_labels=2), "classify"),
+    # encoder-decoders: the labels are the decoder's targets
+    Arch("T5", _decoder("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8,
+                        d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0), "seq2seq"),
+    Arch("BART", _decoder("BartConfig", "BartForConditionalGeneration", vocab_size=VOCAB, d_model=32,
+                          encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64), "seq2seq"),
 )
 
 CHECKS = ("trains", "peft", "fused", "memory")
@@ -118,6 +124,10 @@ def _batch(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     if kind == "classify":
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    if kind == "seq2seq":  # the decoder reads its targets shifted right (given, so logits need no labels)
+        targets = torch.randint(3, VOCAB, (2, 6), generator=g)
+        decoder_ids = torch.cat([torch.zeros(2, 1, dtype=targets.dtype), targets[:, :-1]], dim=1)
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids, "labels": targets}
     return {"input_ids": ids, "attention_mask": mask, "labels": ids}
 
 
@@ -370,6 +380,8 @@ REASONS = (
                                     "has one key/value head (peftlab's reference sizes it right)"),
     ("reads past keys and values", "prefix tuning needs a key/value cache; DistilBERT's attention takes none "
                                     "(peft refuses it too)"),
+    ("X-LoRA's router reads the last hidden state", "X-LoRA's router reads one stack of hidden states; an "
+                                                    "encoder-decoder returns two (peft fails there too)"),
     ("X-LoRA cannot load its own", "X-LoRA in peft: peft 0.21's loader assumes the transformer at `model.` and "
                                     "refuses the folder it saved itself"),
 )

@@ -137,13 +137,7 @@ def bases():
     return {"llama": load_model("tiny-llama"), "bert": load_model("tiny-bert")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The build machines are small and shared: one thread is faster for tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from peftlab.quant.loftq import loftq, loftq_errors
 from peftlab.quant.nf4 import Linear4bitRef, dequantize_nf4, quantize_model_nf4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from threads; on a busy 2-core machine they wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def _weight(seed: int = 0, d_out: int = 128, d_in: int = 64) -> torch.Tensor:

@@ -60,13 +60,7 @@ def tiny_bert():
     return load_model("tiny-bert")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The build machines are shared and small: one thread is faster and keeps results stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 # --------------------------------------------------------------------------------------------

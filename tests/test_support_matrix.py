@@ -1,4 +1,4 @@
-"""The support matrix (tests/support_matrix.py): every method on tiny random models of 14
+"""The support matrix (tests/support_matrix.py): every method on tiny random models of 16
 architectures, each cell a pass or a clear refusal, and the README prints exactly this table."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ REFERENCE_REFUSALS = (
     "has no bias parameters at all",  # BitFit on a model without biases (Llama, Qwen, Gemma, Phi-3)
     "architectures peft's AdaptionPrompt knows",  # LLaMA-Adapter: peft has llama, mistral, gpt2
     "needs a model whose attention reads past keys and values",  # prefix tuning on DistilBERT
+    "X-LoRA's router reads the last hidden state",  # X-LoRA on T5 and BART (peft fails there too)
 )
 
 

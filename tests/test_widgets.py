@@ -96,7 +96,6 @@ def test_other_methods_and_nf4_preview(lab):
 
 @pytest.mark.parametrize("change, words", [
     ({"r_w": 0}, "r=0 is invalid"),
-    ({"r_w": 100}, "larger than this layer allows"),
     ({"hub_w": "someone/not-a-bundled-model"}, "network"),
 ])
 def test_bad_choices_show_a_message_not_a_traceback(lab, change, words):
@@ -113,6 +112,17 @@ def test_bad_choices_show_a_message_not_a_traceback(lab, change, words):
     finally:
         getattr(lab, name).value = old
     assert lab.estimate is not None
+
+
+def test_a_rank_above_a_layers_size_is_a_note_not_an_error(lab):
+    lab.r_w.value = 100  # tiny-llama's k_proj is 32 x 64: rank 100 is redundant there, not invalid
+    try:
+        assert lab.estimate is not None and "peftlab-error" not in lab.preview.value
+        assert "above min(d_out, d_in) = 32" in lab.preview.value
+        assert "without adding expressiveness" in lab.preview.value
+    finally:
+        lab.r_w.value = 8
+    assert "min(d_out, d_in)" not in lab.preview.value
 
 
 def test_no_target_matched_is_a_message(lab):

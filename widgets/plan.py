@@ -22,14 +22,16 @@ only in ``estimate_memory``'s figure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftlab.errors import ConfigError, OfflineError
+from peftlab.errors import ConfigError, OfflineError, PeftlabWarning
 from peftlab.metrics import ParameterCount
 
 NF4_BYTES = (4 + 32 / 64 / 4 + 32 / 256 / 64 * 8) / 8  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
@@ -129,7 +131,7 @@ def _config_of(name: str, num_labels: int | None):
 
 
 def _build_meta(name: str, num_labels: int | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     from peftlab.models import _BUNDLED, SEQUENCE_CLASSIFICATION
 
@@ -137,6 +139,8 @@ def _build_meta(name: str, num_labels: int | None) -> nn.Module:
     classifier = (_BUNDLED[name].task == SEQUENCE_CLASSIFICATION if name in _BUNDLED
                   else any(a.endswith("ForSequenceClassification") for a in (config.architectures or ())))
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    if not classifier and getattr(config, "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM  # T5, BART
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         return auto.from_config(config)
 
@@ -173,6 +177,21 @@ def per_layer_params(method: str, d_in: int, d_out: int, choice: Choice) -> int 
     return int(spec.params_per_layer(d_in, d_out, make_config(spec, None, **hp)))
 
 
+@contextlib.contextmanager
+def _warnings_as_notes(notes: list[str]):
+    """PeftlabWarnings raised inside become notes (each once); other warnings pass on as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PeftlabWarning)
+        try:
+            yield
+        finally:
+            others = [w for w in caught if not issubclass(w.category, PeftlabWarning)]
+            notes.extend(m for m in dict.fromkeys(str(w.message) for w in caught if w not in others)
+                         if m not in notes)
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
     """Trainable parameters (by layer type) and memory of ``choice``, without loading weights."""
     import peftlab
@@ -185,7 +204,8 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
     notes: list[str] = []
     closed_form = False
     try:
-        peftlab.adapt(model, choice.method, **choice.hyperparameters())
+        with _warnings_as_notes(notes):
+            peftlab.adapt(model, choice.method, **choice.hyperparameters())
         count = peftlab.count_parameters(model)
     except (NotImplementedError, RuntimeError) as exc:
         if "meta" not in str(exc):

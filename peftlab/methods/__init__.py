@@ -13,19 +13,20 @@ from torch import nn
 
 from peftlab.errors import UnknownNameError, closest
 from peftlab.inject import Adapter, conv_shape, find_targets, inject, layer_dims
-from peftlab.methods.adalora import AdaLoRAConfig, build_adalora
+from peftlab.methods.adalora import AdaLoRAConfig, adalora_parameter_count, build_adalora
 from peftlab.methods.base import AdapterConfig
 from peftlab.methods.bitfit import BitFitConfig, bitfit_parameter_count, build_bitfit
 from peftlab.methods.bottleneck import BOTTLENECK_TARGETS, BottleneckConfig, bottleneck_parameter_count, build_bottleneck
 from peftlab.methods.boft import BOFT, BOFTConfig, boft_parameter_count
-from peftlab.methods.dora import DoRA, DoRAConfig
+from peftlab.methods.boft import as_saved as boft_as_saved
+from peftlab.methods.dora import ConvDoRA, DoRA, DoRAConfig, dora_parameter_count
 from peftlab.methods.ia3 import IA3_TARGETS, IA3Config, build_ia3, ia3_parameter_count, resolve_ia3
 from peftlab.methods.llama_adapter import (ATTENTION_TARGETS, LlamaAdapterConfig, build_llama_adapter,
                                           llama_adapter_parameter_count, resolve_llama_adapter)
 from peftlab.methods.loha import LoHa, LoHaConfig, loha_parameter_count
 from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
-from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, lora_parameter_count
-from peftlab.methods.oft import OFT, OFTConfig, oft_parameter_count
+from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, MultiheadAttentionLoRA, lora_parameter_count
+from peftlab.methods.oft import OFT, OFTConfig, oft_embedding_parameter_count, oft_parameter_count
 from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
 from peftlab.methods.prefix_tuning import (PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count,
                                           resolve_prefix_tuning)
@@ -72,6 +73,12 @@ class Method:
     # parameter_count(model, config): the closed-form trainable count, for methods whose count
     # is not per layer (params_per_layer None)
     parameter_count: Callable[[nn.Module, AdapterConfig], int] | None = None
+    # as_saved(config, state) -> config: what a saved file's tensors fix and its config may not
+    # say (BOFT's butterfly factors), applied by load_adapter before the adapter is built
+    as_saved: Callable[[AdapterConfig, dict], AdapterConfig] | None = None
+    # params_per_embedding(num_embeddings, embedding_dim, config): the count on an nn.Embedding
+    # where it is not params_per_layer's (OFT turns each looked-up row); None: params_per_layer
+    params_per_embedding: Callable[[int, int, AdapterConfig], int] | None = None
 
     def targets_for(self, model: nn.Module) -> str | tuple[str, ...]:
         """This method's default targets for the model's architecture ("all-linear" if unknown)."""
@@ -80,15 +87,16 @@ class Method:
 
 
 # which methods adapt convolutions, for the error that refuses a convolution to the others
-CONV_HINT = ("nn.Conv1d/2d/3d layers are adapted by method 'lora' (1d, 2d, 3d), 'loha' and 'lokr' "
-             "(1d, 2d), 'ia3' (2d, 3d), 'boft' (2d) and 'oft' (1x1 2d)")
+CONV_HINT = ("nn.Conv1d/2d/3d layers are adapted by method 'lora' and 'dora' (1d, 2d, 3d), 'loha' "
+             "and 'lokr' (1d, 2d), 'ia3' (2d, 3d), 'adalora', 'boft' (2d) and 'oft' (2d)")
 
 
-def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None
-                 ) -> Callable[[nn.Module, AdapterConfig, str], None]:
+def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None,
+                 others: tuple[type[Adapter], ...] = ()) -> Callable[[nn.Module, AdapterConfig, str], None]:
     """Builder for a method that wraps layers: find the targets, attach ``adapter`` to each (or
-    ``conv`` to the convolutions, where the method has a separate adapter for them)."""
-    kinds = [adapter] + ([conv] if conv is not None else [])
+    ``conv`` to the convolutions, where the method has a separate adapter for them, and each of
+    ``others`` to the layers it can adapt, e.g. LoRA's for nn.MultiheadAttention)."""
+    kinds = [adapter] + ([conv] if conv is not None else []) + list(others)
     expected = ", or ".join(k.layer_types for k in kinds)
     if not any(k.conv_layers for k in kinds):
         expected += f" ({CONV_HINT})"
@@ -109,11 +117,11 @@ METHODS: dict[str, Method] = {
     "lora": Method(
         name="lora",
         config=LoRAConfig,
-        build=layer_method(LoRA, conv=ConvLoRA),
+        build=layer_method(LoRA, conv=ConvLoRA, others=(MultiheadAttentionLoRA,)),
         family="reparameterisation",
         description="Learn a low-rank update B A beside each frozen weight: W0 + (alpha/r) B A.",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2106.09685",
-        formula="r · (d_in + d_out) per adapted layer (a convolution: r · (C_in · K + C_out / groups), K = kernel size)",
+        formula="r · (d_in + d_out) per adapted layer, + d_out with lora_bias (a convolution: r · (C_in · K + C_out / groups), K = kernel size; an nn.MultiheadAttention counts as its in_proj E -> 3E and out_proj E -> E)",
         params_per_layer=lora_parameter_count,
         mergeable=True,
         peft_type="LORA",
@@ -125,8 +133,9 @@ METHODS: dict[str, Method] = {
         family="orthogonal",
         description="Rotate each layer's inputs by a learned block-diagonal orthogonal R: W' = R W0.",
         paper="Qiu et al. 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning, https://arxiv.org/abs/2306.07280",
-        formula="(d_in / b) · b(b-1)/2 per adapted layer, b = block size (b(b-1)/2 with block_share)",
+        formula="(d_in / b) · b(b-1)/2 per adapted layer, b = block size (b(b-1)/2 with block_share; a convolution: d_in = C_in · K, K = kernel size; an embedding: d_in = embedding_dim)",
         params_per_layer=oft_parameter_count,
+        params_per_embedding=oft_embedding_parameter_count,
         mergeable=True,
         peft_type="OFT",
     ),
@@ -141,16 +150,17 @@ METHODS: dict[str, Method] = {
         params_per_layer=boft_parameter_count,
         mergeable=True,
         peft_type="BOFT",
+        as_saved=boft_as_saved,
     ),
     "dora": Method(
         name="dora",
         config=DoRAConfig,
-        build=layer_method(DoRA),
+        build=layer_method(DoRA, conv=ConvDoRA),
         family="reparameterisation",
         description="Split each weight into magnitude m and direction; train m and a LoRA update of the direction.",
         paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, https://arxiv.org/abs/2402.09353",
         formula="r · (d_in + d_out) + d_out per adapted layer (LoRA's A, B plus one magnitude per output)",
-        params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out) + d_out,
+        params_per_layer=dora_parameter_count,
         mergeable=True,
         peft_type="LORA",  # peft: LoraConfig(use_dora=True)
     ),
@@ -161,7 +171,7 @@ METHODS: dict[str, Method] = {
         family="reparameterisation",
         description="Update each weight by the Hadamard product of two low-rank products: rank up to r².",
         paper="Hyeon-Woo et al. 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated Learning, https://arxiv.org/abs/2108.06098",
-        formula="2 · r · (d_in + d_out) per adapted layer (a convolution: d_in = C_in / groups · K, K = kernel size)",
+        formula="2 · r · (d_in + d_out) per adapted layer (a convolution: d_in = C_in / groups · K, K = kernel size; with use_effective_conv2d and K > 1: 2 · (r² · K + r · (C_in / groups + C_out)))",
         params_per_layer=loha_parameter_count,
         mergeable=True,
         peft_type="LOHA",
@@ -173,7 +183,7 @@ METHODS: dict[str, Method] = {
         family="reparameterisation",
         description="Update each weight by a Kronecker product W1 ⊗ W2 of a small and a (low-rank) larger matrix.",
         paper="Edalati et al. 2022, KronA: Parameter-Efficient Tuning with Kronecker Adapter, https://arxiv.org/abs/2212.10650",
-        formula="a·c + b·d per adapted layer, d_out = a·b, d_in = c·d (a factor is r·(rows + cols) where low-rank; a convolution: d_in = C_in / groups, W2 is b·d·K, K = kernel size)",
+        formula="a·c + b·d per adapted layer, d_out = a·b, d_in = c·d (a factor is r·(rows + cols) where low-rank; a convolution: d_in = C_in / groups, W2 is b·d·K, K = kernel size, or r²·K + r·(b + d) low-rank with use_effective_conv2d and K > 1)",
         params_per_layer=lokr_parameter_count,
         mergeable=True,
         peft_type="LOKR",
@@ -199,7 +209,7 @@ METHODS: dict[str, Method] = {
         description="LoRA in SVD form P Λ Q; prunes the least important singular values so the rank budget moves to the layers that need it.",
         paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, https://arxiv.org/abs/2303.10512",
         formula="init_r · (d_in + d_out + 1) per adapted layer (P, Q and the init_r values Λ; pruning zeroes values, the tensors keep their size)",
-        params_per_layer=lambda d_in, d_out, c: c.init_r * (d_in + d_out + 1),
+        params_per_layer=adalora_parameter_count,
         mergeable=True,
         peft_type="ADALORA",
     ),
@@ -335,6 +345,11 @@ METHODS: dict[str, Method] = {
 def layer_parameter_count(spec: Method, layer: nn.Module, config: AdapterConfig) -> int:
     """The closed-form trainable count of one (unadapted) layer: ``params_per_layer`` with the
     layer's (d_in, d_out), and its kernel and groups when it is a convolution."""
+    if isinstance(layer, nn.Embedding) and spec.params_per_embedding is not None:
+        return spec.params_per_embedding(*layer_dims(layer), config)
+    if isinstance(layer, nn.MultiheadAttention):  # two linear maps: in_proj E -> 3E, out_proj E -> E
+        width = layer.embed_dim
+        return spec.params_per_layer(width, 3 * width, config) + spec.params_per_layer(width, width, config)
     conv = conv_shape(layer)
     extra = () if conv is None else (conv,)
     return spec.params_per_layer(*layer_dims(layer), config, *extra)

@@ -10,6 +10,13 @@ Every adapted layer learns its update as a singular value decomposition (paper, 
                                           Λ = lora_E (r, 1)       singular values (start at 0)
                                           Q = lora_A (r, d_in)    right singular vectors
 
+On an nn.Conv2d (peft's SVDConv2d) ΔW is the conv weight as a matrix, d_out = C_out and
+d_in = C_in·kh·kw: P Λ Q is reshaped to (C_out, C_in, kh, kw) and x is convolved with it, with the
+layer's stride, padding and dilation. peft 0.21.2 adapts no other convolution (nn.Conv1d/3d: its
+ValueError) and no embedding; a grouped Conv2d it accepts but cannot run (P Λ Q has C_in·kh·kw
+columns, the grouped weight C_in/g·kh·kw, so its reshape fails at the first forward): peftlab
+refuses all of these up front.
+
 P and Q are only pushed towards orthogonality, by a regulariser added to the loss (eq. 4; peft
 takes the plain, not squared, Frobenius norm and averages it over all P and Q):
 
@@ -53,7 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, adapted_layers, find_targets, inject, is_linear, layer_dims
+from peftlab.inject import (Adapter, ConvShape, adapted_layers, apply_weight, check_zero_padding, find_targets,
+                            inject, is_linear, matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_range
 
 
@@ -101,11 +109,14 @@ class AdaLoRAConfig(AdapterConfig):
 
 
 class AdaLoRA(Adapter):
-    """h = W0 x + P (Λ ⊙ Q dropout(x)) · alpha / (init_r + 1e-5), for nn.Linear and Conv1D."""
+    """h = W0 x + P (Λ ⊙ Q dropout(x)) · alpha / (init_r + 1e-5), for nn.Linear, Conv1D and nn.Conv2d."""
 
     def __init__(self, base: nn.Module, config: AdaLoRAConfig) -> None:
         super().__init__()
-        d_in, d_out = layer_dims(base)
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            check_conv_adalora(base)
+        d_in, d_out = matrix_dims(base)  # a Conv2d's weight as a matrix: d_in = C_in·kh·kw
         r = config.init_r
         self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
         # peft's init: Λ = 0, so ΔW = 0 and the adapted model starts as the base; P, Q ~ N(0, 0.02²)
@@ -119,12 +130,19 @@ class AdaLoRA(Adapter):
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
+        if self.is_conv:  # as peft: ΔW in the weight's shape, then one convolution with it
+            return (result + apply_weight(base, x, self.update())).to(result.dtype)  # (N, C_out, H', W')
         update = x @ (self.lora_A * self.lora_E).T @ self.lora_B.T  # (..., r) -> (..., d_out)
         return (result + update * self.scaling / (self.ranknum + 1e-5)).to(result.dtype)
 
+    def update(self) -> Tensor:
+        """ΔW = P (Λ ⊙ Q) · scaling / (init_r + 1e-5) in (d_out, d_in) layout."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+
     def delta_weight(self, base: nn.Module) -> Tensor:
-        delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
-        return delta.T if self.transposed else delta  # (d_out, d_in) or Conv1D's (d_in, d_out)
+        if self.is_conv:
+            return self.update().view_as(base.weight)  # (C_out, C_in, kh, kw)
+        return self.update().T if self.transposed else self.update()  # (d_out, d_in) or Conv1D's (d_in, d_out)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(P Λ · scaling, Q): ΔW = left @ right in (d_out, d_in) layout. Λ are not exactly the
@@ -134,6 +152,24 @@ class AdaLoRA(Adapter):
     def rank(self) -> int:
         """Triplets currently alive: non-zero entries of Λ."""
         return int((self.lora_E != 0).sum())
+
+
+def check_conv_adalora(base: nn.Conv2d) -> None:
+    """The Conv2d layers peft's AdaLoRA runs, and runs as its merge does; clear errors for the rest."""
+    if base.groups > 1:
+        raise ConfigError(
+            f"AdaLoRA on a Conv2d with groups={base.groups} is not supported: peft builds ΔW = P Λ Q "
+            f"with C_in·kh·kw = {base.in_channels * base.kernel_size[0] * base.kernel_size[1]} "
+            f"columns, which does not fit the grouped weight {tuple(base.weight.shape)}, so peft's "
+            "forward fails. Expected groups=1; try method 'lora' (it adapts grouped convolutions) "
+            "or other targets."
+        )
+    check_zero_padding(base, "AdaLoRA")
+
+
+def adalora_parameter_count(d_in: int, d_out: int, config: AdaLoRAConfig, conv: ConvShape | None = None) -> int:
+    """init_r (d_in + d_out + 1): Q, P and Λ; on a Conv2d d_in = C_in·kh·kw."""
+    return config.init_r * (d_in * (conv.taps if conv is not None else 1) + d_out + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,9 +245,15 @@ class RankAllocator:
         return {n: (int(self.kept[n].sum()) if self.kept else r) for n in self.layer_names}
 
 
+# what peft 0.21.2's AdaLoRA adapts, in words for the error that refuses the rest
+ADALORA_LAYERS = ("a linear layer (nn.Linear, transformers' Conv1D) or an nn.Conv2d (peft's AdaLoRA adapts "
+                  "no embedding and no nn.Conv1d / nn.Conv3d; method 'lora' does)")
+
+
 def build_adalora(model: nn.Module, config: AdaLoRAConfig, adapter_name: str) -> None:
     """Wrap the targets, give the model a RankAllocator, and install the training hooks."""
-    names = find_targets(model, config.targets, accept=is_linear, exclude=config.modules_to_save or ())
+    names = find_targets(model, config.targets, accept=lambda m: is_linear(m) or isinstance(m, nn.Conv2d),
+                         exclude=config.modules_to_save or (), expected=ADALORA_LAYERS)
     inject(model, names, lambda _name, base: AdaLoRA(base, config), adapter_name)
     model.peftlab_adalora = {**getattr(model, "peftlab_adalora", {}), adapter_name: RankAllocator(config, names)}
     # peftlab.train calls these (see train.py); a plain loop gets the regulariser from the forward

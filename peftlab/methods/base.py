@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, PeftlabWarning
 
 
 @dataclass(frozen=True)
@@ -22,17 +23,22 @@ class AdapterConfig:
 
 
 def check_rank(r: int, d_in: int | None = None, d_out: int | None = None, name: str = "r") -> None:
-    """Rank must be a positive integer no larger than the layer's smaller side."""
+    """Rank must be a positive integer; above the layer's smaller side it is allowed (peft allows
+    it) but redundant, which a warning says."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(
             f"Rank {name}={r!r} is invalid. Expected a positive integer (typical values: 4, 8, 16, "
             "64). Try r=8."
         )
     if d_in is not None and d_out is not None and r > min(d_in, d_out):
-        raise ConfigError(
-            f"Rank {name}={r} is larger than this layer allows: the layer is {d_out} x {d_in}, so "
-            f"a rank above min(d_out, d_in) = {min(d_in, d_out)} adds parameters without adding "
-            f"expressiveness. Expected {name} <= {min(d_in, d_out)}; try a smaller rank or other targets."
+        # ΔW = B·A is d_out x d_in, so rank(ΔW) <= min(d_out, d_in) whatever r is
+        warnings.warn(
+            f"Rank {name}={r} is above min(d_out, d_in) = {min(d_in, d_out)} for a {d_out} x {d_in} "
+            f"layer: its update can have rank {min(d_in, d_out)} at most, so the "
+            f"{r - min(d_in, d_out)} extra rank{'s' if r - min(d_in, d_out) > 1 else ''} add "
+            "parameters without adding expressiveness (peft allows "
+            f"it too). Try {name} <= {min(d_in, d_out)} for this layer, or other targets.",
+            PeftlabWarning, stacklevel=2,
         )
 
 

@@ -39,12 +39,14 @@ dilation and groups=1, and refuses the rest.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, PeftlabWarning
 from peftlab.inject import Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, conv_with, matrix_dims
 from peftlab.methods.base import AdapterConfig, check_range
 from peftlab.methods.oft import block_dropout, check_conv_rotation, divisors, linear_weight, reject_embedding
@@ -102,6 +104,25 @@ def butterfly_permutation(d: int, b: int, level: int) -> Tensor:
     order = list(range(0, halves, 2)) + list(range(1, halves, 2))
     index = [start + h * half + j for start in range(0, d, chunk) for h in order for j in range(half)]
     return torch.tensor(index)
+
+
+def as_saved(config: BOFTConfig, state: dict[str, Tensor]) -> BOFTConfig:
+    """The config with the butterfly factors a saved file holds (boft_R is (m, D, b, b)).
+
+    peft 0.21.2 without its CUDA extension (any CPU) trains one factor whatever
+    boft_n_butterfly_factor says, and saves the config it was given: the tensors, not the
+    config, say what was trained, and peft loads them the same way."""
+    counts = {t.shape[0] for key, t in state.items() if key.split(".")[-1] == "boft_R" and t.dim() == 4}
+    if len(counts) != 1 or counts == {config.n_butterfly_factor}:
+        return config
+    m = counts.pop()
+    warnings.warn(
+        f"The adapter's config says n_butterfly_factor={config.n_butterfly_factor} but its boft_R "
+        f"tensors hold {m} factor{'s' if m > 1 else ''} (peft trains one factor when its CUDA "
+        f"extension is missing). Loaded as saved, with {m}; set n_butterfly_factor={m} to match it.",
+        PeftlabWarning, stacklevel=3,
+    )
+    return dataclasses.replace(config, n_butterfly_factor=m)
 
 
 class BOFT(Adapter):

@@ -28,6 +28,19 @@ weight seen as a matrix (C_out, C_in/g · K), K = the kernel's size, reshaped to
 (C_out, C_in/g, *kernel): h = conv(x; W0 + ΔW) with the layer's stride, padding, dilation and
 groups (peft's default, use_effective_conv2d=False). peft computes the Hadamard product with a hand-written
 autograd function to save memory; plain autograd gives the same gradients.
+
+``use_effective_conv2d=True`` (FedPara, proposition 3; kernels larger than 1) keeps the kernel out
+of the low-rank factors: each factor is a small core T (r, r, kh, kw) read by an output factor
+U (r, C_out) and an input factor V (r, C_in/g) (a Tucker-2 form; peft and LyCORIS call it CP),
+
+        W1[o, i, :, :] = Σ_(a,b) U1[a, o] · V1[b, i] · T1[a, b, :, :]          (C_out, C_in/g, kh, kw)
+        ΔW = s · W1 ⊙ W2                      2 (r² K + r (C_out + C_in/g)) numbers instead of
+                                              2 r (C_out + C_in/g · K)
+
+(nn.Conv1d: T is (r, r, k, 1), as peft stores it). As a matrix W1 = U1^T M1, M1 = Σ_b V1[b] T1[:, b]
+(r, C_in/g · K), so ``factors`` and rank(ΔW) <= r² hold as above. peft's hand-written backward
+for this form returns wrong gradients for U1 and U2 (hada_w1_a, hada_w2_a: it uses the other
+factor's core); peftlab's are autograd's, the true ones. Outputs, and the other gradients, agree.
 """
 
 from __future__ import annotations
@@ -49,8 +62,8 @@ class LoHaConfig(AdapterConfig):
     alpha: float = 8.0  # scale numerator: scaling = alpha / r
     rank_dropout: float = 0.0  # probability of dropping each output row of ΔW in training
     module_dropout: float = 0.0  # probability of skipping the whole adapter for a training step
-    # peft's CP-decomposed kernel for convolutions (FedPara, proposition 3): not in peftlab, so
-    # True is refused on convolutions with a kernel larger than 1 (read from peft's files)
+    # convolutions with a kernel larger than 1: each factor as a core (r, r, *kernel) between
+    # channel factors (FedPara, proposition 3), peft's "CP-decomposed kernel"
     use_effective_conv2d: bool = False
 
     def __post_init__(self) -> None:
@@ -76,7 +89,8 @@ def skip_module(adapter: nn.Module, p: float) -> bool:
 
 
 class LoHa(Adapter):
-    """h = W0 x + s · ((W1a W1b) ⊙ (W2a W2b)) x, for nn.Linear, Conv1D, nn.Conv1d and nn.Conv2d."""
+    """h = W0 x + s · ((W1a W1b) ⊙ (W2a W2b)) x, for nn.Linear, Conv1D, nn.Conv1d and nn.Conv2d
+    (with use_effective_conv2d on a convolution W_i = U_i^T M_i, see the module docstring)."""
 
     conv_layers = (nn.Conv1d, nn.Conv2d)  # peft 0.21 has no LoHa for nn.Conv3d
     layer_types = "a linear layer (nn.Linear, transformers' Conv1D) or an nn.Conv1d / nn.Conv2d (peft's LoHa has no nn.Conv3d)"
@@ -96,17 +110,41 @@ class LoHa(Adapter):
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
         # a convolution's weight (C_out, C_in/g, *kernel): ΔW takes that shape to merge
-        self.conv_weight_shape = tuple(base.weight.shape) if conv_shape(base) is not None else None
-        self.hada_w1_a = nn.Parameter(torch.empty(d_out, r))  # (d_out, r)
-        self.hada_w1_b = nn.Parameter(torch.empty(r, d_in))  # (r, d_in)
-        self.hada_w2_a = nn.Parameter(torch.empty(d_out, r))  # (d_out, r)
-        self.hada_w2_b = nn.Parameter(torch.zeros(r, d_in))  # (r, d_in): zero, so ΔW = 0
-        for w in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        shape = conv_shape(base)
+        self.conv_weight_shape = tuple(base.weight.shape) if shape is not None else None
+        self.cp = uses_cp(base, config)
+        if self.cp:  # U (r, C_out), V (r, C_in/g), core T (r, r, *kernel); Conv1d: (r, r, k, 1)
+            kernel = (*shape.kernel, 1) if len(shape.kernel) == 1 else shape.kernel
+            c_in = d_in // shape.taps
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *kernel))
+            self.hada_w1_a = nn.Parameter(torch.empty(r, d_out))
+            self.hada_w1_b = nn.Parameter(torch.empty(r, c_in))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *kernel))
+            self.hada_w2_a = nn.Parameter(torch.empty(r, d_out))
+            self.hada_w2_b = nn.Parameter(torch.zeros(r, c_in))  # zero, so ΔW = 0
+        else:
+            self.hada_w1_a = nn.Parameter(torch.empty(d_out, r))  # (d_out, r)
+            self.hada_w1_b = nn.Parameter(torch.empty(r, d_in))  # (r, d_in)
+            self.hada_w2_a = nn.Parameter(torch.empty(d_out, r))  # (d_out, r)
+            self.hada_w2_b = nn.Parameter(torch.zeros(r, d_in))  # (r, d_in): zero, so ΔW = 0
+        for name, w in self.named_parameters():
+            if name != "hada_w2_b":
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def pair(self, i: int) -> tuple[Tensor, Tensor]:
+        """(A (d_out, r), B (r, d_in)) with the i-th Hadamard factor W_i = A B in matrix layout;
+        in the CP form A = U^T and B = M, V read through the core: (r, C_in/g · K)."""
+        a, b = getattr(self, f"hada_w{i}_a"), getattr(self, f"hada_w{i}_b")
+        if not self.cp:
+            return a, b
+        core = getattr(self, f"hada_t{i}")  # (r, r, kh, kw)
+        read = torch.einsum("abhw,bc->achw", core, b)  # (r, C_in/g, kh, kw)
+        return a.T, read.flatten(1)  # (C_out, r), (r, C_in/g · K)
 
     def update(self) -> Tensor:
         """ΔW in (d_out, d_in) layout: s · (W1a W1b) ⊙ (W2a W2b)."""
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
+        (a1, b1), (a2, b2) = self.pair(1), self.pair(2)
+        return (a1 @ b1) * (a2 @ b2) * self.scaling
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         # h = W0 x + ΔW x,  ΔW = s · (W1a W1b) ⊙ (W2a W2b)
@@ -126,29 +164,32 @@ class LoHa(Adapter):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(left (d_out, r²), right (r², d_in)) with ΔW = left @ right in (d_out, d_in) layout."""
-        d_out, r = self.hada_w1_a.shape
-        left = (self.hada_w1_a.unsqueeze(2) * self.hada_w2_a.unsqueeze(1)).reshape(d_out, r * r)
-        right = (self.hada_w1_b.unsqueeze(1) * self.hada_w2_b.unsqueeze(0)).reshape(r * r, -1)
+        (a1, b1), (a2, b2) = self.pair(1), self.pair(2)
+        d_out, r = a1.shape
+        left = (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(d_out, r * r)
+        right = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(r * r, -1)
         return left * self.scaling, right
 
 
 def check_conv_lycoris(base: nn.Module, config: LoHaConfig, method: str) -> None:
-    """LoHa and LoKr on a convolution: zero padding (as peft's adapter path pads) and the
-    flattened kernel (peft's default); peft's CP-decomposed kernel is not in peftlab."""
+    """LoHa and LoKr on a convolution: zero padding, as peft's adapter path pads."""
+    if conv_shape(base) is not None:
+        check_zero_padding(base, method)
+
+
+def uses_cp(base: nn.Module, config: LoHaConfig) -> bool:
+    """Whether a layer gets the CP form: use_effective_conv2d on a convolution with a kernel larger
+    than 1 (peft keeps 1 x 1 kernels flat: there the core would be a plain r x r matrix)."""
     shape = conv_shape(base)
-    if shape is None:
-        return
-    check_zero_padding(base, method)
-    if config.use_effective_conv2d and shape.taps > 1:
-        raise ConfigError(
-            f"{method} with use_effective_conv2d=True (peft's CP-decomposed kernel) is not implemented "
-            f"in peftlab. Expected use_effective_conv2d=False (peft's default: the kernel is part of the "
-            "flattened weight); try that, or backend='peft'."
-        )
+    return config.use_effective_conv2d and shape is not None and shape.taps > 1
 
 
 def loha_parameter_count(d_in: int, d_out: int, config: LoHaConfig, conv: ConvShape | None = None) -> int:
-    """2 r (d_in + d_out) per layer; on a convolution d_in = C_in/groups · K (the matrix view)."""
+    """2 r (d_in + d_out) per layer; on a convolution d_in = C_in/groups · K (the matrix view), or
+    with use_effective_conv2d (K > 1) 2 (r² K + r (C_in/groups + C_out)): two cores and their factors."""
+    r = config.r
+    if conv is not None and config.use_effective_conv2d and conv.taps > 1:
+        return 2 * (r * r * conv.taps + r * (d_in // conv.groups + d_out))
     if conv is not None:
         d_in = d_in // conv.groups * conv.taps
-    return 2 * config.r * (d_in + d_out)
+    return 2 * r * (d_in + d_out)

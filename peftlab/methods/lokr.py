@@ -33,6 +33,15 @@ adapter means the same in both: for nn.Conv1d with a full (b, d, k) W2, torch.kr
 W1 to (1, a, c), so the product is (b, a·d, c·k) and its reshape to (C_out, C_in/g, k) orders the
 entries differently - still W1 ⊗ W2's numbers, in other places.
 
+``use_effective_conv2d=True`` (kernels larger than 1, and only where W2 is low-rank) keeps the
+kernel out of W2's factors, as LoHa's CP form does: a core T (r, r, kh, kw) between W2a (r, b) and
+W2b (r, d) (nn.Conv1d: T is (r, r, k, 1), as peft stores it),
+
+        W2[j, l, :, :] = Σ_(p,q) W2a[p, j] · W2b[q, l] · T[p, q, :, :]      (b, d, kh, kw)
+
+then ΔW = s · W1 ⊗ W2 with the kernel kept whole, as for a full W2 (on nn.Conv1d too: W2 is 4-D,
+so the Conv1d quirk above does not arise); W2 costs r² K + r (b + d) numbers instead of r (b + d K).
+
 Init (peft): W1 (or W1a) = 0, the other factors Kaiming-uniform, so ΔW = 0 at start.
 The singular values of W1 ⊗ W2 are all products σ_i(W1) σ_j(W2), so ``singular_values`` gets
 ΔW's spectrum from two tiny SVDs. ``rank_dropout`` and ``module_dropout`` as in LoHa (peft's
@@ -51,7 +60,7 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, layer_dims
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
-from peftlab.methods.loha import check_conv_lycoris, drop_rows, skip_module
+from peftlab.methods.loha import check_conv_lycoris, drop_rows, skip_module, uses_cp
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,8 @@ class LoKrConfig(AdapterConfig):
     rank_dropout_scale: bool = False  # divide kept rows by the fraction kept (like dropout does)
     decompose_both: bool = False  # also make the small factor W1 a low-rank product
     decompose_factor: int = -1  # a factor of each dim to split at; -1: near the square root
-    # peft's CP-decomposed kernel for convolutions: not in peftlab, refused on conv kernels > 1
+    # convolutions with a kernel > 1: a low-rank W2 as a core (r, r, *kernel) between its
+    # factors (peft's "CP-decomposed kernel"; see the module docstring)
     use_effective_conv2d: bool = False
 
     def __post_init__(self) -> None:
@@ -110,11 +120,17 @@ def lokr_shapes(d_in: int, d_out: int, config: LoKrConfig) -> tuple[Shape, Shape
 
 def lokr_parameter_count(d_in: int, d_out: int, config: LoKrConfig, conv: ConvShape | None = None) -> int:
     """Trainable numbers of one layer: each factor is rows·cols when full, r·(rows + cols) if not;
-    on a convolution (d_in = C_in/groups) W2 is b·d·K full, r·(b + d·K) low-rank."""
-    taps = 1 if conv is None else conv.taps
+    on a convolution (d_in = C_in/groups) W2 is b·d·K full, r·(b + d·K) low-rank, or
+    r²·K + r·(b + d) low-rank with use_effective_conv2d (K > 1)."""
+    taps, r = 1 if conv is None else conv.taps, config.r
     (a, c), (b, d), w1_full, w2_full = lokr_shapes(d_in if conv is None else d_in // conv.groups, d_out, config)
-    w1 = a * c if w1_full else config.r * (a + c)
-    w2 = b * d * taps if w2_full else config.r * (b + d * taps)
+    w1 = a * c if w1_full else r * (a + c)
+    if w2_full:
+        w2 = b * d * taps
+    elif config.use_effective_conv2d and taps > 1:
+        w2 = r * r * taps + r * (b + d)
+    else:
+        w2 = r * (b + d * taps)
     return w1 + w2
 
 
@@ -156,13 +172,24 @@ class LoKr(Adapter):
             self.lokr_w1_b = kaiming(r, c)  # (r, c)
         if w2_full:
             self.lokr_w2 = kaiming(b, d, *kernel)  # (b, d, *kernel)
+        elif uses_cp(base, config):  # core (r, r, kh, kw) (Conv1d: (r, r, k, 1)), (r, b), (r, d)
+            self.lokr_t2 = kaiming(r, r, *kernel, *(1,) * (2 - len(kernel)))
+            self.lokr_w2_a, self.lokr_w2_b = kaiming(r, b), kaiming(r, d)
         else:  # (b, r), (r, d·K)
             self.lokr_w2_a, self.lokr_w2_b = kaiming(b, r), kaiming(r, d * math.prod(kernel))
 
     def kron_factors(self) -> tuple[Tensor, Tensor]:
-        """(W1 (a, c), W2 (b, d)), multiplying out the low-rank ones."""
+        """(W1 (a, c), W2 (b, d)), multiplying out the low-rank ones (W2 of the CP form: (b, d, kh, kw))."""
         w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
-        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
+        if hasattr(self, "lokr_w2"):
+            w2 = self.lokr_w2
+        elif hasattr(self, "lokr_t2"):  # W2[j, l] = Σ_(p,q) W2a[p, j] W2b[q, l] T[p, q]
+            w2 = torch.einsum("pqhw,pj,ql->jlhw", self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+            # fresh strides: torch.kron cannot view einsum's result when a size-1 dim keeps an odd
+            # stride, which .contiguous() leaves (Conv1d's (b, d, k, 1) at r = 1: peft 0.21.2 fails there)
+            w2 = w2.clone(memory_format=torch.contiguous_format)
+        else:
+            w2 = self.lokr_w2_a @ self.lokr_w2_b
         return w1, w2
 
     def update(self) -> Tensor:

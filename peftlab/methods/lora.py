@@ -17,7 +17,16 @@ stable at large ranks.
 
 For an embedding layer the input is token ids, so ``A x`` becomes a row lookup in A's
 transpose; for transformers' GPT-2 ``Conv1D`` the base weight is stored transposed. On a
-convolution (nn.Conv1d/2d/3d) A and B are themselves convolutions: see :class:`ConvLoRA`.
+convolution (nn.Conv1d/2d/3d) A and B are themselves convolutions: see :class:`ConvLoRA`; on an
+nn.MultiheadAttention, whose forward reads its weights directly, see :class:`MultiheadAttentionLoRA`.
+
+With ``lora_bias=True`` (peft's option, for adapters distilled from a full fine-tune that also
+changed biases) B gets a bias b_B (d_out) of its own, scaled with the rest of the update:
+
+        h = W0 x + b0 + scaling · (B A dropout(x) + b_B)      merged: W0 += s B A,  b0 += s b_B
+
+so merging needs a base layer with a bias (as in peft, a layer without one then does not merge);
+peft refuses it on embeddings and with inits other than its default.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from peftlab.errors import ConfigError
 from peftlab.inject import CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with, layer_dims
@@ -43,14 +53,38 @@ class LoRAConfig(AdapterConfig):
     # "kaiming" (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)) or "loftq" (see
     # peftlab/quant/loftq.py: the base weight becomes NF4-quantised, B A carries the error)
     init: str = "kaiming"
+    # a bias b_B on B, trained and merged into the base layer's bias (peft's lora_bias; see above)
+    lora_bias: bool = False
+    # a few embedding rows trained with the adapter (peft's trainable_token_indices): token ids
+    # for the input embedding, or {embedding layer name: ids}; see methods/trainable_tokens.py
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
+    # bare parameters to adapt, e.g. ("mlp.experts.gate_up_proj",) of a mixture-of-experts
+    # block (peft's target_parameters); see methods/param_lora.py
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            object.__setattr__(self, "trainable_token_indices", {k: tuple(v) for k, v in tokens.items()})
+        elif tokens is not None:
+            object.__setattr__(self, "trainable_token_indices", tuple(tokens))
+        if self.target_parameters is not None:
+            object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
         check_rank(self.r)
         check_range("alpha", self.alpha, low=0.0, low_open=True)
         check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if self.init not in ("kaiming", "gaussian", "loftq"):
             raise ConfigError(
                 f"LoRA init={self.init!r} is not known. Expected 'kaiming', 'gaussian' or 'loftq'."
+            )
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias={self.lora_bias!r} is invalid. Expected True or False; try "
+                              "lora_bias=True, or leave it out for no bias on B.")
+        if self.lora_bias and self.init != "kaiming":
+            raise ConfigError(
+                f"lora_bias=True with init={self.init!r} is not supported: peft allows a bias on B only "
+                "with its default init (init_lora_weights=True or False). Expected init='kaiming'; try "
+                "leaving init out, or lora_bias=False."
             )
 
     @property
@@ -78,7 +112,8 @@ class LoftQConfig(LoRAConfig):
 
 
 class LoRA(Adapter):
-    """h = W0 x + scaling · B A dropout(x), for nn.Linear, Conv1D and nn.Embedding bases."""
+    """h = W0 x + scaling · (B A dropout(x) + b_B), for nn.Linear, Conv1D and nn.Embedding bases
+    (b_B only with lora_bias, not on embeddings)."""
 
     def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
         super().__init__()
@@ -89,6 +124,11 @@ class LoRA(Adapter):
         self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
         self.lora_A = nn.Parameter(torch.empty(config.r, d_in))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(d_out, config.r))  # (d_out, r)
+        if config.lora_bias and self.is_embedding:
+            raise ConfigError("lora_bias=True is not supported on an nn.Embedding (peft refuses it too: "
+                              "its B is a bare matrix there). Expected lora_bias=False for embedding "
+                              "targets; try targets that leave the embedding out.")
+        _add_bias_on_B(self, base, d_out, config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters(config.init)
         if config.init == "loftq":  # LoftQ also replaces the base weight W by its NF4 version Q
@@ -113,12 +153,15 @@ class LoRA(Adapter):
             update = F.embedding(x, self.lora_A.T) @ self.lora_B.T  # (..., d_out)
             return (result + update * self.scaling).to(result.dtype)
         x = self.dropout(x.to(self.lora_A.dtype))
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., r) -> (..., d_out)
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias)  # (..., r) -> (..., d_out)
         return (result + update * self.scaling).to(result.dtype)  # add in the adapter's precision
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in)
         return delta.T if (self.transposed or self.is_embedding) else delta
+
+    def delta_bias(self, base: nn.Module) -> Tensor | None:
+        return None if self.lora_B_bias is None else self.lora_B_bias * self.scaling  # (d_out,)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(left, right) with ΔW = left @ right in (d_out, d_in) layout: for spectra via QR."""
@@ -128,7 +171,7 @@ class LoRA(Adapter):
 class ConvLoRA(Adapter):
     """LoRA on a convolution (nn.Conv1d/2d/3d), laid out as peft lays it out:
 
-        h = conv(x; W0) + scaling · B ⋆ (A ⋆ dropout(x))          ⋆: convolution
+        h = conv(x; W0) + scaling · (B ⋆ (A ⋆ dropout(x)) + b_B)   ⋆: convolution; b_B: lora_bias
 
         A: C_in -> r      the layer's kernel, stride and padding     weight (r, C_in, *kernel)
         B: r -> C_out     1 x 1, the layer's groups                  weight (C_out, r/groups, 1, ...)
@@ -142,7 +185,7 @@ class ConvLoRA(Adapter):
     to its block of C_out/g outputs (a block-diagonal (C_out, r) matrix) but A reads all C_in
     channels, so ΔW is a dense (C_out, C_in, *kernel) kernel that the grouped weight
     (C_out, C_in/g, *kernel) cannot hold: like peft, this adapter then does not merge, and r must be
-    a multiple of g. Trainable numbers: r·C_in·K + C_out·r/g.
+    a multiple of g. Trainable numbers: r·C_in·K + C_out·r/g (+ C_out for b_B).
     """
 
     conv_layers = CONV_LAYERS
@@ -161,6 +204,7 @@ class ConvLoRA(Adapter):
         ones = (1,) * len(shape.kernel)
         self.lora_A = nn.Parameter(torch.empty(config.r, c_in, *shape.kernel))  # (r, C_in, *kernel)
         self.lora_B = nn.Parameter(torch.zeros(c_out, config.r // shape.groups, *ones))  # (C_out, r/g, 1..)
+        _add_bias_on_B(self, base, c_out, config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / config.r)
@@ -174,7 +218,7 @@ class ConvLoRA(Adapter):
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
         h = conv_with(base, x, self.lora_A, groups=1)  # (N, r, *out): A sees every input channel
-        update = conv_with(base, h, self.lora_B, stride=1, padding=0)  # (N, C_out, *out), grouped 1 x 1
+        update = conv_with(base, h, self.lora_B, self.lora_B_bias, stride=1, padding=0)  # (N, C_out, *out)
         return (result + update * self.scaling).to(result.dtype)
 
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -188,6 +232,9 @@ class ConvLoRA(Adapter):
             raise ConfigError(f"ConvLoRA has no merge on this layer: {self.unmergeable_reason}.")
         left, right = self.factors()
         return (left @ right).view_as(base.weight)  # (C_out, C_in, *kernel)
+
+    def delta_bias(self, base: nn.Module) -> Tensor | None:
+        return None if self.lora_B_bias is None else self.lora_B_bias * self.scaling  # (C_out,)
 
 
 def check_conv_lora(base: nn.Module, config: LoRAConfig) -> None:
@@ -213,8 +260,138 @@ def check_conv_lora(base: nn.Module, config: LoRAConfig) -> None:
     check_rank(config.r, c_in * shape.taps, c_out)  # ΔW as a matrix: (C_out, C_in·K)
 
 
+# peft 0.21.2 adds out_proj's update to nn.MultiheadAttention twice (see MultiheadAttentionLoRA)
+PEFT_OUT_PROJ_COPIES = 2
+
+
+class MultiheadAttentionLoRA(Adapter):
+    """LoRA on nn.MultiheadAttention (embedding width E), computed as peft 0.21.2 computes it.
+
+    The layer has no linear sub-layer to wrap: its forward reads two weights directly, the packed
+    projection in_proj_weight (3E x E: W_q, W_k, W_v stacked) and out_proj.weight (E x E). Each
+    gets a LoRA pair, and the layer's own attention runs with the updated weights (through
+    torch.func.functional_call, so nothing in the layer changes):
+
+        W_in'  = W_in  + s · B_in A_in            A_in (r, E),  B_in (3E, r)
+        W_out' = W_out + 2 s · B_out A_out        A_out (r, E), B_out (E, r)
+        b_out' = b_out + s · b_B,out              with lora_bias (b_B,out: E)
+
+        (h, attention) = MultiheadAttention(q, k, v, ...; W_in', b_in, W_out', b_out')
+
+    One A_in serves q, k and v; B_in's row blocks 0:E, E:2E, 2E:3E give each its own update.
+    Merging writes the same W_in', W_out' and b_out' into the layer. Trainable numbers:
+    r·(E + 3E) + r·(E + E) = 6·r·E, + 3E + E with lora_bias.
+
+    Where peft 0.21.2 differs from the plain equation, this follows peft, so its files give its
+    outputs (the "2 s" above; peft PR #3774 reports it): it adds out_proj's ΔW twice, once with a
+    gradient and once as a plain value (PEFT_OUT_PROJ_COPIES), and adds b_B,out as a value, so no
+    gradient reaches b_B,out. in_proj's b_B (3E) is saved but never used, and dropout does not
+    apply: the update is in the weights, not on an input. Like peft, it runs one adapter at a time.
+    """
+
+    layer_types = "an nn.MultiheadAttention (query, key and value of one width)"
+
+    @classmethod
+    def can_adapt(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
+        super().__init__()
+        check_attention_lora(base, config)
+        width = base.embed_dim
+        # in_proj_weight is the weight of a linear map E -> 3E: LoRA sees it through a stand-in
+        # of that shape on the meta device (no memory); out_proj is an nn.Linear already
+        stand_in = nn.Linear(width, 3 * width, bias=base.in_proj_bias is not None, device="meta")
+        self.in_proj = LoRA(stand_in, config)  # lora_A (r, E), lora_B (3E, r)
+        self.out_proj = LoRA(base.out_proj, config)  # lora_A (r, E), lora_B (E, r)
+
+    def updated_weights(self, base: nn.Module) -> dict[str, Tensor]:
+        """{parameter name: its value with the update in}, the forward's W_in', W_out', b_out'."""
+        w_in, w_out = base.in_proj_weight, base.out_proj.weight
+        d_in = self.in_proj.delta_weight(base).to(w_in.dtype)  # (3E, E)
+        d_out = self.out_proj.delta_weight(base.out_proj).to(w_out.dtype)  # (E, E)
+        w_out = w_out + d_out  # the copy the gradient flows through
+        for _ in range(PEFT_OUT_PROJ_COPIES - 1):  # peft's extra copies: in the value only
+            w_out = w_out + d_out.detach()
+        weights = {"in_proj_weight": w_in + d_in, "out_proj.weight": w_out}
+        d_bias = self.out_proj.delta_bias(base.out_proj)
+        if d_bias is not None:  # peft adds it outside autograd: no gradient reaches b_B,out
+            weights["out_proj.bias"] = base.out_proj.bias + d_bias.detach().to(base.out_proj.bias.dtype)
+        return weights
+
+    def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> tuple[Tensor, Tensor | None]:
+        return functional_call(base, self.updated_weights(base), (x, *args), kwargs)  # x: the query
+
+    def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
+        raise ConfigError(
+            "LoRA on an nn.MultiheadAttention changes the weights the layer computes with, so it runs "
+            "one adapter at a time (as in peft); another adapter is active before it on this layer. "
+            "Expected one active adapter; try peftlab.set_adapter(model, name)."
+        )
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module, sign: int) -> None:
+        """W_in += sign · ΔW_in, W_out += sign · ΔW_out (twice, as peft), b_out += sign · s b_B,out."""
+        base.in_proj_weight.data += sign * self.in_proj.delta_weight(base).to(base.in_proj_weight.dtype)
+        d_out = self.out_proj.delta_weight(base.out_proj).to(base.out_proj.weight.dtype)
+        for _ in range(PEFT_OUT_PROJ_COPIES):
+            base.out_proj.weight.data += sign * d_out
+        d_bias = self.out_proj.delta_bias(base.out_proj)
+        if d_bias is not None:
+            base.out_proj.bias.data += sign * d_bias.to(base.out_proj.bias.dtype)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        raise ConfigError(
+            "LoRA on an nn.MultiheadAttention changes two weights, not one: in_proj_weight (ΔW = "
+            "adapter.in_proj.delta_weight(None)) and out_proj.weight (2 x adapter.out_proj.delta_weight"
+            "(None), as peft 0.21.2 adds it). Expected a linear layer here; use those two instead."
+        )
+
+    def peft_names(self) -> dict[str, str]:
+        """{our parameter: peft's in-memory name template}: peft keeps in_proj's pair on the layer
+        itself and out_proj's on the LoRA layer that wraps out_proj, inside the layer."""
+        names = {}
+        for part, where in (("in_proj", ""), ("out_proj", "base_layer.out_proj.")):
+            names[f"{part}.lora_A"] = where + "lora_A.{name}.weight"
+            names[f"{part}.lora_B"] = where + "lora_B.{name}.weight"
+            if getattr(self, part).lora_B_bias is not None:
+                names[f"{part}.lora_B_bias"] = where + "lora_B.{name}.bias"
+        return names
+
+
+def check_attention_lora(base: nn.Module, config: LoRAConfig) -> None:
+    """The nn.MultiheadAttention layers peft's LoRA runs; clear errors for the rest."""
+    if not base._qkv_same_embed_dim:
+        raise ConfigError(
+            f"LoRA on an nn.MultiheadAttention with kdim={base.kdim}, vdim={base.vdim} (embed_dim="
+            f"{base.embed_dim}) is not supported: its q, k, v projections are separate weights, which "
+            "peft does not adapt either. Expected kdim = vdim = embed_dim; try other targets."
+        )
+    if config.init == "loftq":
+        raise ConfigError("LoftQ initialises linear layers only. Expected init='kaiming' or 'gaussian' "
+                          "for nn.MultiheadAttention; try targets that name linear layers for LoftQ.")
+    if config.lora_bias and base.out_proj.bias is None:
+        raise ConfigError(
+            "lora_bias=True on an nn.MultiheadAttention built with bias=False is not supported: the "
+            "update adds b_B to out_proj's bias, which this layer lacks (peft's forward fails on it). "
+            "Expected a layer with bias=True; try lora_bias=False."
+        )
+
+
+def _add_bias_on_B(adapter: Adapter, base: nn.Module, d_out: int, config: LoRAConfig) -> None:
+    """Register B's bias b_B (d_out zeros) with lora_bias, else None. Merging adds s b_B to the base
+    layer's bias, so a base without one cannot merge (peft refuses to merge it too)."""
+    adapter.register_parameter("lora_B_bias", nn.Parameter(torch.zeros(d_out)) if config.lora_bias else None)
+    if config.lora_bias and getattr(base, "bias", None) is None:
+        adapter.mergeable = False
+        adapter.unmergeable_reason = ("its lora_bias adds b_B to the base layer's bias, and this layer has "
+                                      "none (peft refuses to merge it too)")
+
+
 def lora_parameter_count(d_in: int, d_out: int, config: LoRAConfig, conv: ConvShape | None = None) -> int:
-    """r (d_in + d_out) per layer; on a convolution r·C_in·K + C_out·r/groups (A and B above)."""
+    """r (d_in + d_out) per layer; on a convolution r·C_in·K + C_out·r/groups (A and B above);
+    + d_out for B's bias with lora_bias."""
+    bias = d_out if config.lora_bias else 0
     if conv is None:
-        return config.r * (d_in + d_out)
-    return config.r * d_in * conv.taps + d_out * config.r // conv.groups
+        return config.r * (d_in + d_out) + bias
+    return config.r * d_in * conv.taps + d_out * config.r // conv.groups + bias

@@ -26,28 +26,44 @@ the model starts exactly at the pretrained one. Options (all as in peft 0.21):
 - ``dropout``: multiplicative dropout; in training a random share of the blocks is set to I.
   (peft 0.21.2 builds this layer but never calls it; peftlab applies it as documented.)
 
-On a convolution (peft: nn.Conv2d) the weight (C_out, C_in, k, k) is the matrix
-(C_out, C_in·k·k) applied to every input patch, so R is (C_in·k·k, C_in·k·k), its blocks tiling
-that flattened axis channel-major, and merging is W' = W0 R^T reshaped. peft's unmerged forward
-rotates the *input* instead: it cuts x into k x k patches (stride 1, no padding), turns each one and
-folds them back, adding overlapping patches. That is the same as the merged weight only when
-k = 1, where a patch is one pixel's C_in channels:
+On an embedding (peft adapts nn.Embedding too) R turns each looked-up row, h = E[x] R, and the
+merged table is E' = E R (E: (num_embeddings, d), blocks tiling d = embedding_dim).
+
+On a convolution (peft: nn.Conv2d, square kernels, groups = 1, no dilation) R is
+(C_in·k·k, C_in·k·k), its blocks tiling one k x k input patch flattened channel-major. peft 0.21.2's
+forward - what its users get from an unmerged adapter, so what a saved adapter means and what
+peftlab computes - turns the *input*: it cuts x into every k x k patch (stride 1, no padding),
+turns each, p -> p R, and folds them back (F.fold, adding where patches overlap), then runs the
+frozen layer with its own stride and padding. It hands F.fold the turned patches in another
+layout than F.fold reads, (C_in, H', W', k, k) memory read as (C_in·k·k, H'·W'), so with more than
+one patch the numbers land away from the patch they came from:
+
+        P  = unfold_k(x)               (N, L, C_in·k·k)   every patch a row, L = H'·W' = (H-k+1)(W-k+1)
+        x' = fold_k(relaid(P R))       (N, C_in, H, W)    relaid: peft's layout, as above
+        h  = conv(x'; W0) + b
+
+Even at R = I, x' is a rearranged, partly summed copy of x, not x: for k > 1 peft's OFT does not
+start at the pretrained model, and x -> x' is not a convolution, so no merged weight computes it
+(peft's merge, W0 R^T reshaped, is another function: at init, the base model). peftlab follows the
+forward, refuses to merge such a layer, and warns when it adapts one. With a single patch (an
+input of exactly k x k) or k = 1 the layout is right; for k = 1 a patch is one pixel's channels:
 
         h = conv(x R; W0) + b   (x R: each pixel's channels turned)   ==   conv(x; W0 R^T) + b
 
-so peftlab adapts 1x1 nn.Conv2d exactly (any stride, padding); for k > 1 peft's own merged and
-unmerged outputs differ (by 43 on a random 3x3 layer), and peftlab refuses the layer.
+so a 1x1 convolution merges exactly (any stride, padding or padding mode).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, PeftlabWarning
 from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, dense_weight, is_conv, is_linear, matrix_dims
 from peftlab.methods.base import AdapterConfig, check_range
 
@@ -88,6 +104,17 @@ def oft_parameter_count(d_in: int, d_out: int, config: OFTConfig, conv: ConvShap
         d_in = d_in // conv.groups * conv.taps
     b = config.block_size or d_in // config.r
     return (1 if config.block_share else d_in // b) * b * (b - 1) // 2
+
+
+def oft_embedding_parameter_count(num_embeddings: int, embedding_dim: int, config: OFTConfig) -> int:
+    """On an nn.Embedding R turns each row: the count above with d_in = embedding_dim."""
+    return oft_parameter_count(embedding_dim, num_embeddings, config)
+
+
+def rotated_size(base: nn.Module) -> int:
+    """The length of the vectors R turns: a linear layer's d_in, an nn.Conv2d's patch C_in·k·k, an
+    embedding's embedding_dim (each looked-up row)."""
+    return base.embedding_dim if isinstance(base, nn.Embedding) else matrix_dims(base)[0]
 
 
 def divisors(n: int, at_least: int = 2) -> list[int]:
@@ -141,38 +168,37 @@ def check_conv_rotation(base: nn.Module, method: str) -> None:
 
 
 class OFT(Adapter):
-    """h = W0 (R^T x) + b with R block-diagonal orthogonal; merged: W' = W0 R^T."""
+    """h = W0 (R^T x) + b with R block-diagonal orthogonal; merged: W' = W0 R^T. An embedding: h = E[x] R;
+    a k x k convolution: h = conv(fold(relaid(unfold(x) R)); W0) + b, which does not merge for k > 1."""
 
     delta_uses_base = True  # ΔW = W0 R^T - W0 depends on W0
     conv_layers = (nn.Conv2d,)  # peft's OFT has no nn.Conv1d / nn.Conv3d
-    layer_types = ("a linear layer (nn.Linear, transformers' Conv1D) or a 1x1 nn.Conv2d (peft's OFT has no "
-                   "nn.Conv1d / nn.Conv3d)")
+    layer_types = ("a linear layer (nn.Linear, transformers' Conv1D), an nn.Embedding or an nn.Conv2d "
+                   "(peft's OFT has no nn.Conv1d / nn.Conv3d)")
 
     def __init__(self, base: nn.Module, config: OFTConfig) -> None:
         super().__init__()
-        reject_embedding(base, "OFT")
         check_conv_rotation(base, "OFT")
         shape = conv_shape(base)
-        if shape is not None and shape.taps > 1:
-            raise ConfigError(
-                f"OFT on an nn.Conv2d with kernel_size={base.kernel_size} is not supported: peft 0.21.2 "
-                "rotates overlapping input patches and adds them back up, which is not its own merged "
-                "weight W0 R^T (merged and unmerged peft models differ by 43 on a random 3x3 layer). "
-                "Expected kernel_size=1 (a 1x1 convolution, exact); try method 'boft', 'lora', 'loha' "
-                "or 'lokr' for larger kernels."
-            )
-        self.conv = shape is not None  # channels on dim 1: rotate each pixel's C_in channels
-        d_in, _ = matrix_dims(base)  # a 1x1 convolution: C_in
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.kernel = None if shape is None else tuple(shape.kernel)  # patches of a convolution's input
+        if shape is not None:
+            check_oft_kernel(base)
+        d_in = rotated_size(base)
         b = config.block_size or (d_in // config.r if d_in % config.r == 0 else 0)
         if b < 2 or d_in % b:
             given = f"r={config.r}" if config.r else f"block_size={config.block_size}"
+            size = "embedding_dim" if self.is_embedding else "d_in"
             raise ConfigError(
-                f"OFT {given} does not fit a layer with d_in={d_in}: blocks must tile the input "
+                f"OFT {given} does not fit a layer with {size}={d_in}: blocks must tile the vectors R turns "
                 f"exactly and hold at least 2 features. Expected block_size in {divisors(d_in)} "
                 f"(or r = {d_in} / block_size). Try block_size=32 or other targets."
             )
         self.block_size, self.n_blocks = b, d_in // b
         self.transposed = type(base).__name__ == "Conv1D"
+        reason = merge_refusal(base)
+        if reason is not None:  # instance attributes: only these layers refuse to merge
+            self.mergeable, self.unmergeable_reason = False, reason
         self.coft, self.eps, self.p = config.coft, config.eps, config.dropout
         self.neumann_terms = config.num_cayley_neumann_terms if config.use_cayley_neumann else 0
         # One row of b(b-1)/2 numbers per block: the strict upper triangle of Q_i.
@@ -219,29 +245,87 @@ class OFT(Adapter):
         """The full (d_in, d_in) block-diagonal R."""
         return torch.block_diag(*self.blocks())
 
+    def turn(self, rows: Tensor, R: Tensor) -> Tensor:
+        """rows R: each block of b features of every row (..., d) turned by its R_i."""
+        blocks = rows.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
+        return torch.einsum("...nk,nkc->...nc", blocks, R).flatten(-2)  # (..., d)
+
     def rotate(self, x: Tensor) -> Tensor:
-        """x R: each block of b input features turned by its R_i, (..., d_in) in R's dtype; a 1x1
-        convolution's input (N, C_in, H, W) is turned pixel by pixel."""
+        """x R in R's dtype: a linear layer's inputs or an embedding's rows (..., d) turned; a
+        convolution's input (N, C_in, H, W) as peft turns it: fold(relaid(unfold(x) R)), overlaps summed."""
         R = self.blocks()  # (n, b, b)
-        channels_last = x.movedim(1, -1) if self.conv else x  # (N, H, W, C_in) on a convolution
-        xb = channels_last.to(R.dtype).unflatten(-1, (self.n_blocks, self.block_size))  # (..., n, b)
-        rotated = torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2)  # (..., d_in)
-        return rotated.movedim(-1, 1) if self.conv else rotated
+        if self.kernel is None:
+            return self.turn(x, R)
+        (n, c, h, w), (kh, kw) = x.shape, self.kernel
+        patches = F.unfold(x.to(R.dtype), self.kernel).transpose(1, 2)  # (N, L, C_in·kh·kw), channel-major
+        turned = self.turn(patches, R)  # every patch p -> p R
+        # peft's layout for F.fold (module docstring): rows (N, H', W', C_in, kh, kw) relaid as
+        # (N, C_in, H', W', kh, kw) and read as (N, C_in·kh·kw, L); right for k = 1 or L = 1
+        relaid = turned.reshape(n, h - kh + 1, w - kw + 1, c, kh, kw).permute(0, 3, 1, 2, 4, 5)
+        return F.fold(relaid.reshape(n, c * kh * kw, -1), (h, w), self.kernel)  # (N, C_in, H, W)
 
     def layer_forward(self, x: Tensor, base: nn.Module, *args, **kwargs) -> Tensor:
+        if self.is_embedding:  # h = E[x] R: the looked-up rows are turned
+            rows = base(x, *args, **kwargs)  # (..., d)
+            return self.rotate(rows).to(rows.dtype)
         # h = W0 (x R) + b: the frozen layer runs on rotated inputs (x a row, so x R is R^T x)
         return base(self.rotate(x).to(x.dtype), *args, **kwargs)
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
-        # Stacked after another adapter: h = result + W0 (x R - x), the same change as above.
+        # Stacked after another adapter: h = result + W0 (x R - x) (an embedding: E[x] R - E[x]),
+        # the same change as above.
+        if self.is_embedding:
+            rows = base(x)  # (..., d)
+            return (result + self.rotate(rows) - rows).to(result.dtype)
         x_rot = self.rotate(x)
         change = apply_weight(base, x_rot - x.to(x_rot.dtype), linear_weight(base).to(x_rot.dtype))  # (..., d_out)
         return (result + change).to(result.dtype)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
+        if not self.mergeable:
+            raise ConfigError(f"OFT has no merged weight on this layer: {self.unmergeable_reason}.")
+        if self.is_embedding:  # E' = E R: every row turned
+            E = dense_weight(base)  # (num_embeddings, d)
+            return E @ self.rotation().to(E.dtype) - E
         W0 = linear_weight(base)  # (d_out, d_in)
         R = self.rotation().to(W0.dtype)
         delta = W0 @ R.T - W0  # W' = W0 R^T  (the paper's R W0, transposed)
-        if self.conv:
+        if self.kernel is not None:
             return delta.reshape(base.weight.shape)  # (C_out, C_in, 1, 1)
         return delta.T if self.transposed else delta
+
+
+def merge_refusal(base: nn.Module) -> str | None:
+    """Why a merged weight cannot compute OFT's forward on this layer (None: it can). Warns when
+    adapting a k x k convolution, whose forward does not start at the pretrained model either."""
+    shape = conv_shape(base)
+    if shape is not None and shape.taps > 1:
+        warnings.warn(
+            "OFT on a convolution with a kernel larger than 1x1 follows peft 0.21.2's forward, which "
+            "folds the turned input patches back in another layout and sums their overlaps: the "
+            "adapted model does not start at the pretrained one, and it cannot be merged. Try a 1x1 "
+            "convolution, or method 'boft', 'lora', 'loha' or 'lokr', for an adapter that starts at "
+            "the pretrained model and merges.",
+            PeftlabWarning, stacklevel=4,
+        )
+        return (f"on a {shape.kernel[0]}x{shape.kernel[1]} convolution peft 0.21.2's forward (which peftlab "
+                "follows: it is what a saved adapter means) turns every input patch and folds the patches "
+                "back in another layout, summing overlaps; that map of the input is not a convolution, so "
+                "no merged weight computes it (peft's merge W0 R^T computes another function)")
+    if isinstance(base, nn.Embedding) and base.max_norm is not None:
+        return (f"the embedding renormalises looked-up rows to max_norm={base.max_norm} before R turns "
+                "them, and R (a truncated series unless use_cayley_neumann=False) need not keep their "
+                "norms, so renormalising the merged rows E R gives other numbers")
+    return None
+
+
+def check_oft_kernel(base: nn.Module) -> None:
+    """peft's OFT sizes R for a square kernel (C_in·k[0]²): other kernels fail in its forward."""
+    kh, kw = base.kernel_size
+    if kh != kw:
+        raise ConfigError(
+            f"OFT on an nn.Conv2d with kernel_size={base.kernel_size} is not supported: peft 0.21.2 sizes "
+            f"R for a square kernel (C_in · {kh} · {kh}), but a patch holds C_in · {kh} · {kw} numbers, so "
+            "its forward fails on this layer. Expected a square kernel such as (3, 3) or 1; try method "
+            "'lora', 'loha' or 'lokr' for this layer."
+        )

@@ -20,7 +20,8 @@ After training the encoder is no longer needed: only its output P matters, and t
 saved adapter holds (peft's ``prompt_embeddings``). Loading one gives ``inference_mode=True``: P
 is then a plain table, exactly as in prompt tuning. The MLP always has three linear layers (as in
 peft); ``encoder_num_layers`` counts LSTM layers only. The prompt enters the model as in
-peftlab/methods/soft_prompt.py.
+peftlab/methods/soft_prompt.py; on an encoder-decoder (T5) there are 2n inputs h_i, as in peft,
+and the encoder reads the first n rows of P (the LSTM reads all 2n).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.methods.base import check_range
-from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, word_embeddings
+from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, table_rows, word_embeddings
 
 ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType values
 
@@ -68,12 +69,13 @@ class PTuningConfig(SoftPromptConfig):
 class PromptEncoder(SoftPrompt):
     """Free inputs h (n, d_model) and the encoder that maps them to P (peft: PromptEncoder)."""
 
-    def __init__(self, config: PTuningConfig, d_model: int) -> None:
+    def __init__(self, config: PTuningConfig, d_model: int, rows: int | None = None) -> None:
         super().__init__()
-        n, k = config.num_virtual_tokens, config.encoder_hidden_size or d_model
-        self.num_virtual_tokens = n
+        # rows: n, or 2n on an encoder-decoder (peft's layout; the encoder reads the first n)
+        rows, k = rows or config.num_virtual_tokens, config.encoder_hidden_size or d_model
+        self.num_virtual_tokens = config.num_virtual_tokens
         self.kind = config.encoder_reparameterization_type
-        self.embedding = nn.Embedding(n, d_model)  # h: weight (n, d_model)
+        self.embedding = nn.Embedding(rows, d_model)  # h: weight (rows, d_model)
         self.inference_mode = config.inference_mode
         if self.inference_mode:
             return  # the table *is* P: nothing to encode
@@ -86,23 +88,24 @@ class PromptEncoder(SoftPrompt):
                                           nn.Linear(k, d_model))
 
     def prompt(self) -> Tensor:
-        h = self.embedding.weight  # (n, d_model)
+        h = self.embedding.weight  # (rows, d_model)
         if self.inference_mode:
             return h
-        if self.kind == "LSTM":  # the LSTM reads the n virtual tokens as one sequence, both ways
-            h = self.lstm_head(h.unsqueeze(0))[0].squeeze(0)  # (n, 2k)
-        return self.mlp_head(h)  # (n, d_model)
+        if self.kind == "LSTM":  # the LSTM reads all the rows as one sequence, both ways
+            h = self.lstm_head(h.unsqueeze(0))[0].squeeze(0)  # (rows, 2k)
+        return self.mlp_head(h)  # (rows, d_model)
 
 
 def build_p_tuning(model: nn.Module, config: PTuningConfig, adapter_name: str) -> None:
     """Add a P-tuning soft prompt named ``adapter_name`` to ``model``."""
-    attach(model, PromptEncoder(config, word_embeddings(model).embedding_dim), adapter_name)
+    rows = table_rows(model, config.num_virtual_tokens)
+    attach(model, PromptEncoder(config, word_embeddings(model).embedding_dim, rows), adapter_name)
 
 
 def p_tuning_parameter_count(model: nn.Module, config: PTuningConfig) -> int:
-    """Closed form of the trainable parameters (module docstring)."""
+    """Closed form of the trainable parameters (module docstring; n is 2n on an encoder-decoder)."""
     d = word_embeddings(model).embedding_dim
-    k, n = config.encoder_hidden_size or d, config.num_virtual_tokens
+    k, n = config.encoder_hidden_size or d, table_rows(model, config.num_virtual_tokens)
     if config.inference_mode:
         return n * d
     if config.encoder_reparameterization_type == "MLP":

@@ -27,6 +27,9 @@ over smaller free vectors (``prefix_projection=True``; hidden size k = encoder_h
 After training only P is kept (the paper drops the MLP; peft saves P as ``prompt_embeddings``).
 Loading a saved adapter gives ``inference_mode=True``: P is then a plain table. How the prefix
 enters the model (a key/value cache, positions shifted by n) is in peftlab/methods/soft_prompt.py.
+On an encoder-decoder (T5, BART) it enters the decoder's self-attention only, as in peft: L is the
+config's num_hidden_layers, d_kv the decoder's key width, and decoder layer l reads block
+(2l mod L) of P (peft's layout, explained there).
 Gradient checkpointing must be off: checkpointed layers drop the cache the prefix lives in.
 """
 

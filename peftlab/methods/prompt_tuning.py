@@ -21,7 +21,8 @@ tokenizer and repeated or cut to n tokens. The paper finds the last two much bet
 for all but the largest models.
 
 How P enters the model (attention mask widened, labels padded with -100, generation) is shared
-with P-tuning and prefix tuning: see peftlab/methods/soft_prompt.py.
+with P-tuning and prefix tuning: see peftlab/methods/soft_prompt.py. On an encoder-decoder (T5)
+the table has 2n rows, as in peft, and the encoder reads the first n.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, embedding_init, word_embeddings
+from peftlab.methods.soft_prompt import (SoftPrompt, SoftPromptConfig, attach, embedding_init, table_rows,
+                                         word_embeddings)
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")  # peft's PromptTuningInit values
 
@@ -78,22 +80,24 @@ class PromptTuningConfig(SoftPromptConfig):
 class PromptEmbedding(SoftPrompt):
     """P, an (n, d_model) table of virtual-token embeddings (peft: PromptEmbedding)."""
 
-    def __init__(self, config: PromptTuningConfig, vocabulary: nn.Embedding, tokenizer=None) -> None:
+    def __init__(self, config: PromptTuningConfig, vocabulary: nn.Embedding, tokenizer=None,
+                 rows: int | None = None) -> None:
         super().__init__()
-        n, d_model = config.num_virtual_tokens, vocabulary.embedding_dim
-        self.num_virtual_tokens = n
-        self.embedding = nn.Embedding(n, d_model)  # weight (n, d_model), N(0, 1): "random"
+        # rows: n, or 2n on an encoder-decoder (peft's layout; the encoder reads the first n)
+        rows, d_model = rows or config.num_virtual_tokens, vocabulary.embedding_dim
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.embedding = nn.Embedding(rows, d_model)  # weight (rows, d_model), N(0, 1): "random"
         if config.inference_mode or config.prompt_tuning_init == "RANDOM":
             return
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            token_ids = torch.randint(0, vocabulary.num_embeddings, (n,))
-        else:  # "TEXT": the text's tokens, repeated until there are n, then cut to n
+            token_ids = torch.randint(0, vocabulary.num_embeddings, (rows,))
+        else:  # "TEXT": the text's tokens, repeated until there are enough, then cut to the rows
             token_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
-            token_ids = (token_ids * math.ceil(n / len(token_ids)))[:n]
+            token_ids = (token_ids * math.ceil(rows / len(token_ids)))[:rows]
         self.embedding.weight = nn.Parameter(embedding_init(vocabulary, token_ids))
 
     def prompt(self) -> Tensor:
-        return self.embedding.weight  # (n, d_model)
+        return self.embedding.weight  # (rows, d_model)
 
 
 def load_tokenizer(config: PromptTuningConfig):
@@ -116,9 +120,10 @@ def build_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_na
     """Add a prompt-tuning soft prompt named ``adapter_name`` to ``model``."""
     needs_text = config.prompt_tuning_init == "TEXT" and not config.inference_mode
     tokenizer = load_tokenizer(config) if needs_text else None
-    attach(model, PromptEmbedding(config, word_embeddings(model), tokenizer), adapter_name)
+    rows = table_rows(model, config.num_virtual_tokens)
+    attach(model, PromptEmbedding(config, word_embeddings(model), tokenizer, rows), adapter_name)
 
 
 def prompt_tuning_parameter_count(model: nn.Module, config: PromptTuningConfig) -> int:
-    """Closed form of the trainable parameters: n · d_model."""
-    return config.num_virtual_tokens * word_embeddings(model).embedding_dim
+    """Closed form of the trainable parameters: n · d_model (2n · d_model on an encoder-decoder)."""
+    return table_rows(model, config.num_virtual_tokens) * word_embeddings(model).embedding_dim

@@ -123,7 +123,8 @@ class XLoRAMixer(inject.Adapter):
         for position, lora in self._experts:
             x = x.to(lora.lora_A.dtype)
             x_i = x * lam[:, :, position].unsqueeze(-1) if lam is not None else x  # (B, T, d_in)
-            result = result + F.linear(F.linear(lora.dropout(x_i), lora.lora_A), lora.lora_B) * lora.scaling * g
+            bias = getattr(lora, "lora_B_bias", None)  # an expert with lora_bias: peft's lora_B adds it too
+            result = result + F.linear(F.linear(lora.dropout(x_i), lora.lora_A), lora.lora_B, bias) * lora.scaling * g
         return result.to(out_dtype)
 
 
@@ -164,6 +165,7 @@ class _RouterHome(nn.Module):
 
 def build_xlora(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> None:
     """Find or create the experts, put a mixer on every layer that has one, add the router."""
+    check_one_stack(model)
     names = _experts(model, config, adapter_name)
     trainable = config.use_trainable_adapters
     trainable = config.experts is None if trainable is None else trainable
@@ -502,6 +504,18 @@ def xlora_parameter_count(model: nn.Module, config: XLoRAConfig) -> int:
     widths = [hidden] + [config.xlora_size] * (config.xlora_depth - 1) + [out]
     router = sum(a * b + b for a, b in zip(widths, widths[1:]))  # weight + bias per Linear
     return router + (experts if trainable else 0)
+
+
+def check_one_stack(model: nn.Module) -> None:
+    """The router reads ``hidden_states[-1]`` of the scaling pass: an encoder-decoder returns two
+    stacks (encoder_ and decoder_hidden_states) and no ``hidden_states`` (peft fails there too)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"X-LoRA's router reads the last hidden state of every token, which an encoder-decoder "
+            f"({type(model).__name__}) does not return as one sequence (its encoder and decoder have "
+            "their own); peft 0.21's X-LoRA fails there too. Expected a decoder-only or encoder model; "
+            "try method 'lora' (or several LoRA adapters with peftlab.add_weighted_adapter)."
+        )
 
 
 def check_peft_can_load(model: nn.Module) -> None:

@@ -346,7 +346,8 @@ class FusedAdaptedLayer(AdaptedLayer):
         if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
             return None
         adapter = self.adapters[self.active[0]]
-        if isinstance(adapter, DoRA) or (isinstance(adapter, LoRA) and not adapter.is_embedding):
+        if isinstance(adapter, DoRA) or (isinstance(adapter, LoRA) and not adapter.is_embedding
+                                         and adapter.lora_B_bias is None):  # lora_bias: the reference runs it
             return adapter
         return None
 

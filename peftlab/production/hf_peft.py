@@ -94,9 +94,10 @@ def _llama_adapter_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -
 
 def _xlora_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
     """X-LoRA as a peft model (backend="peft"): refused where peft cannot load what it saves."""
-    from peftlab.methods.xlora import check_peft_can_load, peft_kwargs
+    from peftlab.methods.xlora import check_one_stack, check_peft_can_load, peft_kwargs
 
     if model is not None:
+        check_one_stack(model)
         check_peft_can_load(model)
     return peft_kwargs(config, model)
 
@@ -123,6 +124,8 @@ def task_type(model: nn.Module) -> str | None:
         return "CAUSAL_LM"
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
+    if name.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"  # T5, BART: peft puts soft prompts before the encoder's input
     return None
 
 
@@ -184,7 +187,7 @@ def takes_fan_in_fan_out(spec: Method) -> bool:
 
 
 # peft methods that adapt nn.Conv1d/2d/3d besides linear layers (which kinds, peft decides)
-PEFT_TAKES_CONV = frozenset({"LORA", "LOHA", "LOKR", "IA3"})
+PEFT_TAKES_CONV = frozenset({"LORA", "LOHA", "LOKR", "IA3", "OFT", "ADALORA"})
 
 
 def _layer_kinds(spec: Method) -> dict:
@@ -193,8 +196,11 @@ def _layer_kinds(spec: Method) -> dict:
 
     if spec.peft_type not in PEFT_TAKES_CONV:
         return {}
-    return {"accept": lambda m: is_linear(m) or is_conv(m) or isinstance(m, nn.Embedding),
-            "expected": "a linear layer (nn.Linear, Conv1D), a convolution (nn.Conv1d/2d/3d) or an nn.Embedding"}
+    attention = spec.name == "lora"  # peft's plain LoRA also adapts nn.MultiheadAttention
+    return {"accept": lambda m: is_linear(m) or is_conv(m) or isinstance(m, nn.Embedding)
+            or (attention and isinstance(m, nn.MultiheadAttention)),
+            "expected": "a linear layer (nn.Linear, Conv1D), a convolution (nn.Conv1d/2d/3d) or an nn.Embedding"
+            + (" (or, for lora, an nn.MultiheadAttention)" if attention else "")}
 
 
 def _check_peft_takes_conv1d(spec: Method, targets, peft_config_class) -> None:
@@ -223,13 +229,15 @@ def soft_prompt_geometry(spec: Method, model: nn.Module, *, for_peft_model: bool
     every model has (DistilBERT's are dim, n_layers, n_heads); peftlab reads them through the
     config's aliases. ``for_peft_model``: refuse a prefix peft would shape wrongly (see below);
     False when only describing a reference adapter on disk (peftlab loads it back)."""
-    from peftlab.methods.soft_prompt import attention_geometry
+    from peftlab.methods.soft_prompt import attention_geometry, is_encoder_decoder
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers, kv_heads, _ = attention_geometry(model)
+    layers, kv_heads, head_dim = attention_geometry(model)
     values = {"token_dim": int(config.hidden_size), "num_layers": layers,
               "num_attention_heads": int(config.num_attention_heads)}
     keys = config.to_dict()
+    if spec.name == "prefix_tuning" and is_encoder_decoder(model):
+        return _decoder_prefix_geometry(model, layers, kv_heads, head_dim, for_peft_model)
     if for_peft_model and spec.name == "prefix_tuning" and kv_heads != keys.get("num_key_value_heads", config.num_attention_heads):
         # peft sizes the prefix for num_key_value_heads when the config has that key, else for
         # every attention head: Falcon's multi-query attention (config key num_kv_heads) has one
@@ -242,6 +250,25 @@ def soft_prompt_geometry(spec: Method, model: nn.Module, *, for_peft_model: bool
             "or prompt_tuning / p_tuning, which peft runs on this model."
         )
     return {k: v for k, v in values.items() if not any(key in keys for key in _PEFT_GEOMETRY_KEYS[k])}
+
+
+def _decoder_prefix_geometry(model: nn.Module, layers: int, heads: int, head_dim: int, for_peft_model: bool) -> dict:
+    """An encoder-decoder's prefix is the decoder's, but peft would size its heads from the config
+    (token_dim // num_attention_heads: d_model over the encoder's heads), which is wrong where T5's
+    d_kv · heads is not d_model (T5 v1.1, mT5) or BART's decoder has its own head count; so the
+    decoder's heads and key width are named outright. peft gives the decoder one cache layer per
+    num_layers (L, the encoder's depth); a deeper decoder fails in peft, so it is refused there."""
+    from peftlab.methods.soft_prompt import decoder_depth
+
+    if for_peft_model and decoder_depth(model) > layers:
+        raise ConfigError(
+            f"peft cannot run prefix tuning on this {type(model).__name__}: its decoder has "
+            f"{decoder_depth(model)} layers, but peft builds the decoder's key/value cache for "
+            f"num_layers={layers} (num_hidden_layers, the encoder's depth), and the forward pass fails. "
+            "Expected backend='reference' (peftlab's prefix reaches every decoder layer; peft cannot "
+            "load its adapter), or prompt_tuning / p_tuning, which peft runs on this model."
+        )
+    return {"token_dim": heads * head_dim, "num_layers": layers, "num_attention_heads": heads}
 
 
 def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
@@ -263,7 +290,7 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
     for key, value in as_dict.items():
         ours = inverse.get(key, key)
         if key == "target_modules":
-            ours, value = "targets", value if isinstance(value, str) else tuple(sorted(value))
+            ours, value = "targets", value if value is None or isinstance(value, str) else tuple(sorted(value))
         if key == "modules_to_save":
             value = tuple(value) if value else ()
         if ours == "init":
@@ -312,17 +339,24 @@ def adapt_with_peft(model: nn.Module, spec: Method, config: AdapterConfig, adapt
 # Weights
 # --------------------------------------------------------------------------------------------
 def _lora_names(adapter: nn.Module) -> dict[str, str]:
+    if hasattr(adapter, "peft_names"):  # LoRA on parameters (peft's nested ParamWrappers)
+        return adapter.peft_names()
+    if adapter.rides_along:  # LoRA's trainable tokens; a tied head saves none of its own
+        return {} if adapter._tied_to else {"trainable_tokens_delta": "token_adapter.trainable_tokens_delta.{name}"}
     if getattr(adapter, "is_embedding", False):
         return {"lora_A": "lora_embedding_A.{name}", "lora_B": "lora_embedding_B.{name}"}
-    return {"lora_A": "lora_A.{name}.weight", "lora_B": "lora_B.{name}.weight"}
+    names = {"lora_A": "lora_A.{name}.weight", "lora_B": "lora_B.{name}.weight"}
+    if getattr(adapter, "lora_B_bias", None) is not None:  # lora_bias: peft's lora_B has a bias
+        names["lora_B_bias"] = "lora_B.{name}.bias"
+    return names
 
 
 # method -> (adapter module -> {peftlab parameter name: peft name template})
 PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_names,
-    "oft": lambda adapter: {"oft_R": "oft_R.{name}.weight"},  # peft: OFTRotationModule.weight
+    "oft": lambda adapter: {"oft_R": ("oft_embedding_R" if getattr(adapter, "is_embedding", False) else "oft_R")
+                            + ".{name}.weight"},  # peft: OFTRotationModule.weight (embeddings: their own dict)
     "boft": lambda adapter: {"boft_R": "boft_R.{name}", "boft_s": "boft_s.{name}"},  # ParameterDicts
-    "dora": lambda adapter: {"lora_A": "lora_A.{name}.weight", "lora_B": "lora_B.{name}.weight",
-                             "magnitude": "lora_magnitude_vector.{name}.weight"},
+    "dora": lambda adapter: {**_lora_names(adapter), "magnitude": "lora_magnitude_vector.{name}.weight"},
     # LyCORIS methods and VeRA keep ParameterDicts: "<param>.<adapter name>"
     "loha": lambda adapter: {n: n + ".{name}" for n, _ in adapter.named_parameters()},
     "lokr": lambda adapter: {n: n + ".{name}" for n, _ in adapter.named_parameters()},
