@@ -62,7 +62,10 @@ PORTABLE_ENV := $(FORCED_ISA) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PEFTLAB_PORTAB
 PORTABILITY_TESTS := tests/test_portability.py tests/test_fused.py tests/test_lora_parity.py \
   tests/test_contract.py tests/test_methods_additive.py tests/test_methods_orthogonal.py \
   tests/test_methods_weight.py tests/test_nf4.py tests/test_loftq.py tests/test_qlora_trap.py \
-  tests/test_memory.py tests/test_train.py tests/test_spectra.py \
+  tests/test_memory.py tests/test_train.py tests/test_spectra.py tests/test_peft_cases.py \
+  tests/test_conv_layers.py tests/test_cp_conv_and_oft_layers.py tests/test_dora_adalora_layers.py \
+  tests/test_lora_mha_bias.py tests/test_parameter_lora.py tests/test_trainable_tokens.py \
+  tests/test_soft_prompts_seq2seq.py \
   notebooks/00_start_here.ipynb notebooks/01_lora_from_scratch.ipynb notebooks/03_qlora_and_nf4.ipynb \
   notebooks/08_soft_prompts.ipynb notebooks/11_many_adapters.ipynb
 

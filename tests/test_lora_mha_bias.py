@@ -197,7 +197,9 @@ def test_merge_unmerge_and_disable(model_name, hp):
         assert not any(layer.merged for layer in layers.values())
     else:
         peftlab.merge(model)
-        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        # W0 + ΔW rounds differently from W0 x + ΔW x; with N(0, 0.25) factors the outputs reach ~2
+        # and one kernel (AVX2, one thread) gives 3.7e-5: a wrong merge is off by O(1)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-4, rtol=1e-4)
         peftlab.set_disabled(model, True)  # disabling a merged model takes the merge out
         torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=0)
         peftlab.set_disabled(model, False)
@@ -205,7 +207,7 @@ def test_merge_unmerge_and_disable(model_name, hp):
     for name, layer in layers.items():  # W0 and b0 back, up to float32 rounding
         for key, value in layer.base_layer.state_dict().items():
             torch.testing.assert_close(value, before[f"{name}.{key}"], atol=1e-6, rtol=0, msg=f"{name}.{key}")
-    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-4, rtol=1e-4)
     peftlab.set_disabled(model, True)
     torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
 
