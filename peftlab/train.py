@@ -184,6 +184,14 @@ def train(
     max_length = fit_context(model, max_length)
     callbacks = (callbacks,) if callable(callbacks) else tuple(callbacks)
     classification = is_classification(model)
+    if not classification and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"train() frames data for decoder-only language models (next tokens) and classifiers; "
+            f"{type(model).__name__} is an encoder-decoder, whose labels are the decoder's targets, "
+            "which peftlab does not frame yet. Expected a causal LM or a sequence classifier; try "
+            "transformers' Seq2SeqTrainer on the adapted model (peftlab.adapt, save_adapter and "
+            "estimate_memory work on it), or a decoder-only model."
+        )
     dataset = prepare_dataset(data, tokenizer, max_length, classification, split="train")
     eval_set = None if eval_data is None else prepare_dataset(eval_data, tokenizer, max_length, classification)
     if classification:

@@ -100,6 +100,29 @@ def test_local_folder_loads_and_task_is_guessed(tmp_path, tiny_llama, tiny_bert)
     assert load_model(str(tmp_path / "five"))[0].config.num_labels == 5
 
 
+def test_an_encoder_decoder_folder_loads_for_generation_and_train_says_what_it_lacks(tmp_path, tiny_llama):
+    """A T5 folder is a T5ForConditionalGeneration (not a classifier with a new head): it adapts,
+    generates and saves; train() says it frames no seq2seq data yet and what to use instead."""
+    import transformers
+
+    import peftlab
+
+    tokenizer = tiny_llama[1]
+    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    model, tok = load_model(str(tmp_path / "t5"))
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    peftlab.adapt(model, "lora", targets=("q", "v"))
+    ids = tok("What is two plus two?", return_tensors="pt").input_ids
+    assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[0] == 1
+    peftlab.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ConfigError, match=r"encoder-decoder.*Seq2SeqTrainer"):
+        peftlab.train(model, [{"question": "Q?", "answer": "A."}], tokenizer=tok, steps=1, progress=False)
+
+
 # --------------------------------------------------------------------------------------------
 # The catalogue and names
 # --------------------------------------------------------------------------------------------
