@@ -69,11 +69,11 @@ def adapt(
                       **hyperparameters)
         return fused.fuse(model)
     if backend == "reference":
-        from peftlab.io import _Snapshot
+        from peftlab.io import Snapshot
 
         # a check that fails on the 3rd layer (rank too large for k_proj) must not leave the
         # first two wrapped: take everything this call added back out, then re-raise
-        undo = _Snapshot(model)
+        undo = Snapshot(model)
         try:
             if config.targets != ():  # () when only parameters are targeted (LoRA's target_parameters)
                 spec.build(model, config, adapter_name)

@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = {
         "command": reproduce_command(args),
         "args": {k: v for k, v in vars(args).items()},
-        "method_config": jsonable(dataclasses.asdict(_resolved_config(model, spec, hp))),
+        "method_config": jsonable(dataclasses.asdict(resolved_config(model, spec, hp))),
         "train_settings": result.settings,
         "summary": summary,
         "eval_before": summary.get("eval_before"),
@@ -367,7 +367,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _resolved_config(model, spec, hp):
+def resolved_config(model, spec, hp):
     """The method config as applied: targets resolved for this model."""
     from peftlab.api import make_config, records
 

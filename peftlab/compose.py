@@ -118,12 +118,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             del module.adapters[adapter_name]
             module.active = [a for a in module.active if a != adapter_name]
             if not len(module.adapters):
-                inject._set_module(model, name, module.base_layer)
+                inject.set_module(model, name, module.base_layer)
         elif isinstance(module, inject.TrainableCopy) and adapter_name in module.copies:
             del module.copies[adapter_name]
             module.active = [a for a in module.active if a != adapter_name]
             if not len(module.copies):
-                inject._set_module(model, name, module.original_module)
+                inject.set_module(model, name, module.original_module)
     _remove_extras(model, adapter_name)
     records = _records(model)
     del records[adapter_name]

@@ -509,8 +509,7 @@ def render_script(run: dict[str, Any], *, run_dir: Path | str = "RUN_DIR",
     """The script's text for a run (the dict in ``run.json``): :data:`SCRIPT_TEMPLATE`, filled in."""
     import peftlab
     from peftlab.data import BUNDLED_DATASETS
-    from peftlab.models import _BUNDLED as BUNDLED_MODEL_INFO
-    from peftlab.models import SEQUENCE_CLASSIFICATION
+    from peftlab.models import SEQUENCE_CLASSIFICATION, bundled_task
 
     args = run["args"]
     method = args["method"]
@@ -528,9 +527,9 @@ def render_script(run: dict[str, Any], *, run_dir: Path | str = "RUN_DIR",
         )
     model_name, data_name = args["model"], args["data"]
     nf4 = args.get("quantization") == "nf4"
-    bundled_model = model_name in BUNDLED_MODEL_INFO
+    bundled_model = bundled_task(model_name) is not None
     if bundled_model:
-        classification = BUNDLED_MODEL_INFO[model_name].task == SEQUENCE_CLASSIFICATION
+        classification = bundled_task(model_name) == SEQUENCE_CLASSIFICATION
     else:  # a hub id or folder: a classifier exactly when the run's data had labels
         classification = run.get("num_labels") is not None or _data_has_labels(data_name)
     peft_config, peft_class = peft_config_source(run, classification)

@@ -46,9 +46,14 @@ CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # --------------------------------------------------------------------------------------------
 # Looking at base layers
 # --------------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == _CONV1D
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt subclass it) or HF's Conv1D."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == _CONV1D
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -66,7 +71,7 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     convolution (C_in, C_out), its channels (the kernel and groups: :func:`conv_shape`)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == _CONV1D:
+    if is_conv1d(module):
         d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
         return d_in, d_out
     if isinstance(module, nn.Embedding):
@@ -453,7 +458,7 @@ def _summarise_linear_names(modules: dict[str, nn.Module]) -> str:
 # --------------------------------------------------------------------------------------------
 # Injecting, freezing, and whole-model operations
 # --------------------------------------------------------------------------------------------
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -487,7 +492,7 @@ def inject(
         layer.adapters[adapter_name] = adapter
         layer.active = [adapter_name]
         if layer is not module:
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
         layers.append(layer)
     return layers
 
@@ -512,7 +517,7 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: s
         wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
         wrapper.add(adapter_name)
         if wrapper is not module:
-            _set_module(model, name, wrapper)
+            set_module(model, name, wrapper)
 
 
 def freeze_all_but_adapters(model: nn.Module, adapter_name: str | None = None) -> None:

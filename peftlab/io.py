@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import AdapterFileError, ConfigError
-from peftlab.inject import modules_to_save_paths
+from peftlab.inject import is_conv1d, modules_to_save_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -236,9 +236,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             with atomic_dir(path) as tmp:
                 write_folder(model, tmp, name, final=Path(path).expanduser().resolve())
             return Path(path)
-        peft_config = _peft_config_for(model, spec, config, name)  # fails early, before any write
+        peft_config = peft_config_for(model, spec, config, name)  # fails early, before any write
         with atomic_dir(path) as tmp:
-            _write_reference(model, tmp, name, peft_config)
+            write_reference(model, tmp, name, peft_config)
     return Path(path)
 
 
@@ -296,7 +296,7 @@ def base_model_name(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
-def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
+def peft_config_for(model: nn.Module, spec, config, adapter_name: str):
     """The peft config that describes this reference adapter exactly: targets as full module
     paths (so peft adapts the very same layers), plus the fields peft fills in when saving."""
     from peftlab.inject import adapted_layers
@@ -311,7 +311,7 @@ def _peft_config_for(model: nn.Module, spec, config, adapter_name: str):
         extra["task_type"] = task_type(model)
     if spec.peft_type is None:  # peft lacks the method: peftlab's own fields, under a peftlab type
         return {"peft_type": PEFTLAB_TYPE_PREFIX + spec.name.upper(), **extra, **_json_fields(config)}
-    if any(type(m.base_layer).__name__ == "Conv1D" for m in layers.values()) and takes_fan_in_fan_out(spec):
+    if any(is_conv1d(m.base_layer) for m in layers.values()) and takes_fan_in_fan_out(spec):
         extra["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W transposed; peft wants to be told
     if spec.family == "soft prompt":  # dimensions peft cannot read from this model's config
         extra.update(soft_prompt_geometry(spec, model, for_peft_model=False))
@@ -345,7 +345,8 @@ def _peftlab_config(raw: dict, folder: Path):
         raise AdapterFileError(f"{folder / CONFIG_NAME} has an invalid field: {err}") from err
 
 
-def _write_reference(model: nn.Module, folder: Path, adapter_name: str, peft_config) -> None:
+def write_reference(model: nn.Module, folder: Path, adapter_name: str, peft_config) -> None:
+    """Write one reference adapter into ``folder``: adapter_config.json and its tensors."""
     from safetensors.torch import save_file
 
     from peftlab.production.hf_peft import reference_state_dict
@@ -466,11 +467,11 @@ def load_adapter(
             f"The model already has an adapter named {adapter_name!r}. Expected a new name; try "
             f"load_adapter(model, path, adapter_name='other')."
         )
-    undo = _Snapshot(model)
+    undo = Snapshot(model)
     try:
         adapt(model, method, adapter_name=adapter_name, **hyperparameters)
         # name the method the config claims: a config from another method is a common mix-up
-        _load_state(model, state, adapter_name, f" {CONFIG_NAME} says the method is {method!r}.{hint}")
+        load_state(model, state, adapter_name, f" {CONFIG_NAME} says the method is {method!r}.{hint}")
     except ConfigError as err:
         undo.restore(adapter_name)
         raise AdapterFileError(
@@ -598,7 +599,9 @@ def _reference_config(raw: dict, folder: Path):
     return method, config
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, hint: str) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, hint: str) -> None:
+    """Copy a file's tensors (peft's on-disk names) into ``adapter_name`` of an adapted model;
+    ``hint`` ends the error when the file does not fit (which method the config says, say)."""
     from peftlab.production.hf_peft import (PREFIX, load_reference_state_dict, reference_to_peft_names,
                                             saved_name, shared_tensors)
 
@@ -651,7 +654,7 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     return model
 
 
-class _Snapshot:
+class Snapshot:
     """Enough of a model's adapter state to take a failed load back out again."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -668,7 +671,7 @@ class _Snapshot:
         self.attrs = {k: model.__dict__[k] for k in ("peftlab_adapters", "peftlab_active") if k in model.__dict__}
 
     def restore(self, adapter_name: str) -> None:
-        from peftlab.inject import AdaptedLayer, TrainableCopy, _set_module
+        from peftlab.inject import AdaptedLayer, TrainableCopy, set_module
 
         for path, module in list(self.model.named_modules()):
             if not isinstance(module, (AdaptedLayer, TrainableCopy)):
@@ -680,7 +683,7 @@ class _Snapshot:
                 container[adapter_name].release()  # hooks it keeps outside the layer, if any
             if active is None:  # wrapped by this load: put the original back
                 original = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
-                _set_module(self.model, path, original)
+                set_module(self.model, path, original)
                 continue
             if added:
                 del container[adapter_name]

@@ -250,9 +250,9 @@ def estimate_memory(
     virtual, prefix = _soft_prompt_tokens(model)
     tokens = seq_len + virtual
     if device is None:
-        from peftlab.models import _default_device
+        from peftlab.models import default_device
 
-        device = _default_device(quantization)
+        device = default_device(quantization)
     if formula_models(config, method):
         acts, terms = activation_bytes(config, model, batch, tokens, torch_dtype, adapter_dtype,
                                        gradient_checkpointing, attn_implementation, full, fusion,
@@ -747,7 +747,7 @@ def process_rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------
 def resolve_config(source: Any):
     """A transformers config from a bundled name, folder, hub id, config or model (no weights)."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
@@ -757,28 +757,9 @@ def resolve_config(source: Any):
     if not isinstance(source, (str, Path)):
         raise ConfigError(f"estimate_memory: cannot read a model config from {type(source).__name__}. "
                           "Expected a bundled name, a folder, a hub id, a PretrainedConfig or a model.")
-    from peftlab import models
+    from peftlab.models import model_config
 
-    name = str(source)
-    if name == "tiny-llama":
-        return models._tiny_llama_config()
-    if name == "tiny-bert":
-        return models._tiny_bert_config(2)
-    if name == "smollm2-135m":
-        folder = models._cache_root() / models._smollm2_folder_name()
-        if (folder / "config.json").exists():
-            return AutoConfig.from_pretrained(folder)
-        gguf = models._smollm2_gguf()  # metadata only: the tensors are not read
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if name == "minilm-l6":
-        config = AutoConfig.from_pretrained(models._minilm_dir())
-        config.num_labels = 2
-        return config
-    try:
-        return AutoConfig.from_pretrained(name)
-    except OSError as err:
-        raise ConfigError(f"estimate_memory: no config for {name!r} ({err}). Expected a bundled "
-                          "name (see `peftlab info`), a local folder or a reachable hub id.") from None
+    return model_config(source, num_labels=2)
 
 
 def meta_model(config, dtype: torch.dtype, method: str | None, r: int | None, targets,

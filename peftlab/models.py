@@ -127,6 +127,12 @@ _BUNDLED: dict[str, _Bundled] = {
 }
 BUNDLED_MODELS: tuple[str, ...] = tuple(_BUNDLED)
 
+
+def bundled_task(name: str) -> str | None:
+    """CAUSAL_LM or SEQUENCE_CLASSIFICATION for a bundled model's name; None for any other name."""
+    entry = _BUNDLED.get(str(name))
+    return entry.task if entry is not None else None
+
 _PARAMS_MEMO: dict[str, int] = {}
 
 
@@ -226,7 +232,7 @@ def load_model(
         )
     if task is not None and task not in TASKS:
         raise ConfigError(f"task={task!r} is not known. Expected one of {TASKS}.")
-    device = torch.device(device) if device is not None else _default_device(quantization)
+    device = torch.device(device) if device is not None else default_device(quantization)
 
     if name in _BUNDLED:
         entry = _BUNDLED[name]
@@ -419,7 +425,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def _default_device(quantization: str | None) -> torch.device:
+def default_device(quantization: str | None) -> torch.device:
+    """Where a model loads unless told: CUDA for a 4-bit (NF4) model when there is a GPU, else the CPU."""
     if quantization == "nf4" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -702,6 +709,49 @@ def _load_hub(name, quantization, dtype, num_labels, task, device):
 
 
 _REACHABLE: dict[str, tuple[float, bool]] = {}  # endpoint host -> (checked at, reachable)
+
+
+def model_config(name: str | os.PathLike, num_labels: int | None = None):
+    """The transformers config of a bundled model, a local folder or a hub id, without weights.
+
+    A classifier's label count is ``num_labels`` (2 when not given). Bundled models never need
+    the network (SmolLM2's is read from its GGUF file's metadata until the first load converts
+    it); a hub id is answered from the hub cache first, and raises OfflineError when it is not
+    there and the hub cannot be reached."""
+    from transformers import AutoConfig
+
+    name = str(name)
+    if name == "tiny-llama":
+        return _tiny_llama_config()
+    if name == "tiny-bert":
+        return _tiny_bert_config(num_labels or 2)
+    if name == "minilm-l6":
+        return AutoConfig.from_pretrained(_minilm_dir(), num_labels=num_labels or 2)
+    if name == "smollm2-135m":
+        folder = _cache_root() / _smollm2_folder_name()
+        if (folder / _COMPLETE).exists():
+            return AutoConfig.from_pretrained(folder)
+        gguf = _smollm2_gguf()  # metadata only: the tensors are not read
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if Path(name).expanduser().is_dir():
+        return AutoConfig.from_pretrained(Path(name).expanduser())
+    try:  # the hub cache answers with no network at all
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass
+    if is_offline():
+        raise OfflineError(
+            f"{name!r} is not a bundled model or a local folder, and reading it from the Hugging "
+            f"Face hub needs the network, which is not reachable (or HF_HUB_OFFLINE=1). Bundled "
+            f"models that work offline: {', '.join(BUNDLED_MODELS)}. Try one of those, or a local folder."
+        )
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"Could not read a model config for {name!r} ({exc}). Expected a hub id like "
+            "'HuggingFaceTB/SmolLM2-360M-Instruct' or a local folder holding config.json."
+        ) from exc
 
 
 def is_offline(timeout: float = 2.0) -> bool:

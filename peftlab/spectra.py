@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, Adapter, dense_weight, matches
+from peftlab.inject import AdaptedLayer, Adapter, dense_weight, is_conv1d, matches
 
 # An update in (d_out, d_in) layout: either the explicit matrix ΔW or factors (left, right) with
 # ΔW = left @ right, left (d_out, k), right (k, d_in).
@@ -142,7 +142,7 @@ def _call_hook(hook: Any, base: nn.Module) -> Any:
 def _out_in(weight: Tensor, base: nn.Module, fan_in_fan_out: bool = False) -> Tensor:
     """A weight (or ΔW) of ``base`` in (d_out, d_in) layout: Conv1D and Embedding store it
     transposed."""
-    transposed = fan_in_fan_out or type(base).__name__ == "Conv1D" or isinstance(base, nn.Embedding)
+    transposed = fan_in_fan_out or is_conv1d(base) or isinstance(base, nn.Embedding)
     return weight.T if transposed else weight
 
 
@@ -179,7 +179,7 @@ def _peft_update(layer: nn.Module, name: str) -> Update:
         if name not in magnitude:
             return left, right
         # DoRA: W' = m / ||W + s B A||_row · (W + s B A), so ΔW = W' - W is not low-rank
-        if not (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"):
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             raise ConfigError(
                 f"peft DoRA on a {type(base).__name__} layer normalises differently from the linear "
                 "case peftlab reads. Expected DoRA on linear layers; try the spectrum of the "

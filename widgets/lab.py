@@ -385,10 +385,9 @@ class Lab:
         return plan.meta_model(self.model_name, self._meta_labels())
 
     def _meta_labels(self) -> int | None:
-        from peftlab.models import _BUNDLED, SEQUENCE_CLASSIFICATION
+        from peftlab.models import SEQUENCE_CLASSIFICATION, bundled_task
 
-        name = self.model_name
-        if name in _BUNDLED and _BUNDLED[name].task == SEQUENCE_CLASSIFICATION:
+        if bundled_task(self.model_name) == SEQUENCE_CLASSIFICATION:
             return self._num_labels() or 2
         return None
 
@@ -738,7 +737,7 @@ class Lab:
             args = cli.build_parser().parse_args(argv)
             spec = get_method(choice.method)
             run = {"command": cli.reproduce_command(args), "args": vars(args),
-                   "method_config": jsonable(dataclasses.asdict(cli._resolved_config(model, spec, hp))),
+                   "method_config": jsonable(dataclasses.asdict(cli.resolved_config(model, spec, hp))),
                    "train_settings": jsonable(self.result.settings)}
             (out_dir / "run.json").write_text(json.dumps(jsonable(run), indent=1))
         except Exception as exc:  # noqa: BLE001 (only the export button depends on it)

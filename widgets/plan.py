@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.errors import ConfigError, OfflineError, PeftlabWarning
+from peftlab.errors import ConfigError, PeftlabWarning
 from peftlab.metrics import ParameterCount
 
 NF4_BYTES = (4 + 32 / 64 / 4 + 32 / 256 / 64 * 8) / 8  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
@@ -89,54 +89,13 @@ def meta_model(name: str, num_labels: int | None = None) -> nn.Module:
     return _META[key]
 
 
-def _config_of(name: str, num_labels: int | None):
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    from peftlab import models
-
-    if name == "tiny-llama":
-        return models._tiny_llama_config()
-    if name == "tiny-bert":
-        return models._tiny_bert_config(num_labels or 2)
-    if name == "minilm-l6":
-        return AutoConfig.from_pretrained(models._minilm_dir(), num_labels=num_labels or 2)
-    if name == "smollm2-135m":
-        folder = models._cache_root() / models._smollm2_folder_name()
-        if (folder / models._COMPLETE).exists():
-            return AutoConfig.from_pretrained(folder)
-        gguf = models._smollm2_gguf()
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if Path(name).expanduser().is_dir():
-        return AutoConfig.from_pretrained(Path(name).expanduser())
-    try:  # the hub cache answers with no network at all
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        pass
-    if models.is_offline():
-        raise OfflineError(
-            f"{name!r} is not a bundled model or a local folder, and reading it from the Hugging "
-            f"Face hub needs the network, which is not reachable (or HF_HUB_OFFLINE=1). Bundled "
-            f"models that work offline: {', '.join(models.BUNDLED_MODELS)}. Try one of those, or "
-            "a local folder."
-        )
-    try:
-        return AutoConfig.from_pretrained(name)
-    except OSError as exc:
-        raise ConfigError(
-            f"Could not read a model config for {name!r} ({exc}). Expected a hub id like "
-            "'HuggingFaceTB/SmolLM2-360M-Instruct' or a local folder holding config.json."
-        ) from exc
-
-
 def _build_meta(name: str, num_labels: int | None) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    from peftlab.models import _BUNDLED, SEQUENCE_CLASSIFICATION
+    from peftlab.models import SEQUENCE_CLASSIFICATION, bundled_task, model_config
 
-    config = _config_of(name, num_labels)
-    classifier = (_BUNDLED[name].task == SEQUENCE_CLASSIFICATION if name in _BUNDLED
+    config = model_config(name, num_labels)
+    classifier = (bundled_task(name) == SEQUENCE_CLASSIFICATION if bundled_task(name)
                   else any(a.endswith("ForSequenceClassification") for a in (config.architectures or ())))
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     if not classifier and getattr(config, "is_encoder_decoder", False):

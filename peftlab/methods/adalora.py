@@ -60,8 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import (Adapter, ConvShape, adapted_layers, apply_weight, check_zero_padding, find_targets,
-                            inject, is_linear, matrix_dims)
+from peftlab.inject import (Adapter, ConvShape, adapted_layers, apply_weight, check_zero_padding,
+                            find_targets, inject, is_conv1d, is_linear, matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_range
 
 
@@ -118,7 +118,7 @@ class AdaLoRA(Adapter):
             check_conv_adalora(base)
         d_in, d_out = matrix_dims(base)  # a Conv2d's weight as a matrix: d_in = C_in·kh·kw
         r = config.init_r
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         # peft's init: Λ = 0, so ΔW = 0 and the adapted model starts as the base; P, Q ~ N(0, 0.02²)
         self.lora_A = nn.Parameter(torch.randn(r, d_in) * 0.02)  # Q (r, d_in)
         self.lora_E = nn.Parameter(torch.zeros(r, 1))  # Λ (r, 1)

@@ -47,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError, PeftlabWarning
-from peftlab.inject import Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, conv_with, matrix_dims
+from peftlab.inject import (Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, conv_with,
+                            is_conv1d, matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_range
 from peftlab.methods.oft import block_dropout, check_conv_rotation, divisors, linear_weight, reject_embedding
 
@@ -152,7 +153,7 @@ class BOFT(Adapter):
                 "block_size=4, a smaller n_butterfly_factor, or other targets."
             )
         self.block_size, self.block_num, self.p = b, d_in // b, config.dropout
-        self.transposed = type(base).__name__ == "Conv1D"
+        self.transposed = is_conv1d(base)
         self.boft_R = nn.Parameter(torch.zeros(m, self.block_num, b, b))  # A per level and block
         # per-output scale s, in peft's shapes so it copies and saves 1:1
         self.boft_s = nn.Parameter(torch.ones((1, d_out) if self.conv else (d_out, 1)))

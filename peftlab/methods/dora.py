@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, adapted_layers, conv_shape, conv_with, dense_weight,
-                            layer_dims)
+from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, adapted_layers, conv_shape, conv_with,
+                            dense_weight, is_conv1d, layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 from peftlab.methods.lora import check_conv_lora
 
@@ -101,7 +101,7 @@ class DoRA(Adapter):
                 "Expected max_norm=None; try other targets, or an embedding without max_norm."
             )
         # Conv1D and nn.Embedding store W as (d_in, d_out)
-        self.transposed = self.is_embedding or type(base).__name__ == "Conv1D"
+        self.transposed = self.is_embedding or is_conv1d(base)
         lora_A = nn.Parameter(torch.empty(config.r, d_in))  # (r, d_in)
         lora_B = nn.Parameter(torch.zeros(d_out, config.r))  # (d_out, r)
         if self.is_embedding:  # peft's choice for embeddings, as in LoRA: A = 0, B ~ N(0, 1)

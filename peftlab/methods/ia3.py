@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, base_of, conv_shape, find_targets, inject, is_linear, layer_dims, matches
+from peftlab.inject import (Adapter, base_of, conv_shape, find_targets, inject, is_conv1d, is_linear,
+                            layer_dims, matches)
 from peftlab.methods.base import AdapterConfig
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING), by model_type
@@ -104,7 +105,7 @@ class IA3(Adapter):
         super().__init__()
         d_in, d_out = layer_dims(base)
         self.feedforward = feedforward
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         self.conv = conv_shape(base)
         # peft's shapes, so the vectors copy and save 1:1: a column for outputs, a row for inputs;
         # on a convolution one value per channel, (1, C, 1, 1) broadcasting over the positions

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, AdaptedLayer, _set_module, candidate_modules, matches
+from peftlab.inject import Adapter, AdaptedLayer, set_module, candidate_modules, matches
 from peftlab.methods.base import AdapterConfig
 
 # peft 0.21's AdaptionPrompt: Llama-architecture attention, and GPT-2's (its own variant)
@@ -185,7 +185,7 @@ def build_llama_adapter(model: nn.Module, config: LlamaAdapterConfig, adapter_na
         layer.adapters[adapter_name] = AdaptionPrompt(layer.base_layer, config).to(device)
         layer.active = [adapter_name]
         if layer is not module:
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
 
 
 def llama_adapter_parameter_count(model: nn.Module, config: LlamaAdapterConfig) -> int:

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, matrix_dims
+from peftlab.inject import (Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, is_conv1d,
+                            matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 
 
@@ -108,7 +109,7 @@ class LoHa(Adapter):
         r = config.r
         self.scaling = config.alpha / r
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         # a convolution's weight (C_out, C_in/g, *kernel): ΔW takes that shape to merge
         shape = conv_shape(base)
         self.conv_weight_shape = tuple(base.weight.shape) if shape is not None else None

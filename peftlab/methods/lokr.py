@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, layer_dims
+from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 from peftlab.methods.loha import check_conv_lycoris, drop_rows, skip_module, uses_cp
 
@@ -162,7 +162,7 @@ class LoKr(Adapter):
         self.scaling = config.alpha / r
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.rank_dropout_scale = config.rank_dropout_scale
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         # a convolution's weight (C_out, C_in/g, *kernel): ΔW takes that shape to merge
         self.conv_weight_shape = tuple(base.weight.shape) if conv_shape(base) is not None else None
         if w1_full:

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from peftlab.errors import ConfigError
-from peftlab.inject import CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with, layer_dims
+from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with,
+                            is_conv1d, layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 
 
@@ -121,7 +122,7 @@ class LoRA(Adapter):
         check_rank(config.r, d_in, d_out)
         self.r, self.scaling = config.r, config.scaling
         self.is_embedding = isinstance(base, nn.Embedding)
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         self.lora_A = nn.Parameter(torch.empty(config.r, d_in))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(d_out, config.r))  # (d_out, r)
         if config.lora_bias and self.is_embedding:

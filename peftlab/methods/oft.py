@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError, PeftlabWarning
-from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, dense_weight, is_conv, is_linear, matrix_dims
+from peftlab.inject import (Adapter, ConvShape, apply_weight, conv_shape, dense_weight, is_conv, is_conv1d,
+                            is_linear, matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_range
 
 
@@ -127,7 +128,7 @@ def linear_weight(base: nn.Module) -> Tensor:
     weight = dense_weight(base)
     if is_conv(base):
         return weight.flatten(1)
-    return weight.T if type(base).__name__ == "Conv1D" else weight
+    return weight.T if is_conv1d(base) else weight
 
 
 def block_dropout(blocks: Tensor, p: float) -> Tensor:
@@ -195,7 +196,7 @@ class OFT(Adapter):
                 f"(or r = {d_in} / block_size). Try block_size=32 or other targets."
             )
         self.block_size, self.n_blocks = b, d_in // b
-        self.transposed = type(base).__name__ == "Conv1D"
+        self.transposed = is_conv1d(base)
         reason = merge_refusal(base)
         if reason is not None:  # instance attributes: only these layers refuse to merge
             self.mergeable, self.unmergeable_reason = False, reason

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import (Adapter, adapted_layers, base_of, find_targets, inject, is_linear,
+from peftlab.inject import (Adapter, adapted_layers, base_of, find_targets, inject, is_conv1d, is_linear,
                             layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 
@@ -79,7 +79,7 @@ class VeRA(Adapter):
                 "targets that name nn.Linear layers; try 'all-linear'."
             )
         self.d_in, self.d_out = layer_dims(base)
-        self.transposed = type(base).__name__ == "Conv1D"  # Conv1D stores W as (d_in, d_out)
+        self.transposed = is_conv1d(base)  # Conv1D stores W as (d_in, d_out)
         self.projection = projection  # shared: registered here too, but one object
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out))  # b: zero, so ΔW = 0
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial)))  # d

@@ -356,17 +356,17 @@ def write_folder(model: nn.Module, folder: Path, adapter_name: str, final: Path)
     from safetensors.torch import save_file
 
     from peftlab.api import records
-    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, _peft_config_for, _write_reference, base_model_name
+    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, base_model_name, peft_config_for, write_reference
     from peftlab.methods import get_method
     from peftlab.production.hf_peft import reference_state_dict
 
     names, recs = expert_names(model, adapter_name), records(model)
-    experts = [_peft_config_for(model, get_method(recs[n].method), recs[n].config, n) for n in names]  # fail early
+    experts = [peft_config_for(model, get_method(recs[n].method), recs[n].config, n) for n in names]  # fail early
     config = peft_config(model, adapter_name, [str(final / str(i)) for i in range(len(names))],
                          base_model_name_or_path=base_model_name(model), inference_mode=True)
     for i, (name, expert) in enumerate(zip(names, experts)):
         (folder / str(i)).mkdir()
-        _write_reference(model, folder / str(i), name, expert)
+        write_reference(model, folder / str(i), name, expert)
     router = {ROUTER_KEY + k: v for k, v in router_of(model, adapter_name).state_dict().items()}
     tensors = {**router, **reference_state_dict(model, adapter_name)}  # + the adapter's modules_to_save
     heads = recs[adapter_name].config.modules_to_save or ()
@@ -388,8 +388,7 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
     On any error the model is left as it was."""
     from peftlab.api import adapt, records
     from peftlab.errors import AdapterFileError
-    from peftlab.io import (CONFIG_NAME, WEIGHTS_NAME, _load_state, _Snapshot,
-                            read_adapter_weights)
+    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, Snapshot, load_state, read_adapter_weights
     from peftlab.production.hf_peft import PREFIX
 
     adapters = raw.get("adapters")
@@ -429,7 +428,7 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
     options = {f: raw[f] for f in _PEFT_FIELDS if f in raw}
     trained_on = raw.get("base_model_name_or_path")
     hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
-    undo = _Snapshot(model)
+    undo = Snapshot(model)
     try:
         adapt(model, "xlora", adapter_name=adapter_name, experts=experts,
               modules_to_save=inject.modules_to_save_paths(model, tuple(saved_heads)), **options)
@@ -438,7 +437,7 @@ def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "
         except RuntimeError as err:  # missing, extra or misshapen tensors
             raise AdapterFileError(f"The router in {folder / WEIGHTS_NAME} does not fit adapter_config.json "
                                    f"(hidden_size, xlora_depth, experts, layers): {err}") from err
-        _load_state(model, heads, adapter_name, hint)
+        load_state(model, heads, adapter_name, hint)
     except BaseException as err:
         for name in (adapter_name, *names):
             undo.restore(name)

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, adapted_layers, is_quantized
+from peftlab.inject import AdaptedLayer, adapted_layers, is_conv1d, is_quantized
 from peftlab.methods.dora import DoRA
 from peftlab.methods.lora import LoRA
 from peftlab.quant.nf4 import Linear4bitRef, dequantize_4bit
@@ -133,7 +133,7 @@ def base_plan(base: nn.Module, x: Tensor) -> BasePlan | None:
         return None  # a trained base, or a dtype mix the base itself would refuse
     if type(base) is nn.Linear:
         return BasePlan(lambda: weight, bias, weight.dtype, weight.dtype)
-    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer stores W as (d_in, d_out)
+    if is_conv1d(base):  # transformers' GPT-2 layer stores W as (d_in, d_out)
         return BasePlan(lambda: weight.T, bias, weight.dtype, weight.dtype)
     return None
 

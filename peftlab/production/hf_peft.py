@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, TrainableCopy, find_targets
+from peftlab.inject import AdaptedLayer, TrainableCopy, find_targets, is_conv1d
 from peftlab.methods import Method, get_method
 from peftlab.methods.base import AdapterConfig
 
@@ -67,7 +67,7 @@ def _ia3_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
     if model is not None:
         targets = find_targets(model, targets, accept=lambda m: is_linear(m) or is_conv(m),
                                exclude=config.modules_to_save or ())
-        if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
+        if any(is_conv1d(model.get_submodule(n)) for n in targets):
             kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
     feedforward = config.feedforward_modules or ()
     if not isinstance(targets, str):  # the targets that scale their input, by the same rule as ours
@@ -150,7 +150,7 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
         if field.name == "targets":
             if model is not None:
                 value = find_targets(model, value, exclude=config.modules_to_save or (), **_layer_kinds(spec))
-                if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in value):
+                if any(is_conv1d(model.get_submodule(n)) for n in value):
                     _check_peft_takes_conv1d(spec, value, PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type])
                     kwargs["fan_in_fan_out"] = True  # GPT-2's Conv1D stores W as (d_in, d_out)
             kwargs["target_modules"] = value if isinstance(value, str) else list(value)

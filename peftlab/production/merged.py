@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, _set_module, adapted_layers
+from peftlab.inject import AdaptedLayer, set_module, adapted_layers
 from peftlab.methods.bottleneck import ACTIVATIONS, Bottleneck
 
 
@@ -163,7 +163,7 @@ def fuse_bottleneck(model: nn.Module, adapter_name: str | None = None) -> nn.Mod
         if (key is None or layer.active != [key] or layer.disabled or layer.merged
                 or not isinstance(layer.adapters[key], Bottleneck) or type(layer.base_layer) is not nn.Linear):
             continue
-        _set_module(model, name, FusedBottleneck(layer, key))
+        set_module(model, name, FusedBottleneck(layer, key))
         fused += 1
     if not fused:
         raise ConfigError(
@@ -177,7 +177,7 @@ def unfuse_bottleneck(model: nn.Module) -> nn.Module:
     """Put the reference AdaptedLayers back (same parameters): saving and merging work again."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedBottleneck):
-            _set_module(model, name, module._original)
+            set_module(model, name, module._original)
     return model
 
 
