@@ -140,6 +140,17 @@ def check_zero_padding(base: nn.Module, method: str) -> None:
         )
 
 
+def embed_scale(base: nn.Module) -> Tensor | None:
+    """The constant a scaled embedding multiplies its rows by in its forward (Gemma's √d_model,
+    ``embed_scale``), which an adapter's own lookup must apply too; None for a plain embedding."""
+    scale = getattr(base, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale, dtype=base.weight.dtype, device=base.weight.device)
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
 def is_quantized(weight: Tensor) -> bool:
     """True for bitsandbytes' 4-bit parameters (packed uint8 storage plus a quant_state)."""
     return getattr(weight, "quant_state", None) is not None

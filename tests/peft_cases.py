@@ -3,7 +3,7 @@
 methods peftlab has, run by ``tests/test_peft_cases.py``.
 
 The table is peft's list, filtered to the config classes of peftlab's methods (LoRA and DoRA,
-LoHa, LoKr, OFT, BOFT, IA3, VeRA, AdaLoRA), less 7 cases of LoRA variants the installed peft
+LoHa, LoKr, OFT, BOFT, IA3, VeRA, AdaLoRA), less 8 cases of LoRA variants the installed peft
 (0.21.2) does not have (KaSA, VeLoRA, BD-LoRA, MonteCLoRA). The toy models are written here
 with peft's module names and shapes, so a case's ``target_modules`` mean what they mean there.
 """

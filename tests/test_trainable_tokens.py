@@ -99,3 +99,29 @@ def test_an_embedding_that_is_also_a_target_is_refused(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(ConfigError, match="both a target of the method and in trainable_token_indices"):
         peftlab.adapt(model, "lora", targets=("embed_tokens", "q_proj"), trainable_token_indices=IDS)
+
+
+@pytest.mark.parametrize("method, extra", [("lora", {}), ("dora", {}), ("lora", {"trainable_token_indices": [3, 9]})])
+def test_a_scaled_embedding_scales_the_update_as_peft(method, extra, tmp_path):
+    """Gemma's embedding multiplies its rows by √d_model in its forward: the adapter's lookup
+    must be scaled the same (peft does), or the update is √d times too small."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    base = transformers.Gemma3ForCausalLM(config).eval()
+    assert float(base.model.embed_tokens.embed_scale) != 1.0
+    targets = ("q_proj",) if extra else ("embed_tokens", "q_proj")
+    mine = peftlab.adapt(copy.deepcopy(base), method, targets=targets, **extra)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in mine.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    ids = torch.tensor([[1, 3, 9, 20, 9]])
+    peftlab.save_adapter(mine, tmp_path / "mine")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mine").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(mine(ids).logits, base(ids).logits, atol=1e-3)

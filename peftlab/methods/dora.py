@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, adapted_layers, conv_shape, conv_with,
-                            dense_weight, is_conv1d, layer_dims)
+                            dense_weight, embed_scale, is_conv1d, layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 from peftlab.methods.lora import check_conv_lora
 
@@ -136,7 +136,9 @@ class DoRA(Adapter):
         if self.is_embedding:  # x holds token ids: "B A x" is a lookup of rows of (B A)ᵀ
             rows = F.embedding(x, self.lora_A.T, padding_idx=base.padding_idx,
                                scale_grad_by_freq=base.scale_grad_by_freq)  # (..., r)
-            return (factor * result + factor * (rows @ self.lora_B.T) * self.scaling).to(result.dtype)
+            update = factor * (rows @ self.lora_B.T) * self.scaling
+            scale = embed_scale(base)  # after the norm, as peft: a scaled embedding (Gemma) scales it
+            return (factor * result + (update if scale is None else update * scale.to(update.dtype))).to(result.dtype)
         x = x.to(self.lora_A.dtype)
         dropped = self.dropout(x)
         if self.training and isinstance(self.dropout, nn.Dropout):

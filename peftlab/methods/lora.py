@@ -41,7 +41,7 @@ from torch.func import functional_call
 
 from peftlab.errors import ConfigError
 from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with,
-                            is_conv1d, layer_dims)
+                            embed_scale, is_conv1d, layer_dims)
 from peftlab.methods.base import AdapterConfig, check_rank, check_range
 
 
@@ -151,8 +151,9 @@ class LoRA(Adapter):
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         if self.is_embedding:  # x holds token ids: "A x" is a lookup of rows of A^T
-            update = F.embedding(x, self.lora_A.T) @ self.lora_B.T  # (..., d_out)
-            return (result + update * self.scaling).to(result.dtype)
+            update = F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling  # (..., d_out)
+            scale = embed_scale(base)  # a scaled embedding (Gemma) scales its update as its rows
+            return (result + (update if scale is None else update * scale.to(update.dtype))).to(result.dtype)
         x = self.dropout(x.to(self.lora_A.dtype))
         update = F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias)  # (..., r) -> (..., d_out)
         return (result + update * self.scaling).to(result.dtype)  # add in the adapter's precision

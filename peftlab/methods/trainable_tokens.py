@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, Adapter, base_of, inject
+from peftlab.inject import AdaptedLayer, Adapter, base_of, embed_scale, inject
 
 # what a config may hold: ids for the input embedding, or {embedding layer name: ids}
 TokenIndices = Sequence[int] | dict[str, Sequence[int]]
@@ -73,8 +73,8 @@ class TrainableTokens(Adapter):
         if isinstance(base, nn.Embedding):
             out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)
-            scale = getattr(base, "embed_scale", None)  # Gemma's scaled embeddings multiply by √d
-            return out * scale.to(out.dtype) if isinstance(scale, Tensor) else out
+            scale = embed_scale(base)  # Gemma's scaled embeddings multiply by √d
+            return out if scale is None else out * scale.to(out.dtype)
         return F.linear(x, weight, base.bias)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
