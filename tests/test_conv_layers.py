@@ -294,6 +294,36 @@ def test_saved_by_peftlab_loads_in_peft(model_name, method, hp, tmp_path):
     check_saved_by_peftlab_loads_in_peft(base, model, inputs(base), tmp_path / "adapter")
 
 
+def check_saved_by_peft_loads_in_peftlab(base: nn.Module, theirs: nn.Module, x: torch.Tensor, folder,
+                                         method: str) -> None:
+    """A peft model's file loads in peftlab as the same method, with the same output."""
+    import warnings
+
+    theirs.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(str(folder))
+        ours = peftlab.load_adapter(copy.deepcopy(base), folder).eval()
+    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+    assert records(ours)["default"].method == method
+
+
+def check_a_step_trains_only(model: nn.Module, x: torch.Tensor, target: torch.Tensor, expected: set[str]) -> None:
+    """Three SGD steps on a cross-entropy: the loss falls and only the tensors ``expected`` change."""
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), target)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
+    assert changed == expected
+    assert losses[-1] < losses[0], losses
+
+
 @pytest.mark.parametrize(("model_name", "method", "hp"), PARAMS)
 def test_saved_by_peft_loads_in_peftlab(model_name, method, hp, tmp_path):
     import warnings
@@ -305,11 +335,7 @@ def test_saved_by_peft_loads_in_peftlab(model_name, method, hp, tmp_path):
         warnings.simplefilter("ignore")
         theirs = get_peft_model(copy.deepcopy(base), peft_config(method, hp))
     randomise(theirs, seed=5)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    x = inputs(base)
-    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
-    assert records(ours)["default"].method == method
+    check_saved_by_peft_loads_in_peftlab(base, theirs, inputs(base), tmp_path / "peft", method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,19 +477,8 @@ def test_boft_butterfly_factors_on_a_conv_equal_peft(monkeypatch):
 def test_a_step_trains_only_the_conv_adapter():
     base = build("Conv2d")
     model = peftlab.adapt(copy.deepcopy(base), "lora", targets=("conv",))
-    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x, target = inputs(base), torch.tensor([0, 5])
-    losses = []
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), target)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
-    assert changed == {"conv.adapters.default.lora_A", "conv.adapters.default.lora_B"}
-    assert losses[-1] < losses[0], losses
+    check_a_step_trains_only(model, inputs(base), torch.tensor([0, 5]),
+                             {"conv.adapters.default.lora_A", "conv.adapters.default.lora_B"})
 
 
 @pytest.mark.parametrize(("model_name", "method", "hp"),

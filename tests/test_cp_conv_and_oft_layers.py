@@ -27,7 +27,7 @@ from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.inject import adapted_layers, find_targets
 from peftlab.methods import METHODS, get_method, layer_parameter_count
 from peftlab.production import hf_peft
-from tests.test_conv_layers import check_saved_by_peftlab_loads_in_peft
+from tests.test_conv_layers import check_saved_by_peft_loads_in_peftlab, check_saved_by_peftlab_loads_in_peft
 from tests.test_conv_layers import randomise as conv_randomise
 
 torch.set_num_threads(1)
@@ -222,12 +222,8 @@ def test_saved_by_peft_loads_in_peftlab(model_name, method, hp, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = get_peft_model(copy.deepcopy(base), config)
-        randomise(theirs, seed=5)
-        theirs.save_pretrained(str(tmp_path / "peft"))
-        ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "peft")
-    x = inputs(base)
-    torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
-    assert records(ours)["default"].method == method
+    randomise(theirs, seed=5)
+    check_saved_by_peft_loads_in_peftlab(base, theirs, inputs(base), tmp_path / "peft", method)
 
 
 # --------------------------------------------------------------------------------------------

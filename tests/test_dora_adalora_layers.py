@@ -31,6 +31,8 @@ from peftlab.inject import adapted_layers, find_targets
 from peftlab.methods import METHODS, adalora, layer_parameter_count
 from peftlab.methods.dora import dora_stats
 from peftlab.production import hf_peft
+from tests.test_conv_layers import (check_a_step_trains_only, check_saved_by_peft_loads_in_peftlab,
+                                    check_saved_by_peftlab_loads_in_peft)
 
 ATOL = 1e-6
 
@@ -232,31 +234,17 @@ def test_closed_forms_by_hand():
 @pytest.mark.parametrize(("model_name", "method", "hp"), PARAMS)
 def test_saved_by_peft_loads_in_peftlab(model_name, method, hp, tmp_path):
     base = build(model_name)
-    theirs = get_peft(base, method, hp).eval()
+    theirs = get_peft(base, method, hp)
     randomise(theirs, seed=5)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
-    assert records(ours)["default"].method == method
-    x = inputs(base)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+        check_saved_by_peft_loads_in_peftlab(base, theirs, inputs(base), tmp_path / "peft", method)
 
 
 @pytest.mark.parametrize(("model_name", "method", "hp"), PARAMS)
 def test_saved_by_peftlab_loads_in_peft(model_name, method, hp, tmp_path):
-    from peft import PeftModel
-
     base, model = adapt(model_name, method, hp)
-    model.eval()
-    folder = peftlab.save_adapter(model, tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
-    x = inputs(base)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), model(x), atol=ATOL, rtol=0)
-        loaded = peftlab.load_adapter(copy.deepcopy(base), folder).eval()
-        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+        check_saved_by_peftlab_loads_in_peft(base, model.eval(), inputs(base), tmp_path / "adapter")
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,19 +321,8 @@ def test_a_step_trains_only_the_conv_dora_adapter():
     base = build("Conv2d")
     model = peftlab.adapt(copy.deepcopy(base), "dora", targets=("conv",))
     assert torch.equal(model(inputs(base)), base(inputs(base))), "B = 0: DoRA starts at the base model"
-    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x, target = inputs(base), torch.tensor([0, 5])
-    losses = []
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), target)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    changed = {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
-    assert changed == {f"conv.adapters.default.{p}" for p in ("lora_A", "lora_B", "magnitude")}
-    assert losses[-1] < losses[0], losses
+    check_a_step_trains_only(model, inputs(base), torch.tensor([0, 5]),
+                             {f"conv.adapters.default.{p}" for p in ("lora_A", "lora_B", "magnitude")})
 
 
 # --------------------------------------------------------------------------------------------

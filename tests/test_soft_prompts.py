@@ -66,7 +66,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _randomise(model: nn.Module, seed: int = 0) -> None:
+def randomise_prompts(model: nn.Module, seed: int = 0) -> None:
+    """N(0, 1) prompts: far larger than the tiny models' embeddings, so they change the output."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -74,11 +75,11 @@ def _randomise(model: nn.Module, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen))
 
 
-def _pair(base: nn.Module, method: str, **hp) -> tuple[nn.Module, nn.Module]:
+def peft_pair(base: nn.Module, method: str, **hp) -> tuple[nn.Module, nn.Module]:
     """(reference, peft) adapted copies of ``base`` with identical, random soft prompts."""
     ref = peftlab.adapt(copy.deepcopy(base), method, **hp)
     pm = peftlab.adapt(copy.deepcopy(base), method, backend="peft", **hp)
-    _randomise(ref)
+    randomise_prompts(ref)
     copy_reference_to_peft(ref, pm)
     return ref, pm
 
@@ -118,7 +119,7 @@ def _max_grad_diff(ref: nn.Module, pm: nn.Module) -> float:
 @pytest.mark.parametrize("method,hp", CASES, ids=IDS)
 def test_same_logits_loss_and_gradients_as_peft(tiny_llama, method, hp):
     model, _ = tiny_llama
-    ref, pm = _pair(model, method, num_virtual_tokens=N, **hp)
+    ref, pm = peft_pair(model, method, num_virtual_tokens=N, **hp)
     batch = _batch()
     out_ref, out_peft = ref(**batch), pm(**batch)
     # an input prompt's logits cover the virtual positions too (peft's convention); a prefix's do not
@@ -135,7 +136,7 @@ def test_same_logits_loss_and_gradients_as_peft(tiny_llama, method, hp):
 @pytest.mark.parametrize("method,hp", CASES, ids=IDS)
 def test_greedy_generation_matches_peft(tiny_llama, method, hp):
     model, _ = tiny_llama
-    ref, pm = _pair(model, method, num_virtual_tokens=N, **hp)
+    ref, pm = peft_pair(model, method, num_virtual_tokens=N, **hp)
     batch = _batch(seed=1)
     ours, theirs, base = _greedy(ref, batch), _greedy(pm, batch), _greedy(model, batch)
     assert torch.equal(ours.sequences, theirs.sequences)
@@ -152,7 +153,7 @@ def test_cached_decoding_equals_recomputing_everything(tiny_llama, method):
     handles the cache, attention mask and positions right on its own, not only as peft does."""
     model, _ = tiny_llama
     ref = peftlab.adapt(copy.deepcopy(model), method, num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     batch = _batch(seed=2)
     out = _greedy(ref, batch, new=4)
     length = batch["input_ids"].shape[1]
@@ -171,7 +172,7 @@ def test_generation_without_cache_gives_the_same_tokens(tiny_llama, method):
     prefix tuning (it reuses the prefix cache the model hands back), peftlab starts afresh."""
     model, _ = tiny_llama
     ref = peftlab.adapt(copy.deepcopy(model), method, num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     batch = _batch(seed=4)
     cached = _greedy(ref, batch, new=4)
     with torch.no_grad():
@@ -185,7 +186,7 @@ def test_generation_without_cache_gives_the_same_tokens(tiny_llama, method):
 
 def test_positional_call_and_inputs_embeds(tiny_llama):
     model, _ = tiny_llama
-    ref, pm = _pair(model, "prompt_tuning", num_virtual_tokens=N)
+    ref, pm = peft_pair(model, "prompt_tuning", num_virtual_tokens=N)
     batch = _batch()
     expected = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(ref(batch["input_ids"], batch["attention_mask"]).logits, expected, atol=ATOL, rtol=0)
@@ -198,7 +199,7 @@ def test_positional_call_and_inputs_embeds(tiny_llama):
                          ids=[i for i, c in zip(IDS, CASES) if c[1].get("encoder_reparameterization_type") != "LSTM"])
 def test_sequence_classification_matches_peft(tiny_bert, method, hp):
     model, tokenizer = tiny_bert
-    ref, pm = _pair(model, method, num_virtual_tokens=N, **hp)
+    ref, pm = peft_pair(model, method, num_virtual_tokens=N, **hp)
     batch = dict(tokenizer(["a fine film", "the worst movie I have seen in years"], padding=True,
                            return_tensors="pt"), labels=torch.tensor([1, 0]))
     assert "token_type_ids" in batch  # BERT's segments get the prompt as segment 0
@@ -241,7 +242,7 @@ def test_closed_forms_by_hand(tiny_llama):
 def test_disabled_is_exactly_the_base_model_and_merge_refuses(tiny_llama, method):
     model, _ = tiny_llama
     ref = peftlab.adapt(copy.deepcopy(model), method, num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     batch = _batch()
     with torch.no_grad():
         base = model(**batch)
@@ -352,7 +353,7 @@ def test_saved_adapter_loads_in_peft_and_back(tiny_llama, tmp_path, method, hp):
 
     model, _ = tiny_llama
     ref = peftlab.adapt(copy.deepcopy(model), method, num_virtual_tokens=N, **hp)
-    _randomise(ref)
+    randomise_prompts(ref)
     peftlab.save_adapter(ref, tmp_path / "ours")
     # peft stores the prompt the encoder computes, not the encoder
     stored = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -378,7 +379,7 @@ def test_saved_adapter_loads_in_peft_and_back(tiny_llama, tmp_path, method, hp):
 
     # the reverse: a file peft wrote loads in peftlab with peft's logits
     pm = peftlab.adapt(copy.deepcopy(model), method, backend="peft", num_virtual_tokens=N, **hp)
-    _randomise(pm, seed=3)
+    randomise_prompts(pm, seed=3)
     pm.save_pretrained(str(tmp_path / "theirs"))
     with torch.no_grad():
         expected = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -393,7 +394,7 @@ def test_classifier_adapter_round_trip(tiny_bert, tmp_path):
 
     model, tokenizer = tiny_bert
     ref = peftlab.adapt(copy.deepcopy(model), "p_tuning", num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     peftlab.save_adapter(ref, tmp_path / "cls")
     batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -408,7 +409,7 @@ def test_bridge_copies_peft_weights_into_the_reference(tiny_llama):
     model, _ = tiny_llama
     ref = peftlab.adapt(copy.deepcopy(model), "p_tuning", num_virtual_tokens=N)
     pm = peftlab.adapt(copy.deepcopy(model), "p_tuning", backend="peft", num_virtual_tokens=N)
-    _randomise(pm, seed=5)
+    randomise_prompts(pm, seed=5)
     copy_peft_to_reference(pm, ref)
     batch = _batch()
     with torch.no_grad():
@@ -425,7 +426,7 @@ def test_soft_prompts_train_on_an_nf4_base():
     model, _ = load_model("tiny-llama", quantization="nf4")
     batch = _batch()
     for method in ("prompt_tuning", "prefix_tuning"):
-        ref, pm = _pair(model, method, num_virtual_tokens=N)
+        ref, pm = peft_pair(model, method, num_virtual_tokens=N)
         loss = ref(**batch).loss
         torch.testing.assert_close(loss, pm(**batch).loss, atol=ATOL, rtol=0)
         loss.backward()
@@ -447,7 +448,7 @@ def test_smollm2_parity_and_generation(smollm2):
                            **{k: v for k, v in hp.items() if k != "tokenizer"},
                            **({"tokenizer_name_or_path": tokenizer.name_or_path} if "tokenizer" in hp else {}))
         if method != "prompt_tuning":  # keep the text init: it is what a user would train from
-            _randomise(ref)
+            randomise_prompts(ref)
             with torch.no_grad():
                 for p in ref.parameters():
                     if p.requires_grad:

@@ -22,7 +22,8 @@ import peftlab
 from peftlab.errors import ConfigError
 from peftlab.metrics import count_parameters
 from peftlab.methods.soft_prompt import soft_prompt_of
-from peftlab.production.hf_peft import copy_reference_to_peft, reference_to_peft_names
+from peftlab.production.hf_peft import reference_to_peft_names
+from tests.test_soft_prompts import peft_pair, randomise_prompts
 
 ATOL = 1e-5
 N = 3  # virtual tokens
@@ -76,22 +77,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _randomise(model: nn.Module, seed: int = 0) -> None:
-    """N(0, 1) prompts: far larger than the tiny models' embeddings, so they change the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen))
-
-
 def _pair(base: nn.Module, method: str, **hp) -> tuple[nn.Module, nn.Module]:
-    """(reference, peft) adapted copies of ``base`` with identical, random soft prompts."""
-    ref = peftlab.adapt(copy.deepcopy(base), method, num_virtual_tokens=N, **hp)
-    pm = peftlab.adapt(copy.deepcopy(base), method, backend="peft", num_virtual_tokens=N, **hp)
-    _randomise(ref)
-    copy_reference_to_peft(ref, pm)
-    return ref, pm
+    """(reference, peft) copies with identical random prompts of N virtual tokens."""
+    return peft_pair(base, method, num_virtual_tokens=N, **hp)
 
 
 def _batch(seed: int = 0, decoder_mask: bool = False) -> dict:
@@ -206,7 +194,7 @@ def test_cached_decoding_equals_a_fresh_forward(base, method):
     encoder on its own (the encoder's hook) and the decoder with a cache (the model's hook), and
     the two agree with a plain call, independently of peft."""
     ref = peftlab.adapt(copy.deepcopy(base), method, num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     batch = _batch(seed=3)
     out = _greedy(ref, batch)
     for step, logits in enumerate(out.logits):
@@ -239,7 +227,7 @@ def test_adapter_files_load_both_ways(base, tmp_path, method, hp):
     from safetensors.torch import load_file
 
     ref = peftlab.adapt(copy.deepcopy(base), method, num_virtual_tokens=N, **hp)
-    _randomise(ref)
+    randomise_prompts(ref)
     peftlab.save_adapter(ref, tmp_path / "ours")
     stored = load_file(tmp_path / "ours" / "adapter_model.safetensors")["prompt_embeddings"]
     rows = N if method == "prefix_tuning" else 2 * N  # a prefix has n rows, an input prompt 2n
@@ -255,7 +243,7 @@ def test_adapter_files_load_both_ways(base, tmp_path, method, hp):
 
     # the reverse: a file peft wrote loads in peftlab with peft's logits, and trains there
     pm = peftlab.adapt(copy.deepcopy(base), method, backend="peft", num_virtual_tokens=N, **hp)
-    _randomise(pm, seed=3)
+    randomise_prompts(pm, seed=3)
     pm.save_pretrained(str(tmp_path / "theirs"))
     expected = _logits(pm.eval(), batch)
     ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
@@ -270,7 +258,7 @@ def test_an_adapter_made_with_peft_alone_loads_in_peftlab(base, tmp_path, peft_t
 
     config = getattr(peft, peft_type)(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N)
     pm = peft.get_peft_model(copy.deepcopy(base), config)
-    _randomise(pm, seed=6)
+    randomise_prompts(pm, seed=6)
     pm.save_pretrained(str(tmp_path))
     batch = _batch()
     ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path)
@@ -318,7 +306,7 @@ def test_a_decoder_deeper_than_the_encoder_is_refused_on_peft_only(tmp_path):
     with pytest.raises(ConfigError, match=r"decoder has 3 layers.*backend='reference'"):
         peftlab.adapt(copy.deepcopy(model), "prefix_tuning", backend="peft", num_virtual_tokens=N)
     ref = peftlab.adapt(copy.deepcopy(model), "prefix_tuning", num_virtual_tokens=N)
-    _randomise(ref)
+    randomise_prompts(ref)
     ref(**_batch()).loss.backward()
     assert soft_prompt_of(ref, "default").embedding.weight.grad.abs().sum() > 0
     peftlab.save_adapter(ref, tmp_path / "deep")  # peftlab loads its own file back
