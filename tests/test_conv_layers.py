@@ -374,7 +374,6 @@ REFUSALS = [
     ("Conv3d", "oft", {"targets": ("conv",)}, r"'conv' is a Conv3d.*no nn\.Conv1d / nn\.Conv3d"),
     ("Conv1d", "boft", {"targets": ("conv",)}, r"'conv' is a Conv1d.*no nn\.Conv1d / nn\.Conv3d"),
     ("Conv3d", "boft", {"targets": ("conv",)}, r"'conv' is a Conv3d.*no nn\.Conv1d / nn\.Conv3d"),
-    ("Conv2d1x1Groups", "oft", {"targets": ("conv",), "block_size": 4}, r"groups=2.*Expected groups=1"),
     ("Conv2dGroups", "boft", {"targets": ("conv",), "block_size": 4}, r"groups=2.*Expected groups=1"),
     ("Conv2dDilated", "oft", {"targets": ("conv",), "block_size": 4}, r"dilation=\(2, 2\).*Expected dilation=1"),
     ("Conv2dDilated", "boft", {"targets": ("conv",), "block_size": 4}, r"dilation=\(2, 2\).*Expected dilation=1"),

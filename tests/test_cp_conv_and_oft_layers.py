@@ -63,6 +63,8 @@ MODELS = {
     "OFTConvStrided": (lambda: nn.Conv2d(4, 6, 3, stride=2), (4, 8, 8)),
     "OFTConv5": (lambda: nn.Conv2d(2, 4, 5, padding=2), (2, 8, 8)),
     "OFTConvReflect": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (4, 6, 6)),
+    "OFTConvGroups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 6, 6)),
+    "OFTConv1x1Groups": (lambda: nn.Conv2d(8, 4, 1, stride=2, groups=4), (8, 5, 5)),
     "Embedding": (lambda: nn.Embedding(20, 8), (6,)),
     "EmbeddingPadded": (lambda: nn.Embedding(20, 8, padding_idx=0), (6,)),
 }
@@ -101,13 +103,18 @@ CASES = [
     ("Conv2d 3x3 COFT", "OFTConv", "oft", {"targets": ("layer",), "block_size": 4, "coft": True, "eps": 1e-2}),
     ("Conv2d 5x5 OFT", "OFTConv5", "oft", {"targets": ("layer",), "block_size": 10}),
     ("Conv2d 3x3 reflect OFT", "OFTConvReflect", "oft", {"targets": ("layer",), "block_size": 6}),
+    # grouped: R turns all C_in·k·k numbers of a patch (all groups' channels) before the layer runs
+    ("Conv2d 3x3 grouped OFT", "OFTConvGroups", "oft", {"targets": ("layer",), "block_size": 12}),
+    ("Grouped 1x1 OFT", "OFTConv1x1Groups", "oft", {"targets": ("layer",), "block_size": 4}),
+    ("Grouped 1x1 shared OFT", "OFTConv1x1Groups", "oft", {"targets": ("layer",), "r": 2, "block_share": True}),
     ("Embedding OFT", "Embedding", "oft", {"targets": ("layer",), "block_size": 4}),
     ("Embedding r OFT", "EmbeddingPadded", "oft", {"targets": ("layer",), "r": 2, "use_cayley_neumann": False}),
     ("Embedding shared OFT", "Embedding", "oft", {"targets": ("layer", "lin0"), "block_size": 2, "block_share": True}),
 ]
 PARAMS = [pytest.param(model, method, hp, id=name) for name, model, method, hp in CASES]
-MERGEABLE = [p for p in PARAMS if not p.id.startswith("Conv2d ") or "OFT" not in p.id]  # all but k x k OFT
 KXK_OFT = [p for p in PARAMS if p.id.startswith("Conv2d ") and "OFT" in p.id]
+GROUPED_1X1_OFT = [p for p in PARAMS if p.id.startswith("Grouped 1x1")]
+MERGEABLE = [p for p in PARAMS if p not in KXK_OFT + GROUPED_1X1_OFT]  # all but k x k and grouped OFT
 # peft's LoHa CP backward gets these two wrong (see the test of that below); all others must agree
 PEFT_WRONG_GRADIENTS = ("hada_w1_a", "hada_w2_a")
 
@@ -262,6 +269,27 @@ def test_kxk_oft_refuses_to_merge_and_changes_nothing(model_name, method, hp):
     torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(("model_name", "method", "hp"), GROUPED_1X1_OFT)
+def test_grouped_1x1_oft_refuses_to_merge_and_starts_at_the_base(model_name, method, hp):
+    """x R mixes every group's channels, so W0 R^T is a dense kernel: no grouped weight holds it
+    (peft's merge fails on the shapes). The unmerged forward is exact, and at R = I it is the base."""
+    base, model = adapt(model_name, method, hp)
+    x = inputs(base)
+    unmerged = model(x)
+    layer = adapted_layers(model)["layer"]
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(PeftlabError, match=r"cannot be merged.*groups=4.*grouped weight.*cannot hold"):
+        peftlab.merge(model)
+    assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
+    torch.testing.assert_close(model(x), unmerged, atol=0, rtol=0)
+    dense = torch.block_diag(*weight.flatten(1).chunk(4, dim=0))  # (C_out, C_in): the groups as one kernel
+    rotation = layer.adapters["default"].rotation()
+    by_hand = F.conv2d(x, (dense @ rotation.T)[..., None, None], layer.base_layer.bias, stride=2)
+    torch.testing.assert_close(unmerged, base.lin0(torch.relu(by_hand).flatten(1)), atol=1e-5, rtol=1e-5)
+    fresh = peftlab.adapt(copy.deepcopy(base), method, **hp)  # R = I
+    torch.testing.assert_close(fresh(x), base(x), atol=0, rtol=0)
+
+
 def test_peft_kxk_oft_forward_is_not_its_merge_nor_the_base_at_init():
     """Why k x k OFT does not merge: peft's own merged and unmerged models differ, and at init
     (R = I) its unmerged model is not the base model; peftlab's unmerged model is peft's."""
@@ -333,6 +361,8 @@ def test_closed_forms_by_hand():
     assert count("lokr", conv, r=1, use_effective_conv2d=True) == 4 * 2 + (1 * 9 + 1 * (8 + 4))
     assert count("lokr", conv, r=8, use_effective_conv2d=True) == 4 * 2 + 8 * 4 * 9  # W2 full: no core
     assert count("oft", nn.Conv2d(4, 6, 3), block_size=6) == 6 * (6 * 5 // 2)  # C_in·9 = 36: 6 blocks
+    assert count("oft", nn.Conv2d(4, 6, 3, groups=2), block_size=6) == 6 * (6 * 5 // 2)  # all C_in, grouped too
+    assert count("oft", nn.Conv2d(8, 4, 1, groups=4), r=2, block_share=True) == 4 * 3 // 2  # C_in = 8: b = 4
     assert count("oft", nn.Embedding(20, 8), block_size=4) == 2 * (4 * 3 // 2)  # embedding_dim 8
     assert count("oft", nn.Embedding(20, 8), r=2, block_share=True) == 4 * 3 // 2
 
@@ -387,7 +417,6 @@ def test_oft_stacked_after_another_adapter_adds_the_same_change(model_name, hp):
 
 @pytest.mark.parametrize(("layer", "match"), [
     (nn.Conv2d(6, 12, (3, 2)), r"kernel_size=\(3, 2\).*square kernel.*Expected a square kernel"),
-    (nn.Conv2d(4, 8, 3, groups=2), r"groups=2.*Expected groups=1"),
     (nn.Conv2d(4, 8, 3, dilation=2), r"dilation=\(2, 2\).*Expected dilation=1"),
     (nn.Embedding(20, 8), r"embedding_dim=8.*Expected block_size in \[2, 4, 8\]"),
 ])

@@ -29,8 +29,9 @@ the model starts exactly at the pretrained one. Options (all as in peft 0.21):
 On an embedding (peft adapts nn.Embedding too) R turns each looked-up row, h = E[x] R, and the
 merged table is E' = E R (E: (num_embeddings, d), blocks tiling d = embedding_dim).
 
-On a convolution (peft: nn.Conv2d, square kernels, groups = 1, no dilation) R is
-(C_in·k·k, C_in·k·k), its blocks tiling one k x k input patch flattened channel-major. peft 0.21.2's
+On a convolution (peft: nn.Conv2d, square kernels, no dilation) R is (C_in·k·k, C_in·k·k), its
+blocks tiling one k x k input patch flattened channel-major: all C_in channels, also when the
+layer is grouped (groups = g), since R turns the input before the frozen layer sees it. peft 0.21.2's
 forward - what its users get from an unmerged adapter, so what a saved adapter means and what
 peftlab computes - turns the *input*: it cuts x into every k x k patch (stride 1, no padding),
 turns each, p -> p R, and folds them back (F.fold, adding where patches overlap), then runs the
@@ -50,7 +51,10 @@ input of exactly k x k) or k = 1 the layout is right; for k = 1 a patch is one p
 
         h = conv(x R; W0) + b   (x R: each pixel's channels turned)   ==   conv(x; W0 R^T) + b
 
-so a 1x1 convolution merges exactly (any stride, padding or padding mode).
+so a 1x1 convolution merges exactly (any stride, padding or padding mode) - unless it is grouped:
+W0 R^T then mixes channels across groups, a dense kernel that the grouped weight
+(C_out, C_in/g, 1, 1) cannot hold (peft's merge fails on its shapes), so peftlab refuses to merge
+it and its forward stays exact.
 """
 
 from __future__ import annotations
@@ -100,9 +104,9 @@ class OFTConfig(AdapterConfig):
 
 def oft_parameter_count(d_in: int, d_out: int, config: OFTConfig, conv: ConvShape | None = None) -> int:
     """Trainable numbers on one layer: D · b(b-1)/2, D = d_in / b blocks (D = 1 with block_share);
-    on a convolution d_in = C_in/groups · K, the flattened patch that R turns."""
+    on a convolution d_in = C_in · K, the flattened patch that R turns (all channels, grouped or not)."""
     if conv is not None:
-        d_in = d_in // conv.groups * conv.taps
+        d_in = d_in * conv.taps
     b = config.block_size or d_in // config.r
     return (1 if config.block_share else d_in // b) * b * (b - 1) // 2
 
@@ -113,9 +117,12 @@ def oft_embedding_parameter_count(num_embeddings: int, embedding_dim: int, confi
 
 
 def rotated_size(base: nn.Module) -> int:
-    """The length of the vectors R turns: a linear layer's d_in, an nn.Conv2d's patch C_in·k·k, an
-    embedding's embedding_dim (each looked-up row)."""
-    return base.embedding_dim if isinstance(base, nn.Embedding) else matrix_dims(base)[0]
+    """The length of the vectors R turns: a linear layer's d_in, an nn.Conv2d's patch C_in·k·k (all
+    input channels, also when grouped), an embedding's embedding_dim (each looked-up row)."""
+    if isinstance(base, nn.Embedding):
+        return base.embedding_dim
+    shape = conv_shape(base)
+    return base.in_channels * shape.taps if shape is not None else matrix_dims(base)[0]
 
 
 def divisors(n: int, at_least: int = 2) -> list[int]:
@@ -150,16 +157,18 @@ def reject_embedding(base: nn.Module, method: str) -> None:
         )
 
 
-def check_conv_rotation(base: nn.Module, method: str) -> None:
-    """What OFT and BOFT share on a convolution: peft's forward runs it without groups or dilation."""
+def check_conv_rotation(base: nn.Module, method: str, grouped: bool = False) -> None:
+    """What OFT and BOFT share on a convolution: peft's forward runs it without dilation, and
+    (BOFT, ``grouped=False``) without groups."""
     if not is_conv(base):
         return
-    if base.groups > 1:
+    if base.groups > 1 and not grouped:
         raise ConfigError(
             f"{method} on an nn.Conv2d with groups={base.groups} is not supported: R turns all C_in·k·k "
             "inputs of a patch together, and a grouped weight only sees its group's channels, so the "
-            "rotated weight is not a grouped weight (peft's merge fails on it; its BOFT refuses it). "
-            "Expected groups=1; try method 'lora', 'loha' or 'lokr', or other targets."
+            "rotated weight is not a grouped weight (peft's BOFT refuses it). Expected groups=1; try "
+            "method 'oft' (which turns the input and does not merge there), 'lora', 'loha' or 'lokr', "
+            "or other targets."
         )
     if any(d != 1 for d in base.dilation):
         raise ConfigError(
@@ -179,7 +188,7 @@ class OFT(Adapter):
 
     def __init__(self, base: nn.Module, config: OFTConfig) -> None:
         super().__init__()
-        check_conv_rotation(base, "OFT")
+        check_conv_rotation(base, "OFT", grouped=True)
         shape = conv_shape(base)
         self.is_embedding = isinstance(base, nn.Embedding)
         self.kernel = None if shape is None else tuple(shape.kernel)  # patches of a convolution's input
@@ -292,7 +301,7 @@ class OFT(Adapter):
         R = self.rotation().to(W0.dtype)
         delta = W0 @ R.T - W0  # W' = W0 R^T  (the paper's R W0, transposed)
         if self.kernel is not None:
-            return delta.reshape(base.weight.shape)  # (C_out, C_in, 1, 1)
+            return delta.reshape(base.weight.shape)  # (C_out, C_in, 1, 1): groups = 1 (merge_refusal)
         return delta.T if self.transposed else delta
 
 
@@ -300,6 +309,10 @@ def merge_refusal(base: nn.Module) -> str | None:
     """Why a merged weight cannot compute OFT's forward on this layer (None: it can). Warns when
     adapting a k x k convolution, whose forward does not start at the pretrained model either."""
     shape = conv_shape(base)
+    if shape is not None and shape.taps == 1 and shape.groups > 1:
+        return (f"with groups={shape.groups} the merged weight W0 R^T mixes channels across groups, a dense "
+                f"kernel that the grouped weight (C_out, C_in/{shape.groups}, 1, 1) cannot hold (peft's merge "
+                "fails on its shapes); the unmerged forward, which turns the input, is exact")
     if shape is not None and shape.taps > 1:
         warnings.warn(
             "OFT on a convolution with a kernel larger than 1x1 follows peft 0.21.2's forward, which "
