@@ -30,6 +30,16 @@ The non-svd types apply the rule to the A's and the B's separately (as peft does
 masks from torch's global generator in peft's order (layers in model order; per layer, for
 non-svd types, every adapter's A, then every adapter's B): seed with ``torch.manual_seed`` and
 both libraries draw the same masks. The new adapter has alpha = r, so its scaling is 1.
+
+Every layer LoRA adapts combines: a convolution's A (r, C_in, *kernel) and B (C_out, r/g, 1, ...)
+are the matrices (r, C_in·K) and (C_out, r/g); an nn.MultiheadAttention combines its in_proj and
+out_proj pairs each. Where peft 0.21.2 differs, peftlab computes the weighted sum it stands for:
+with lora_bias the new bias is Σ w_i s_i b_i (peft leaves the new bias at its init); ``cat`` on a
+grouped convolution keeps each group's rows of A together (peft's plain concatenation hands one
+group's B another group's rows); the svd types work on convolutions and attention (peft's fail on
+their shapes) but refuse a grouped convolution, whose block-diagonal B cannot hold a dense ΔW.
+3-D expert parameters (target_parameters, which peft refuses too) and trainable token rows are
+refused with a clear error rather than dropped.
 """
 
 from __future__ import annotations
@@ -260,6 +270,7 @@ def add_weighted_adapter(
     if any(combination_type.startswith(k) for k in needs_density) and density is None:
         raise ConfigError(f"combination_type={combination_type!r} needs density, the share of entries kept "
                           "(0 to 1). Expected e.g. density=0.5.")
+    check_combinable(records, adapters, combination_type)
     ranks = [records[a].config.r for a in adapters]
     if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
         if len(set(ranks)) != 1:
@@ -273,36 +284,84 @@ def add_weighted_adapter(
 
     layers = {n: layer for n, layer in inject.adapted_layers(model).items()
               if any(a in layer.adapters for a in adapters)}
+    if combination_type.endswith("svd"):
+        check_svd_layers(layers)
     previous = getattr(model, "peftlab_active", None)
     first = records[adapters[0]].config
-    adapt(model, "lora", adapter_name=adapter_name, r=new_rank, alpha=float(new_rank),
-          targets=tuple(layers), modules_to_save=first.modules_to_save)
+    adapt(model, "lora", adapter_name=adapter_name, r=new_rank, alpha=float(new_rank), targets=tuple(layers),
+          modules_to_save=first.modules_to_save, lora_bias=any(records[a].config.lora_bias for a in adapters))
     with torch.no_grad():
         for layer in layers.values():  # model order: the order peft draws DARE's masks in
-            new = layer.adapters[adapter_name]
-            A, B = _combine(layer, adapters, weights, combination_type, new_rank, svd_clamp,
-                            density, majority_sign_method)
-            new.lora_A.zero_()
-            new.lora_B.zero_()
-            new.lora_A[: A.shape[0]] = A.to(new.lora_A.dtype)
-            new.lora_B[:, : B.shape[1]] = B.to(new.lora_B.dtype)
+            present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+            for part in lora_parts(layer.adapters[adapter_name]):  # MultiheadAttention: in_proj, out_proj
+                pairs = [(getattr(lora, part), w) if part else (lora, w) for lora, w in present]
+                new = getattr(layer.adapters[adapter_name], part) if part else layer.adapters[adapter_name]
+                A, B = _combine(pairs, combination_type, new_rank, svd_clamp, density, majority_sign_method)
+                new.lora_A.zero_()
+                new.lora_B.zero_()
+                new.lora_A[: A.shape[0]] = A.reshape(-1, *new.lora_A.shape[1:]).to(new.lora_A.dtype)
+                new.lora_B[:, : B.shape[1]] = B.reshape(B.shape[0], -1, *new.lora_B.shape[2:]).to(new.lora_B.dtype)
+                if new.lora_B_bias is not None:  # the bias of Σ w_i ΔW_i, exactly: Σ w_i s_i b_i (new s = 1)
+                    new.lora_B_bias.copy_(sum(w * lora.scaling * lora.lora_B_bias for lora, w in pairs
+                                              if lora.lora_B_bias is not None))
     if previous is not None:
         set_adapter(model, previous)
     return model
 
 
-def _combine(layer: inject.AdaptedLayer, adapters: Sequence[str], weights: Sequence[float], kind: str,
-             new_rank: int, clamp: float | None, density: float | None, sign_method: str) -> tuple[Tensor, Tensor]:
-    """(A', B') of the combined adapter on one layer, from the adapters this layer carries."""
-    present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
-    if kind == "cat":
-        A = torch.cat([lora.lora_A * w * lora.scaling for lora, w in present], dim=0)  # (Σr, d_in)
-        B = torch.cat([lora.lora_B for lora, _ in present], dim=1)  # (d_out, Σr)
+def check_combinable(records: dict, adapters: Sequence[str], combination_type: str) -> None:
+    """What a weighted LoRA merge cannot combine: 3-D expert parameters (peft refuses them too) and
+    trainable token rows (a row has no factors to weigh; peft's new adapter would start them over)."""
+    for name in adapters:
+        config = records[name].config
+        if config.target_parameters:
+            raise ConfigError(
+                f"Adapter {name!r} adapts parameters ({', '.join(config.target_parameters)}), and a weighted "
+                "merge combines the A and B of layers, not of 3-D expert weights (peft refuses it too). "
+                "Expected LoRA adapters on layers; try merging each adapter with peftlab.merge instead."
+            )
+        if config.trainable_token_indices:
+            raise ConfigError(
+                f"Adapter {name!r} trains embedding rows (trainable_token_indices), which have no low-rank "
+                "factors to weigh, so the combined adapter would lose them. Expected LoRA adapters "
+                "without trainable tokens; try combining the rows yourself or merging with peftlab.merge."
+            )
+
+
+def check_svd_layers(layers: dict[str, inject.AdaptedLayer]) -> None:
+    """An SVD writes a dense ΔW back as B A: a grouped convolution's B is block-diagonal and cannot
+    hold it (peft's svd types fail there on the shapes)."""
+    for name, layer in layers.items():
+        grouped = [a for a in layer.adapters.values() if getattr(a, "groups", 1) > 1]
+        if grouped:
+            raise ConfigError(
+                f"Layer {name!r} is a convolution with groups={grouped[0].groups}: its LoRA B is "
+                "block-diagonal, so the dense Σ w_i ΔW_i that an svd combination factors cannot be "
+                "written back as B A. Expected ungrouped layers for the svd types; try 'cat' (exact) "
+                "or 'linear'."
+            )
+
+
+def lora_parts(adapter: nn.Module) -> tuple[str, ...]:
+    """The LoRA pairs an adapter holds: itself (""), or an nn.MultiheadAttention's two."""
+    return ("in_proj", "out_proj") if hasattr(adapter, "in_proj") else ("",)
+
+
+def _combine(present: list[tuple[nn.Module, float]], kind: str, new_rank: int, clamp: float | None,
+             density: float | None, sign_method: str) -> tuple[Tensor, Tensor]:
+    """(A', B') of the combined adapter from the LoRA pairs (lora, weight) one layer carries, in
+    matrix layout: A' (r', d_in), B' (d_out, r'). A convolution's A (r, C_in, *kernel) is the
+    matrix (r, C_in·K), its B (C_out, r/g, 1, ...) the matrix (C_out, r/g)."""
+    factors = [(lora.lora_A.flatten(1), lora.lora_B.flatten(1), lora.scaling, w) for lora, w in present]
+    groups = getattr(present[0][0], "groups", 1)
+    if kind == "cat":  # per group of B's inputs, every adapter's rows of A in turn (g = 1: plain cat)
+        A = torch.cat([(A * w * s).chunk(groups)[g] for g in range(groups) for A, _, s, w in factors])  # (Σr, d_in)
+        B = torch.cat([B for _, B, _, _ in factors], dim=1)  # (d_out, Σr/g)
         return A, B
     if kind.endswith("svd"):
-        deltas = [lora.lora_B @ lora.lora_A * lora.scaling for lora, _ in present]  # (d_out, d_in)
+        deltas = [B @ A * s for A, B, s, _ in factors]  # (d_out, d_in)
         delta = merge_tensors(kind.removesuffix("_svd").replace("svd", "linear"), deltas,
-                              torch.tensor([w for _, w in present]), density, sign_method)
+                              torch.tensor([w for *_, w in factors]), density, sign_method)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=True)
         U, Vh = U[:, :new_rank] @ torch.diag(S[:new_rank]), Vh[:new_rank, :]
         if clamp is not None:  # clip outliers at a quantile of all entries, symmetrically
@@ -310,11 +369,11 @@ def _combine(layer: inject.AdaptedLayer, adapters: Sequence[str], weights: Seque
             U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
         return Vh, U
     # the factor-wise types: √(w s) on each side, the sign on A only, so that B' A' ≈ w s B A
-    w_s = [w * lora.scaling for lora, w in present]
+    w_s = [w * s for _, _, s, w in factors]
     w_A = torch.tensor([math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in w_s])
     w_B = torch.tensor([math.sqrt(abs(v)) for v in w_s])
-    A = merge_tensors(kind, [lora.lora_A.data for lora, _ in present], w_A, density, sign_method)
-    B = merge_tensors(kind, [lora.lora_B.data for lora, _ in present], w_B, density, sign_method)
+    A = merge_tensors(kind, [A for A, *_ in factors], w_A, density, sign_method)
+    B = merge_tensors(kind, [B for _, B, *_ in factors], w_B, density, sign_method)
     return A, B
 
 

@@ -178,3 +178,105 @@ def test_mixed_batch_on_fused_backend(tiny_llama):
     reference = model(input_ids=ids, adapter_names=names).logits
     fused.fuse(model)
     torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, reference, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# weighted merging beyond linear layers: convolutions, nn.MultiheadAttention, lora_bias
+# --------------------------------------------------------------------------------------------
+class Layers(torch.nn.Module):
+    """One layer of each kind a weighted merge combines, for toy adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.lin = torch.nn.Linear(6, 6)
+        self.mha = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _toy_pair(targets, r_b=2, **hp):
+    torch.manual_seed(0)
+    base = Layers()
+    model = peftlab.adapt(copy.deepcopy(base), "lora", r=2, alpha=4.0, targets=targets, adapter_name="en", **hp)
+    compose.add_adapter(model, "de", "lora", r=r_b, alpha=3.0, targets=targets, **hp)
+    _randomise(model, "en", 1)
+    _randomise(model, "de", 2)
+    return model, base
+
+
+def _update(model, name, adapter):
+    """What ``adapter`` adds to layer ``name``'s output (conv, linear) or weights (attention)."""
+    layer = model.get_submodule(name)
+    adapter = layer.adapters[adapter]
+    if name == "mha":
+        base = layer.base_layer
+        new = adapter.updated_weights(base)
+        return torch.cat([new["in_proj_weight"] - base.in_proj_weight, (new["out_proj.weight"] - base.out_proj.weight)])
+    x = torch.randn((2, 6) if name == "lin" else (2, 4, 5, 5), generator=torch.Generator().manual_seed(7))
+    base_out = layer.base_layer(x)
+    return adapter(x, layer.base_layer, base_out) - base_out
+
+
+@pytest.mark.parametrize("name", ["conv", "grouped", "lin", "mha"])
+def test_cat_is_the_exact_weighted_sum_on_every_layer_kind(name):
+    """cat on a convolution (grouped too: A's rows are interleaved per group of B), on an
+    nn.MultiheadAttention (its in_proj and out_proj pairs each) and on a linear layer with lora_bias
+    (the bias combines as Σ w_i s_i b_i): exactly 0.5 ΔW_en - 1.5 ΔW_de."""
+    model, _ = _toy_pair((name,), r_b=4 if name != "mha" else 2, lora_bias=name == "lin")
+    compose.add_weighted_adapter(model, ["en", "de"], [0.5, -1.5], "mix", "cat")
+    expected = 0.5 * _update(model, name, "en") - 1.5 * _update(model, name, "de")
+    torch.testing.assert_close(_update(model, name, "mix"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["conv", "lin", "mha"])
+def test_svd_at_full_rank_is_the_exact_weighted_sum(name):
+    model, _ = _toy_pair((name,), lora_bias=name == "lin")
+    compose.add_weighted_adapter(model, ["en", "de"], [0.7, 0.3], "mix", "svd", svd_rank=4)
+    expected = 0.7 * _update(model, name, "en") + 0.3 * _update(model, name, "de")
+    torch.testing.assert_close(_update(model, name, "mix"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("targets", "kind"), [(("conv",), "linear"), (("conv",), "cat"), (("grouped",), "linear"),
+                                               (("mha",), "linear"), (("mha",), "cat")])
+def test_weighted_merge_on_conv_and_attention_matches_peft(targets, kind):
+    """Where peft 0.21.2 computes these (its svd types fail on convolutions and attention, its cat
+    on a grouped convolution mixes the groups' rows), its combined adapter is peftlab's."""
+    model, base = _toy_pair(targets)
+    pm = _peft_copy(model, base)
+    compose.add_weighted_adapter(model, ["en", "de"], [0.6, 0.9], "mix", kind)
+    pm.add_weighted_adapter(["en", "de"], [0.6, 0.9], "mix", combination_type=kind)
+    compose.set_adapter(model, "mix")
+    pm.set_adapter("mix")
+    name = targets[0]
+    if name == "mha":
+        x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
+        ours, theirs = model.mha(x, x, x)[0], pm.base_model.model.mha(x, x, x)[0]
+    else:
+        x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+        ours, theirs = model.get_submodule(name)(x), pm.base_model.model.get_submodule(name)(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_weighted_merge_refuses_what_it_cannot_combine(tiny_llama):
+    model, _ = _toy_pair(("grouped",))
+    with pytest.raises(ConfigError, match=r"'grouped' is a convolution with groups=2.*block-diagonal.*try 'cat'"):
+        compose.add_weighted_adapter(model, ["en", "de"], [1, 1], "mix", "svd")
+    assert compose.list_adapters(model) == ["en", "de"]
+    llama, _ = tiny_llama
+    peftlab.adapt(llama, "lora", r=2, targets=("q_proj",), adapter_name="en")
+    compose.add_adapter(llama, "tok", "lora", r=2, targets=("q_proj",), trainable_token_indices=(1, 2))
+    with pytest.raises(ConfigError, match=r"'tok' trains embedding rows.*would lose them.*Expected"):
+        compose.add_weighted_adapter(llama, ["en", "tok"], [1, 1], "mix", "cat")
+    assert compose.list_adapters(llama) == ["en", "tok"]
+
+
+def test_weighted_merge_refuses_expert_parameters():
+    from tests.test_parameter_lora import EXPERTS, _tiny_moe
+
+    model = peftlab.adapt(_tiny_moe("mixtral"), "lora", r=2, target_parameters=EXPERTS, adapter_name="en")
+    compose.add_adapter(model, "de", "lora", r=2, target_parameters=EXPERTS)
+    with pytest.raises(ConfigError, match=r"'en' adapts parameters.*peft refuses it too.*try merging"):
+        compose.add_weighted_adapter(model, ["en", "de"], [1, 1], "mix", "cat")

@@ -105,3 +105,27 @@ def test_bad_parameter_targets_are_clear_errors(kwargs, words):
     with pytest.raises(ConfigError, match=words):
         peftlab.adapt(model, "lora", **kwargs)
     assert not any(p.requires_grad is False for p in model.parameters())  # left as it was
+
+
+def test_a_second_adapter_on_the_same_parameters_runs_alone_when_active():
+    """Adding a second adapter finds the parameters under the first one's wrapper; switching to it
+    gives what a model with that adapter alone gives."""
+    from peftlab import compose
+
+    base = _tiny_moe("mixtral")
+    both = peftlab.adapt(copy.deepcopy(base), "lora", r=2, alpha=4, target_parameters=EXPERTS, adapter_name="en")
+    compose.add_adapter(both, "de", "lora", r=2, alpha=4, target_parameters=EXPERTS)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # both adapters' tensors (only the active one's are trainable)
+        for name, param in both.named_parameters():
+            if ".adapters." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    alone = peftlab.adapt(copy.deepcopy(base), "lora", r=2, alpha=4, target_parameters=EXPERTS, adapter_name="de")
+    with torch.no_grad():
+        for name, param in alone.named_parameters():
+            if ".adapters.de." in name:
+                param.copy_(both.get_parameter(name))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    compose.set_adapter(both, "de")
+    torch.testing.assert_close(both(input_ids=ids).logits, alone(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(both(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)

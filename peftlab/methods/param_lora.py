@@ -128,7 +128,9 @@ def add_parameter_lora(model: nn.Module, config, adapter_name: str) -> None:
         )
     keys = tuple(config.target_parameters)
     per_module: dict[str, list[str]] = {}
-    for module_name, module in model.named_modules():
+    for wrapped_name, module in model.named_modules():
+        # a module already adapted holds its parameters under base_layer: it is adapted again by its name
+        module_name = ".".join(part for part in wrapped_name.split(".") if part != "base_layer")
         for param_name, _ in module.named_parameters(recurse=False):
             key = f"{module_name}.{param_name}" if module_name else param_name
             if key in keys or any(key.endswith("." + k) for k in keys):
