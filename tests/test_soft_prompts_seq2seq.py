@@ -4,7 +4,7 @@ On tiny random T5 and BART models built from their configs (no network): with th
 the reference model, called as a plain transformers model, and peft give the same logits, loss
 and gradients (fp32), the same greedy tokens from ``generate``, and files each loads from the
 other. peft's layout is followed to the letter (peftlab/methods/soft_prompt.py): an input prompt
-has 2n rows and the encoder reads the first n; a prefix sits in the decoder's self-attention
+has 2n rows and the encoder reads the first n (n rows with num_transformer_submodules=1); a prefix sits in the decoder's self-attention
 only, decoder layer l reading block (2l mod L). Where peft cannot run a model, peftlab refuses
 its backend with a clear error and the reference still works.
 """
@@ -263,6 +263,44 @@ def test_an_adapter_made_with_peft_alone_loads_in_peftlab(base, tmp_path, peft_t
     batch = _batch()
     ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(_logits(ours, batch), _logits(pm.eval(), batch), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("peft_type", "extra"), [("PromptTuningConfig", {}),
+                                               ("PromptEncoderConfig", {"encoder_hidden_size": 12})])
+def test_one_prompt_stack_loads_both_ways(base, tmp_path, peft_type, extra):
+    """num_transformer_submodules=1: the table holds only the encoder's n rows (peft runs it so);
+    the same number in peftlab, saved and loaded both ways with peft's logits and trainable count."""
+    import peft
+    from peft import PeftModel
+
+    config = getattr(peft, peft_type)(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N,
+                                      num_transformer_submodules=1, **extra)
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    randomise_prompts(pm, seed=6)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    batch = _batch()
+    ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    torch.testing.assert_close(_logits(ours, batch), _logits(pm.eval(), batch), atol=ATOL, rtol=0)
+    assert soft_prompt_of(ours, "default").prompt().shape[0] == N
+    method = "prompt_tuning" if peft_type == "PromptTuningConfig" else "p_tuning"
+    fresh = peftlab.adapt(copy.deepcopy(base), method, num_virtual_tokens=N, num_transformer_submodules=1, **extra)
+    randomise_prompts(fresh, seed=2)
+    peftlab.save_adapter(fresh, tmp_path / "ours")
+    in_peft = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(in_peft, batch), _logits(fresh, batch), atol=ATOL, rtol=0)
+    assert count_parameters(fresh).trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def test_prompt_stacks_peft_does_not_lay_out_are_refused(base, tiny_llama):
+    with pytest.raises(ConfigError, match=r"num_transformer_submodules=1 does not fit prefix tuning.*Expected "
+                                          r"num_transformer_submodules=2"):
+        peftlab.adapt(copy.deepcopy(base), "prefix_tuning", num_virtual_tokens=N, num_transformer_submodules=1)
+    llama, _ = tiny_llama
+    with pytest.raises(ConfigError, match=r"num_transformer_submodules=2 does not fit an input prompt.*this "
+                                          r"model has one.*Expected num_transformer_submodules=1"):
+        peftlab.adapt(copy.deepcopy(llama), "prompt_tuning", num_virtual_tokens=N, num_transformer_submodules=2)
+    with pytest.raises(ConfigError, match=r"num_transformer_submodules=3 is invalid"):
+        peftlab.adapt(copy.deepcopy(llama), "prompt_tuning", num_transformer_submodules=3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,14 +98,14 @@ class PromptEncoder(SoftPrompt):
 
 def build_p_tuning(model: nn.Module, config: PTuningConfig, adapter_name: str) -> None:
     """Add a P-tuning soft prompt named ``adapter_name`` to ``model``."""
-    rows = table_rows(model, config.num_virtual_tokens)
+    rows = table_rows(model, config)
     attach(model, PromptEncoder(config, word_embeddings(model).embedding_dim, rows), adapter_name)
 
 
 def p_tuning_parameter_count(model: nn.Module, config: PTuningConfig) -> int:
     """Closed form of the trainable parameters (module docstring; n is 2n on an encoder-decoder)."""
     d = word_embeddings(model).embedding_dim
-    k, n = config.encoder_hidden_size or d, table_rows(model, config.num_virtual_tokens)
+    k, n = config.encoder_hidden_size or d, table_rows(model, config)
     if config.inference_mode:
         return n * d
     if config.encoder_reparameterization_type == "MLP":

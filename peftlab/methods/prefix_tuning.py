@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, attention_geometry
+from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, attention_geometry, prompt_stacks
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class PrefixEncoder(SoftPrompt):
 
 def build_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
     """Add a prefix-tuning adapter named ``adapter_name`` to ``model``."""
+    prompt_stacks(model, config, "prefix tuning")
     attach(model, PrefixEncoder(config, *attention_geometry(model)), adapter_name)
 
 

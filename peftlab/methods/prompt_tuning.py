@@ -120,10 +120,10 @@ def build_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_na
     """Add a prompt-tuning soft prompt named ``adapter_name`` to ``model``."""
     needs_text = config.prompt_tuning_init == "TEXT" and not config.inference_mode
     tokenizer = load_tokenizer(config) if needs_text else None
-    rows = table_rows(model, config.num_virtual_tokens)
+    rows = table_rows(model, config)
     attach(model, PromptEmbedding(config, word_embeddings(model), tokenizer, rows), adapter_name)
 
 
 def prompt_tuning_parameter_count(model: nn.Module, config: PromptTuningConfig) -> int:
     """Closed form of the trainable parameters: n · d_model (2n · d_model on an encoder-decoder)."""
-    return table_rows(model, config.num_virtual_tokens) * word_embeddings(model).embedding_dim
+    return table_rows(model, config) * word_embeddings(model).embedding_dim

@@ -60,7 +60,8 @@ Three of peft's conventions shape this, and peftlab follows them so that adapter
 - An input prompt's table has 2n rows, one prompt per transformer stack (peft's
   num_transformer_submodules = 2), but only rows 1..n are read, by the encoder; rows n+1..2n
   never reach the model (P-tuning's LSTM still reads them, as context for rows 1..n). A saved
-  adapter holds all 2n rows.
+  adapter holds all 2n rows. With num_transformer_submodules=1 (peft's option) the table has
+  only the encoder's n rows; a prefix keeps peft's two stacks (other counts are refused).
 - A prefix has L = num_hidden_layers blocks (the encoder's depth, which peft reads from the
   config) of keys and values. peft stacks the blocks twice ([K^0, V^0, ..., K^(L-1), V^(L-1)]
   repeated) and cuts the stack into fours (self-attention K, V; cross-attention K, V) for decoder
@@ -91,6 +92,10 @@ class SoftPromptConfig(AdapterConfig):
     no layer (it sits on the input embeddings), so peftlab's default targets do not apply."""
 
     num_virtual_tokens: int = 20  # n, the number of virtual tokens
+    # prompts in the table, one per transformer stack (peft's field): None = peft's default, 2 on an
+    # encoder-decoder (the encoder reads the first) and 1 elsewhere; 1 on an encoder-decoder: the
+    # table holds only the encoder's n rows (module docstring)
+    num_transformer_submodules: int | None = None
     # True: the prompt is a plain table to be loaded (what a saved adapter holds, peft's
     # "prompt_embeddings"), so it is neither initialised nor computed by an encoder
     inference_mode: bool = False
@@ -98,6 +103,11 @@ class SoftPromptConfig(AdapterConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", None)
         check_virtual_tokens(self.num_virtual_tokens)
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(
+                f"num_transformer_submodules={self.num_transformer_submodules!r} is invalid. Expected 1 or "
+                "2 (prompts per transformer stack), or None for peft's default (2 on an encoder-decoder)."
+            )
 
 
 class SoftPrompt(Adapter):
@@ -192,10 +202,25 @@ def decoder_depth(model: nn.Module) -> int:
     return depth or config.num_hidden_layers
 
 
-def table_rows(model: nn.Module, n: int) -> int:
-    """Rows of an input prompt's table: n, or 2n on an encoder-decoder, of which the encoder reads
-    the first n (peft's layout, module docstring)."""
-    return 2 * n if is_encoder_decoder(model) else n
+def table_rows(model: nn.Module, config: SoftPromptConfig) -> int:
+    """Rows of an input prompt's table: n · stacks, stacks = num_transformer_submodules (peft's
+    default: 2 on an encoder-decoder, of which the encoder reads the first n rows; 1 elsewhere)."""
+    return config.num_virtual_tokens * prompt_stacks(model, config)
+
+
+def prompt_stacks(model: nn.Module, config: SoftPromptConfig, method: str = "an input prompt") -> int:
+    """num_transformer_submodules, or peft's default for the model; refuses what peft does not
+    compute as the module docstring says (two stacks on a single-stack model; a prefix's stacks)."""
+    default = 2 if is_encoder_decoder(model) else 1
+    stacks = config.num_transformer_submodules or default
+    if stacks == 2 and default == 1 or (method == "prefix tuning" and stacks != default):
+        raise ConfigError(
+            f"num_transformer_submodules={stacks} does not fit {method} on this {type(model).__name__}: "
+            f"peftlab follows peft's layout with {default} (one prompt per transformer stack; "
+            f"{'an encoder-decoder has two' if default == 2 else 'this model has one'}). Expected "
+            f"num_transformer_submodules={default} or None; try leaving it out."
+        )
+    return stacks
 
 
 def is_sequence_classifier(model: nn.Module) -> bool:
