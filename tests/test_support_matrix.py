@@ -66,19 +66,33 @@ def test_the_readme_prints_the_matrix(cells):
     assert printed == sm.render(cells), "the README's support matrix is stale: run `python -m tests.support_matrix --write`"
 
 
+@pytest.mark.parametrize("source", ["folder", "hub id"])
 @pytest.mark.parametrize("method", ["lora", "oft", "prompt_tuning"])
-def test_the_labs_preview_works_from_every_architectures_folder(tmp_path, method):
-    """The Lab's model box takes a local folder (or a hub id): its preview (trainable count and
-    memory) comes from the config alone, for every architecture of the matrix, with no fallback."""
+def test_the_labs_preview_works_from_every_architectures_folder(tmp_path, monkeypatch, method, source):
+    """The Lab's model box takes a local folder or a hub id: its preview (trainable count and
+    memory) comes from the config alone, for every architecture of the matrix, with no fallback.
+    A hub id is answered from the hub cache (here a cache folder laid out as huggingface_hub
+    lays it out: models--org--name/refs/main and snapshots/<commit>/), with no network."""
+    import huggingface_hub.constants
+
     import peftlab
     from widgets import plan
 
+    commit = "0" * 40
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for arch in sm.ARCHS:
         model = arch.build()
         model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
-        folder = tmp_path / arch.name.replace(" ", "")
+        name = arch.name.replace(" ", "").replace(".", "-")
+        if source == "folder":
+            folder = where = tmp_path / name
+        else:
+            where, repo = f"peftlab-test/{name}", tmp_path / "hub" / f"models--peftlab-test--{name}"
+            folder = repo / "snapshots" / commit
+            (repo / "refs").mkdir(parents=True)
+            (repo / "refs" / "main").write_text(commit)
         model.config.save_pretrained(folder)
-        choice = plan.Choice(model=str(folder), method=method, batch_size=2, max_length=32)
+        choice = plan.Choice(model=str(where), method=method, batch_size=2, max_length=32)
         est = plan.estimate(choice)
         assert not [n for n in est.notes if "failed" in n], (arch.name, est.notes)
         torch.manual_seed(0)
