@@ -16,24 +16,17 @@ implementation:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from torch import nn
 
 from peftlab import inject
 from peftlab.errors import ConfigError, closest
-from peftlab.methods import METHODS, Method, get_method
+from peftlab.methods import METHODS, Method, get_method, method_hook
 from peftlab.methods.base import AdapterConfig
+from peftlab.routing import enable_adapter_names
+from peftlab.state import AdapterRecord, Snapshot, active_record, add_record, records  # noqa: F401 (public here too)
 
 BACKENDS = ("reference", "peft", "fused")
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """What peftlab remembers about one named adapter on a model (reference backend)."""
-
-    method: str
-    config: AdapterConfig
 
 
 def adapt(
@@ -69,12 +62,13 @@ def adapt(
                       **hyperparameters)
         return fused.fuse(model)
     if backend == "reference":
-        from peftlab.io import Snapshot
-
         # a check that fails on the 3rd layer (rank too large for k_proj) must not leave the
         # first two wrapped: take everything this call added back out, then re-raise
         undo = Snapshot(model)
         try:
+            prepare = method_hook(spec, "prepare")
+            if prepare is not None:  # what the build needs first (X-LoRA's experts)
+                config = prepare(model, config, adapter_name)
             if config.targets != ():  # () when only parameters are targeted (LoRA's target_parameters)
                 spec.build(model, config, adapter_name)
             if getattr(config, "target_parameters", None):  # LoRA on bare parameters (MoE experts)
@@ -93,12 +87,7 @@ def adapt(
         inject.wrap_modules_to_save(model, config.modules_to_save or (), adapter_name)
         inject.set_active(model, adapter_name)  # the new adapter is the one that runs and trains
         inject.freeze_all_but_adapters(model, adapter_name)
-        records = dict(getattr(model, "peftlab_adapters", {}))
-        records[adapter_name] = AdapterRecord(spec.name, config)
-        model.peftlab_adapters = records
-        model.peftlab_active = adapter_name
-        from peftlab.compose import enable_adapter_names
-
+        add_record(model, adapter_name, spec.name, config)
         enable_adapter_names(model)  # model(..., adapter_names=[...]): one adapter per example
         return model
     if backend == "peft":
@@ -163,35 +152,11 @@ def make_config(spec: Method, model: nn.Module | None = None, **hyperparameters)
     if config.targets is None:  # with only target_parameters given, no module is a target (as in peft)
         targets = () if getattr(config, "target_parameters", None) else spec.targets_for(model)
         config = dataclasses.replace(config, targets=targets)
-    entries = default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
+    entries = inject.default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
     config = dataclasses.replace(config, modules_to_save=inject.modules_to_save_paths(model, entries))
     if spec.resolve is not None:  # model-dependent defaults and early checks (IA3, LLaMA-Adapter)
         config = spec.resolve(model, config)
     return config
-
-
-def default_modules_to_save(model: nn.Module) -> tuple[str, ...]:
-    """A sequence-classification model's new head must train with the adapter (peft does the
-    same for task_type SEQ_CLS): its weights are random, not pretrained."""
-    if type(model).__name__.endswith("ForSequenceClassification"):
-        return tuple(n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module))
-    return ()
-
-
-def records(model: nn.Module) -> dict[str, AdapterRecord]:
-    """{adapter name: AdapterRecord} of the reference adapters on ``model``."""
-    return dict(getattr(model, "peftlab_adapters", {}))
-
-
-def active_record(model: nn.Module) -> tuple[str, AdapterRecord]:
-    recs = records(model)
-    if not recs:
-        raise ConfigError(
-            "This model has no peftlab adapter. Expected a model returned by peftlab.adapt(...) "
-            "or peftlab.load_adapter(...). Try peftlab.adapt(model, 'lora') first."
-        )
-    name = getattr(model, "peftlab_active", next(iter(recs)))
-    return name, recs[name]
 
 
 def merge(model: nn.Module) -> nn.Module:

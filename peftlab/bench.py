@@ -345,13 +345,13 @@ def current_memory_mb(device) -> float:
 
 
 def reset_peak(device) -> None:
-    from peftlab.train import reset_peak_memory
+    from peftlab.memory import reset_peak_memory
 
     reset_peak_memory(device)
 
 
 def peak_mb(device) -> float:
-    from peftlab.train import peak_memory_mb
+    from peftlab.memory import peak_memory_mb
 
     return peak_memory_mb(device)
 

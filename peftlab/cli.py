@@ -370,10 +370,10 @@ def reproduce_command(args: argparse.Namespace) -> str:
 def resolved_config(model, spec, hp):
     """The method config as applied: targets resolved for this model."""
     from peftlab.api import make_config, records
+    from peftlab.state import active_record
 
-    recs = records(model)  # reference backend: the config adapt() stored
-    if recs:
-        return recs[getattr(model, "peftlab_active", next(iter(recs)))].config
+    if records(model):  # reference backend: the config adapt() stored
+        return active_record(model)[1].config
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return make_config(spec, inner, **hp)
 

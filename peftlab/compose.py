@@ -52,9 +52,10 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import inject
-from peftlab.errors import ConfigError, UnknownNameError, closest
+from peftlab.errors import ConfigError, closest
+from peftlab.routing import BASE, adapters_per_example, check_names, enable_adapter_names  # noqa: F401 (public here)
+from peftlab.state import active_name, peek, records, state_of
 
-BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch (peft's name)
 COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
@@ -67,35 +68,35 @@ def add_adapter(model: nn.Module, adapter_name: str, method: str = "lora", **hyp
     peft). Switch with :func:`set_adapter`. Returns the same model."""
     from peftlab.api import adapt
 
-    previous = getattr(model, "peftlab_active", None)
-    if adapter_name in _records(model):
+    previous = active_name(model)
+    if adapter_name in records(model):
         raise ConfigError(
             f"The model already has an adapter named {adapter_name!r}. Expected a new name; existing: "
-            f"{', '.join(_records(model))}. Try another name, or delete_adapter(model, {adapter_name!r})."
+            f"{', '.join(records(model))}. Try another name, or delete_adapter(model, {adapter_name!r})."
         )
     adapt(model, method, adapter_name=adapter_name, **hyperparameters)
-    if previous is not None and previous in _records(model):
+    if previous is not None and previous in records(model):
         set_adapter(model, previous)
     return model
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Make ``adapter_name`` the one adapter that runs and trains; the base stays loaded."""
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     inject.set_active(model, adapter_name)
     inject.freeze_all_but_adapters(model, adapter_name)
-    model.peftlab_active = adapter_name
+    state_of(model).active = adapter_name
     return model
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The name of the active adapter (None when the model has none)."""
-    return getattr(model, "peftlab_active", None) if _records(model) else None
+    return active_name(model)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the reference adapters on ``model``, in the order they were added."""
-    return list(_records(model))
+    return list(records(model))
 
 
 @contextmanager
@@ -112,7 +113,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove an adapter: its parameters leave the model and a layer left with no adapter goes
     back to being its plain base layer. If it was active, the first remaining adapter becomes
     active (as in peft)."""
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     users = [n for n, layer in inject.adapted_layers(model).items() for a in layer.adapters.values()
              if adapter_name in getattr(a, "trains_with", ())]
     if users:
@@ -135,14 +136,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             if not len(module.copies):
                 inject.set_module(model, name, module.original_module)
     _remove_extras(model, adapter_name)
-    records = _records(model)
-    del records[adapter_name]
-    model.peftlab_adapters = records
-    if getattr(model, "peftlab_active", None) == adapter_name:
-        if records:
-            set_adapter(model, next(iter(records)))
+    state = peek(model)
+    del state.records[adapter_name]
+    if state.active == adapter_name:
+        if state.records:
+            set_adapter(model, next(iter(state.records)))
         else:
-            del model.peftlab_active
+            state.active = None
     return model
 
 
@@ -153,81 +153,6 @@ def _remove_extras(model: nn.Module, adapter_name: str) -> None:
         from peftlab.methods.xlora import remove_router
 
         remove_router(model, adapter_name)
-
-
-def _records(model: nn.Module) -> dict:
-    return dict(getattr(model, "peftlab_adapters", {}))
-
-
-def _check_names(model: nn.Module, names: Sequence[str], allow_base: bool = False) -> None:
-    known = list(_records(model))
-    for name in names:
-        if name not in known and not (allow_base and name == BASE):
-            raise UnknownNameError(
-                f"The model has no adapter named {name!r}.{closest(str(name), known)} Expected one of: "
-                f"{', '.join(known) or '(none: add one with add_adapter or peftlab.adapt)'}"
-                f"{' or ' + repr(BASE) + ' for the base model' if allow_base else ''}."
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# Mixed batches: model(..., adapter_names=[...])
-# --------------------------------------------------------------------------------------------
-@contextmanager
-def adapters_per_example(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
-    """Inside the block, example i of every batch runs adapter ``adapter_names[i]`` alone
-    (``"__base__"``: the base model). The layers hold the names only for the block."""
-    _check_names(model, adapter_names, allow_base=True)
-    layers = inject.adapted_layers(model).values()
-    for layer in layers:
-        layer.example_adapters = list(adapter_names)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.example_adapters = None
-
-
-def enable_adapter_names(model: nn.Module) -> nn.Module:
-    """Let ``model(..., adapter_names=[...])`` route examples to adapters, as peft does: a forward
-    pre-hook takes the keyword out (a transformers model would silently ignore it) and sets the
-    names on the layers for that call; a hook that runs even when the call fails clears them.
-    ``peftlab.adapt`` calls this for every reference model."""
-    if not getattr(model, "_peftlab_adapter_names", False):
-        model.register_forward_pre_hook(_names_before_call, with_kwargs=True)
-        model.register_forward_hook(_names_after_call, always_call=True)
-        model._peftlab_adapter_names = True
-    return model
-
-
-def _names_before_call(model: nn.Module, args: tuple, kwargs: dict):
-    names = kwargs.pop("adapter_names", None)
-    if names is None:
-        return args, kwargs
-    batch = _batch_size(args, kwargs)
-    if batch is not None and len(names) != batch:
-        raise ConfigError(
-            f"adapter_names has {len(names)} entries but the batch has {batch} examples. Expected "
-            "one adapter name (or '__base__') per example."
-        )
-    context = adapters_per_example(model, list(names))
-    context.__enter__()
-    model.__dict__["_peftlab_names_context"] = context  # closed by _names_after_call
-    return args, kwargs
-
-
-def _names_after_call(model: nn.Module, args: tuple, output):
-    context = model.__dict__.pop("_peftlab_names_context", None)
-    if context is not None:
-        context.__exit__(None, None, None)
-    return output
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(value, Tensor):
-            return value.shape[0]
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,16 +175,16 @@ def add_weighted_adapter(
     for the combination types. Returns the same model."""
     from peftlab.api import adapt
 
-    _check_names(model, adapters)
-    records = _records(model)
-    if adapter_name in records:
+    check_names(model, adapters)
+    recs = records(model)
+    if adapter_name in recs:
         raise ConfigError(f"The model already has an adapter named {adapter_name!r}. Expected a new name.")
     if len(adapters) != len(weights) or not adapters:
         raise ConfigError(f"Got {len(adapters)} adapters and {len(weights)} weights. Expected one weight "
                           "per adapter, at least one adapter.")
-    not_lora = [a for a in adapters if records[a].method != "lora"]
+    not_lora = [a for a in adapters if recs[a].method != "lora"]
     if not_lora:
-        raise ConfigError(f"Adapters {not_lora} are not LoRA adapters ({records[not_lora[0]].method}). "
+        raise ConfigError(f"Adapters {not_lora} are not LoRA adapters ({recs[not_lora[0]].method}). "
                           "Expected adapters added with method 'lora'; weighted merging combines B A factors.")
     if combination_type not in COMBINATION_TYPES:
         raise ConfigError(f"Unknown combination_type {combination_type!r}.{closest(combination_type, COMBINATION_TYPES)} "
@@ -270,8 +195,8 @@ def add_weighted_adapter(
     if any(combination_type.startswith(k) for k in needs_density) and density is None:
         raise ConfigError(f"combination_type={combination_type!r} needs density, the share of entries kept "
                           "(0 to 1). Expected e.g. density=0.5.")
-    check_combinable(records, adapters, combination_type)
-    ranks = [records[a].config.r for a in adapters]
+    check_combinable(recs, adapters, combination_type)
+    ranks = [recs[a].config.r for a in adapters]
     if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
         if len(set(ranks)) != 1:
             raise ConfigError(f"combination_type={combination_type!r} adds A's and B's entry by entry, so "
@@ -286,10 +211,10 @@ def add_weighted_adapter(
               if any(a in layer.adapters for a in adapters)}
     if combination_type.endswith("svd"):
         check_svd_layers(layers)
-    previous = getattr(model, "peftlab_active", None)
-    first = records[adapters[0]].config
+    previous = active_name(model)
+    first = recs[adapters[0]].config
     adapt(model, "lora", adapter_name=adapter_name, r=new_rank, alpha=float(new_rank), targets=tuple(layers),
-          modules_to_save=first.modules_to_save, lora_bias=any(records[a].config.lora_bias for a in adapters))
+          modules_to_save=first.modules_to_save, lora_bias=any(recs[a].config.lora_bias for a in adapters))
     with torch.no_grad():
         for layer in layers.values():  # model order: the order peft draws DARE's masks in
             present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]

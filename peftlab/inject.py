@@ -508,6 +508,14 @@ def inject(
     return layers
 
 
+def default_modules_to_save(model: nn.Module) -> tuple[str, ...]:
+    """A sequence-classification model's new head must train with the adapter (peft does the
+    same for task_type SEQ_CLS): its weights are random, not pretrained."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return tuple(n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module))
+    return ()
+
+
 def modules_to_save_paths(model: nn.Module, entries: Iterable[str]) -> tuple[str, ...]:
     """The modules peft trains whole for ``modules_to_save`` entries: every module whose full
     name ends with an entry, compared as plain strings (peft's rule: so "classifier" also takes

@@ -20,7 +20,7 @@ peft cannot load those, peftlab's reference backend can.
 
 An X-LoRA adapter is saved as peft's XLoraModel reads it: adapter_config.json (peft_type XLORA,
 ``adapters`` = {"0": <folder>/0, ...}), the router in adapter_model.safetensors, and each LoRA
-expert in its own subfolder 0/, 1/, ... (peftlab.methods.xlora.write_folder).
+expert in its own subfolder 0/, 1/, ... (peftlab/xlora_io.py, registered as the method's write_folder hook).
 
 Writes are atomic. Both files go into a temporary folder next to the destination, are flushed to
 disk (fsync), and only then is the folder swapped into place with one rename; so a crash, a full
@@ -50,6 +50,7 @@ from torch import nn
 
 from peftlab.errors import AdapterFileError, ConfigError
 from peftlab.inject import is_conv1d, modules_to_save_paths
+from peftlab.state import Snapshot, active_record, records
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -230,11 +231,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             _write_peft(model, tmp, name)
     else:
         name, spec, config = _reference_adapter(model, adapter_name)
-        if spec.name == "xlora":  # the router here, each expert in a subfolder (peft's layout)
-            from peftlab.methods.xlora import write_folder
+        from peftlab.methods import method_hook
 
+        write_folder = method_hook(spec, "write_folder")
+        if write_folder is not None:  # a layout of the method's own (X-LoRA: experts in subfolders)
             with atomic_dir(path) as tmp:
-                write_folder(model, tmp, name, final=Path(path).expanduser().resolve())
+                write_folder(model, tmp, name, Path(path).expanduser().resolve())
             return Path(path)
         peft_config = peft_config_for(model, spec, config, name)  # fails early, before any write
         with atomic_dir(path) as tmp:
@@ -273,7 +275,6 @@ def _check_replaceable(folder: Path) -> None:
 
 
 def _reference_adapter(model: nn.Module, adapter_name: str | None):
-    from peftlab.api import active_record, records
     from peftlab.methods import get_method
 
     if adapter_name is None:
@@ -444,9 +445,8 @@ def load_adapter(
         return _load_with_peft(model, folder, adapter_name)
     if backend != "reference":
         raise ConfigError(f"Unknown backend {backend!r}. Expected 'reference' or 'peft'.")
-    if _peft_type(raw_config) == "XLORA":  # a router file plus a subfolder per expert
-        from peftlab.methods.xlora import read_folder
-
+    read_folder = folder_hook(raw_config, "read_folder")
+    if read_folder is not None:  # a layout of the method's own (X-LoRA: a router file, a subfolder per expert)
         return read_folder(model, folder, raw_config, adapter_name)
     method, config = _reference_config(raw_config, folder)
     state = read_adapter_weights(folder)
@@ -460,7 +460,7 @@ def load_adapter(
     trained_on = raw_config.get("base_model_name_or_path")
     hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
 
-    from peftlab.api import adapt, records
+    from peftlab.api import adapt
 
     if adapter_name in records(model):
         raise ConfigError(
@@ -629,6 +629,15 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
             params[ours].copy_(tensor.to(params[ours].dtype))
 
 
+def folder_hook(raw_config: dict, hook: str):
+    """The ``hook`` (Method.hooks) of the method an adapter_config.json names, if it has one."""
+    from peftlab.methods import METHODS, method_hook
+
+    peft_type = _peft_type(raw_config)
+    spec = next((m for m in METHODS.values() if peft_type and m.peft_type == peft_type), None)
+    return None if spec is None else method_hook(spec, hook)
+
+
 def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Module:
     from peftlab.production.hf_peft import import_peft
 
@@ -638,11 +647,9 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     # table, which can train on: it is made trainable below, as the reference backend does.
     prompt_learning = peft.PeftConfig.from_pretrained(str(folder)).is_prompt_learning
     config = None
-    if _peft_type(read_adapter_config(folder)) == "XLORA" and not _is_peft(model):
-        from peftlab.methods.xlora import peft_config_from_folder, turn_off_cache
-
-        config = peft_config_from_folder(folder)  # experts from the subfolders, wherever the folder is now
-        turn_off_cache(model)
+    from_folder = folder_hook(read_adapter_config(folder), "peft_config_from_folder")
+    if from_folder is not None and not _is_peft(model):
+        config = from_folder(model, folder)  # X-LoRA: experts from the subfolders, wherever the folder is now
     if _is_peft(model):
         model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=not prompt_learning)
         model.set_adapter(adapter_name)
@@ -652,44 +659,3 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     if prompt_learning:
         model.prompt_encoder[adapter_name].requires_grad_(True)
     return model
-
-
-class Snapshot:
-    """Enough of a model's adapter state to take a failed load back out again."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from peftlab.inject import AdaptedLayer, TrainableCopy
-
-        self.model = model
-        self.requires_grad = {p: p.requires_grad for p in model.parameters()}
-        # wrapper -> (its active list, the adapter names it held) before the load
-        self.wrappers = {
-            id(m): (list(m.active), set(m.adapters if isinstance(m, AdaptedLayer) else m.copies))
-            for m in model.modules()
-            if isinstance(m, (AdaptedLayer, TrainableCopy))
-        }
-        self.attrs = {k: model.__dict__[k] for k in ("peftlab_adapters", "peftlab_active") if k in model.__dict__}
-
-    def restore(self, adapter_name: str) -> None:
-        from peftlab.inject import AdaptedLayer, TrainableCopy, set_module
-
-        for path, module in list(self.model.named_modules()):
-            if not isinstance(module, (AdaptedLayer, TrainableCopy)):
-                continue
-            container = module.adapters if isinstance(module, AdaptedLayer) else module.copies
-            active, held = self.wrappers.get(id(module), (None, set()))
-            added = adapter_name in container and adapter_name not in held
-            if added and isinstance(module, AdaptedLayer):
-                container[adapter_name].release()  # hooks it keeps outside the layer, if any
-            if active is None:  # wrapped by this load: put the original back
-                original = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
-                set_module(self.model, path, original)
-                continue
-            if added:
-                del container[adapter_name]
-            module.active = active
-        for param, flag in self.requires_grad.items():
-            param.requires_grad = flag
-        for key in ("peftlab_adapters", "peftlab_active"):
-            self.model.__dict__.pop(key, None)
-        self.model.__dict__.update(self.attrs)

@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -633,7 +634,6 @@ def measure_memory(
         A :class:`MemoryLedger` with ``source="measured"``; ``details`` holds the process's
         resident bytes before the step and its peak above that (CPU: RSS; CUDA: allocated).
     """
-    from peftlab.train import peak_memory_mb, reset_peak_memory
 
     param_list = [p for _, p in _unique_parameters(model)]
     device = param_list[0].device
@@ -932,3 +932,43 @@ def _resident_bytes(device: torch.device) -> float:
 
 __all__ = ["CATEGORIES", "MemoryLedger", "estimate_memory", "measure_memory", "nf4_bytes",
            "activation_bytes", "process_rss_bytes", "resolve_config", "tensor_bytes"]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new peak: CUDA's allocator statistics, or Linux's peak RSS (VmHWM).
+
+    On Linux this resets the process's high-water mark, which is also what
+    ``resource.getrusage(...).ru_maxrss`` and ``/usr/bin/time`` report: after ``train()`` they
+    give the peak since the last step began, not since the process started.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since :func:`reset_peak_memory`: CUDA allocated bytes, else process RSS (MB).
+
+    Where the peak RSS cannot be read (not Linux), this is the RSS at the time of the call.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        import resource  # lifetime peak; kB on Linux, bytes on macOS
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**20 if os.uname().sysname == "Darwin" else 1024)

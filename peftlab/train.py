@@ -55,7 +55,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -73,7 +72,9 @@ from torch import Tensor, nn
 
 from peftlab.errors import AdapterFileError, ConfigError, DataError, TrainingError
 from peftlab.evaluation import evaluate as evaluate_task
+from peftlab.memory import peak_memory_mb, reset_peak_memory
 from peftlab.models import keep_4bit_trainable
+from peftlab.state import peek
 
 STOP_REASONS = ("completed", "stopped", "nan", "interrupted", "callback_error")
 IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt tokens and padding
@@ -393,14 +394,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def method_loss(model: nn.Module) -> Tensor | float:
     """Loss terms a method adds to the task loss (AdaLoRA's orthogonality regulariser): the sum of
-    ``hook(model)`` over ``model.peftlab_loss_hooks`` ({name: hook}, set by the method's builder)."""
-    return sum((hook(model) for hook in getattr(model, "peftlab_loss_hooks", {}).values()), 0.0)
+    ``term(model)`` over the model state's ``loss_terms`` ({name: term}, set by the method's builder)."""
+    state = peek(model)
+    return sum((term(model) for term in (state.loss_terms.values() if state else ())), 0.0)
 
 
 def run_step_hooks(model: nn.Module, step: int) -> None:
-    """``hook(model, step)`` for each of ``model.peftlab_step_hooks``, after ``optimizer.step()``
-    and before the gradients are zeroed; ``step`` counts from 0 (AdaLoRA's update_and_allocate)."""
-    for hook in getattr(model, "peftlab_step_hooks", {}).values():
+    """``hook(model, step)`` for each of the model state's ``after_step`` hooks, after
+    ``optimizer.step()`` and before the gradients are zeroed; ``step`` counts from 0 (AdaLoRA's
+    update_and_allocate)."""
+    state = peek(model)
+    for hook in (state.after_step.values() if state else ()):
         hook(model, step)
 
 
@@ -644,46 +648,6 @@ def _disable_checkpointing(model: nn.Module) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     disable = getattr(inner, "activation_checkpointing_disable", None) or inner.gradient_checkpointing_disable
     disable()
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start measuring a new peak: CUDA's allocator statistics, or Linux's peak RSS (VmHWM).
-
-    On Linux this resets the process's high-water mark, which is also what
-    ``resource.getrusage(...).ru_maxrss`` and ``/usr/bin/time`` report: after ``train()`` they
-    give the peak since the last step began, not since the process started.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak since :func:`reset_peak_memory`: CUDA allocated bytes, else process RSS (MB).
-
-    Where the peak RSS cannot be read (not Linux), this is the RSS at the time of the call.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        pass
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        import resource  # lifetime peak; kB on Linux, bytes on macOS
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**20 if os.uname().sysname == "Darwin" else 1024)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def nf4_llama():
 def _untouched(model: nn.Module) -> None:
     """As a fresh transformers model: no adapter wrapper, no record, every parameter trainable."""
     assert not any(isinstance(m, (AdaptedLayer, TrainableCopy)) for m in model.modules())
-    assert not hasattr(model, "peftlab_adapters")
+    assert not peftlab.api.records(model)
     assert all(p.requires_grad for p in model.parameters())
 
 

@@ -526,7 +526,7 @@ def test_adapt_backend_fused_and_errors(llama):
 
     assert "fused" in BACKENDS
     model = peftlab.adapt(copy.deepcopy(llama), "dora", r=4, backend="fused")
-    assert fused.has_fused_loss(model) and model.peftlab_backend == "fused"
+    assert fused.has_fused_loss(model) and model.peftlab.backend == "fused"
     assert peftlab.count_parameters(model).trainable > 0
     other = copy.deepcopy(llama)
     with pytest.raises(ConfigError, match="fused"):

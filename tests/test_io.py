@@ -183,7 +183,7 @@ def saved(llama, tmp_path) -> Path:
 def _assert_untouched(model: nn.Module) -> None:
     assert not any(isinstance(m, (AdaptedLayer, TrainableCopy)) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # as a fresh transformers model
-    assert not hasattr(model, "peftlab_adapters")
+    assert not peftlab.api.records(model)
 
 
 def test_missing_folder_and_files(llama, saved, tmp_path):

@@ -91,7 +91,7 @@ def test_bad_token_indices_are_clear_errors(tiny_llama, tokens, words):
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(ConfigError, match=words):
         peftlab.adapt(model, "lora", trainable_token_indices=tokens)
-    assert not hasattr(model, "peftlab_adapters")  # nothing of the failed call is left
+    assert not peftlab.api.records(model)  # nothing of the failed call is left
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 

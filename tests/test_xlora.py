@@ -12,6 +12,7 @@ import peftlab
 from peftlab import compose
 from peftlab.errors import ConfigError
 from peftlab.methods import xlora
+from peftlab import xlora_io
 
 ATOL = 1e-5
 
@@ -50,8 +51,8 @@ def _pair(tiny_llama, tmp_path, **options):
         for param in xlora.router_of(model).parameters():
             param.normal_(0, 0.5)
     base.config.use_cache = False  # peft refuses X-LoRA with a cache
-    theirs = peft.get_peft_model(base, xlora.to_peft_config(model, tmp_path))
-    xlora.copy_router_to_peft(model, theirs)
+    theirs = peft.get_peft_model(base, xlora_io.to_peft_config(model, tmp_path))
+    xlora_io.copy_router_to_peft(model, theirs)
     return model, theirs
 
 
@@ -170,7 +171,7 @@ def test_save_load_round_trip_and_peft_loads_the_folder(tiny_llama, tmp_path, op
         expert = json.loads((folder / str(i) / "adapter_config.json").read_text())
         assert expert["peft_type"] == "LORA" and expert["r"] == 2 + i
     assert set(load_file(folder / "adapter_model.safetensors")) == {
-        xlora.ROUTER_KEY + k for k in xlora.router_of(model).state_dict()}
+        xlora_io.ROUTER_KEY + k for k in xlora.router_of(model).state_dict()}
 
     loaded = peftlab.load_adapter(copy.deepcopy(base), folder).eval()
     torch.testing.assert_close(_outputs(loaded), expected, atol=ATOL, rtol=0)
@@ -260,12 +261,10 @@ def test_saving_is_atomic(tiny_llama, tmp_path, monkeypatch):
 
     from test_io import _kill_while_writing
 
-    from peftlab import io
-
     model, base = _mixed(tiny_llama)
     expected = _outputs(model)
     folder = peftlab.save_adapter(model, tmp_path / "mix")
-    write, calls = io.write_reference, []
+    write, calls = xlora_io.write_reference, []
 
     def fail_on_second_expert(*args, **kwargs):
         calls.append(1)
@@ -273,7 +272,7 @@ def test_saving_is_atomic(tiny_llama, tmp_path, monkeypatch):
             raise OSError("disk full")
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(io, "write_reference", fail_on_second_expert)
+    monkeypatch.setattr(xlora_io, "write_reference", fail_on_second_expert)  # the experts' writer
     with torch.no_grad():
         for param in xlora.router_of(model).parameters():
             param.mul_(-1)  # a different router, which must not reach the disk

@@ -50,6 +50,9 @@ ATTENTION_QV = {
 }
 
 
+HOOKS = ("prepare", "write_folder", "read_folder", "peft_config_from_folder")  # see Method.hooks
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -79,6 +82,15 @@ class Method:
     # params_per_embedding(num_embeddings, embedding_dim, config): the count on an nn.Embedding
     # where it is not params_per_layer's (OFT turns each looked-up row); None: params_per_layer
     params_per_embedding: Callable[[int, int, AdapterConfig], int] | None = None
+    # what a layer above the methods registers for this method (register_hooks), so that api
+    # and io reach it through the registry and never by the method's name:
+    #   prepare(model, config, adapter_name) -> config   before build (X-LoRA: put its experts on)
+    #   write_folder(model, folder, adapter_name, final)  save_adapter's own folder layout
+    #   read_folder(model, folder, raw_config, adapter_name) -> model   load_adapter's
+    #   peft_config_from_folder(folder) -> peft config    load_adapter(..., backend="peft")'s
+    hooks: dict[str, Callable] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()  # hooks the method cannot work without
+    hooks_from: str | None = None  # the module that registers them (named in the error when missing)
 
     def targets_for(self, model: nn.Module) -> str | tuple[str, ...]:
         """This method's default targets for the model's architecture ("all-linear" if unknown)."""
@@ -338,8 +350,32 @@ METHODS: dict[str, Method] = {
         mergeable=False,
         peft_type="XLORA",
         parameter_count=xlora_parameter_count,
+        needs=HOOKS,  # experts from files, peft's folder layout: peftlab/xlora_io.py
+        hooks_from="peftlab.xlora_io",
     ),
 }
+
+
+def register_hooks(name: str, **hooks: Callable) -> None:
+    """Give method ``name`` the hooks (see Method.hooks) a module above the methods provides."""
+    unknown = set(hooks) - set(HOOKS)
+    if unknown:
+        raise ConfigError(f"Unknown method hooks {sorted(unknown)}. Expected some of: {', '.join(HOOKS)}.")
+    METHODS[name].hooks.update(hooks)
+
+
+def method_hook(spec: Method, hook: str) -> Callable | None:
+    """The method's ``hook`` if registered; None if the method has none; a clear error if it
+    needs one that its module has not registered (that module was never imported)."""
+    if hook in spec.hooks:
+        return spec.hooks[hook]
+    if hook in spec.needs:
+        raise ConfigError(
+            f"Method {spec.name!r} needs its {hook!r} hook, which {spec.hooks_from} registers, and that "
+            f"module has not been imported. Expected it imported; try `import {spec.hooks_from}`, or "
+            "call peftlab's own functions (peftlab.adapt, peftlab.load_adapter), which import it."
+        )
+    return None
 
 
 def layer_parameter_count(spec: Method, layer: nn.Module, config: AdapterConfig) -> int:

@@ -63,6 +63,7 @@ from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, ConvShape, adapted_layers, apply_weight, check_zero_padding,
                             find_targets, inject, is_conv1d, is_linear, matrix_dims)
 from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.state import active_name, peek, state_of
 
 
 @dataclass(frozen=True)
@@ -255,14 +256,15 @@ def build_adalora(model: nn.Module, config: AdaLoRAConfig, adapter_name: str) ->
     names = find_targets(model, config.targets, accept=lambda m: is_linear(m) or isinstance(m, nn.Conv2d),
                          exclude=config.modules_to_save or (), expected=ADALORA_LAYERS)
     inject(model, names, lambda _name, base: AdaLoRA(base, config), adapter_name)
-    model.peftlab_adalora = {**getattr(model, "peftlab_adalora", {}), adapter_name: RankAllocator(config, names)}
+    state = state_of(model)
+    first = "adalora" not in state.method_state
+    state.method_state.setdefault("adalora", {})[adapter_name] = RankAllocator(config, names)
     # peftlab.train calls these (see train.py); a plain loop gets the regulariser from the forward
     # hook (when labels are given, as peft's model does) and calls update_and_allocate itself
-    model.peftlab_loss_hooks = {**getattr(model, "peftlab_loss_hooks", {}), "adalora": _training_loss}
-    model.peftlab_step_hooks = {**getattr(model, "peftlab_step_hooks", {}), "adalora": _after_step}
-    if not getattr(model, "_peftlab_adalora_forward_hook", False):
+    state.loss_terms["adalora"] = _training_loss
+    state.after_step["adalora"] = _after_step
+    if first:
         model.register_forward_hook(_add_orthogonal_loss)
-        model._peftlab_adalora_forward_hook = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,14 +279,20 @@ def _layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoRA]:
     return layers
 
 
+def _allocators(model: nn.Module) -> dict[str, RankAllocator]:
+    """{adapter name: RankAllocator} of the model's AdaLoRA adapters."""
+    state = peek(model)
+    return state.method_state.get("adalora", {}) if state else {}
+
+
 def _active_adalora(model: nn.Module) -> str | None:
-    name = getattr(model, "peftlab_active", None)
-    return name if name in getattr(model, "peftlab_adalora", {}) else None
+    name = active_name(model)
+    return name if name in _allocators(model) else None
 
 
 def _allocator(model: nn.Module, adapter_name: str | None) -> tuple[str, RankAllocator]:
     name = adapter_name or _active_adalora(model)
-    allocators = getattr(model, "peftlab_adalora", {})
+    allocators = _allocators(model)
     if name not in allocators:
         raise ConfigError(
             f"The model has no AdaLoRA adapter{f' named {name!r}' if name else ' active'}. Expected a "
@@ -357,13 +365,13 @@ def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks: peftlab.train's protocol (model.peftlab_loss_hooks / peftlab_step_hooks) and peft's way
+# Hooks: peftlab.train's protocol (the model state's loss_terms / after_step) and peft's way
 # --------------------------------------------------------------------------------------------
 def _training_loss(model: nn.Module) -> Tensor | float:
     name = _active_adalora(model)
     if name is None:
         return 0.0
-    return model.peftlab_adalora[name].config.orth_reg_weight * orthogonal_regularizer(model, name)
+    return _allocators(model)[name].config.orth_reg_weight * orthogonal_regularizer(model, name)
 
 
 def _after_step(model: nn.Module, step: int) -> None:
@@ -395,5 +403,6 @@ def _peft_after_step(peft_model: nn.Module, step: int) -> None:
 def attach_peft_hooks(peft_model: nn.Module) -> None:
     """Give a peft AdaLoRA model the same hooks, so peftlab.train (which computes the loss from
     the logits, without labels) adds its regulariser and calls its update_and_allocate."""
-    peft_model.peftlab_loss_hooks = {"adalora": _peft_training_loss}
-    peft_model.peftlab_step_hooks = {"adalora": _peft_after_step}
+    state = state_of(peft_model)
+    state.loss_terms["adalora"] = _peft_training_loss
+    state.after_step["adalora"] = _peft_after_step

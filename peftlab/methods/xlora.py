@@ -27,17 +27,14 @@ already on the model) or ``experts={"a": "path/to/a", ...}`` (saved LoRA adapter
 trained experts: then only the router trains, as in the paper.
 
 ``peftlab.save_adapter`` writes a whole X-LoRA adapter in peft's folder format (router at the
-top, each expert in a subfolder, :func:`write_folder`); ``peftlab.load_adapter`` and
+top, each expert in a subfolder, peftlab/xlora_io.py); ``peftlab.load_adapter`` and
 ``peft.PeftModel.from_pretrained`` both load it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +43,7 @@ from torch import Tensor, nn
 from peftlab import inject
 from peftlab.errors import ConfigError
 from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.state import active_name, records
 
 
 @dataclass(frozen=True)
@@ -166,7 +164,7 @@ class _RouterHome(nn.Module):
 def build_xlora(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> None:
     """Find or create the experts, put a mixer on every layer that has one, add the router."""
     check_one_stack(model)
-    names = _experts(model, config, adapter_name)
+    names = expert_names_given(model, config, adapter_name)
     trainable = config.use_trainable_adapters
     trainable = config.experts is None if trainable is None else trainable
     layers = [layer for layer in inject.adapted_layers(model).values() if any(n in layer.adapters for n in names)]
@@ -193,6 +191,37 @@ def build_xlora(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> Non
     turn_off_cache(model)
 
 
+def expert_names_given(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> tuple[str, ...]:
+    """The experts' names, each a LoRA adapter on the model already: fresh ones are
+    ``<adapter>_expert<i>``, saved ones named by the keys of ``experts``. The method's ``prepare``
+    hook (peftlab/xlora_io.py) puts those on the model before the build."""
+    names = fresh_expert_names(config, adapter_name) if config.experts is None else tuple(config.experts)
+    recs = records(model)
+    wrong = [n for n in names if n not in recs or recs[n].method != "lora"]
+    if wrong:
+        raise ConfigError(
+            f"X-LoRA experts {wrong} are not LoRA adapters on this model (it has: "
+            f"{', '.join(f'{n} ({r.method})' for n, r in recs.items()) or 'none'}). Expected names of "
+            "LoRA adapters, a {name: folder} dict of saved ones, or no experts (fresh ones are made)."
+        )
+    return names
+
+
+def expert_names(model: nn.Module, adapter_name: str = "default") -> tuple[str, ...]:
+    """An X-LoRA adapter's expert names in router order (read back from the mixers)."""
+    order: dict[int, str] = {}
+    for layer in inject.adapted_layers(model).values():
+        if adapter_name in layer.adapters:
+            by_id = {id(m): n for n, m in layer.adapters.items()}
+            for position, lora in layer.adapters[adapter_name]._experts:
+                order[position] = by_id[id(lora)]
+    return tuple(order[i] for i in sorted(order))
+
+
+def fresh_expert_names(config: XLoRAConfig, adapter_name: str) -> tuple[str, ...]:
+    return tuple(f"{adapter_name}_expert{i}" for i in range(config.n_experts))
+
+
 def turn_off_cache(model: nn.Module) -> None:
     """X-LoRA's scaling pass needs the whole sequence at every step: no key/value cache (peft
     refuses X-LoRA with one)."""
@@ -200,41 +229,10 @@ def turn_off_cache(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
-def _experts(model: nn.Module, config: XLoRAConfig, adapter_name: str) -> tuple[str, ...]:
-    from peftlab.api import adapt, records
-
-    previous = getattr(model, "peftlab_active", None)
-    if config.experts is None:
-        names = tuple(f"{adapter_name}_expert{i}" for i in range(config.n_experts))
-        for name in names:
-            # no heads of their own: a classifier head trains once, with the X-LoRA adapter
-            adapt(model, "lora", adapter_name=name, r=config.r, alpha=config.alpha, targets=config.targets,
-                  modules_to_save=())
-    elif isinstance(config.experts, dict):
-        from peftlab.io import load_adapter
-
-        names = tuple(config.experts)
-        for name, path in config.experts.items():
-            load_adapter(model, path, adapter_name=name)
-    else:
-        names = tuple(config.experts)
-        recs = records(model)
-        wrong = [n for n in names if n not in recs or recs[n].method != "lora"]
-        if wrong:
-            raise ConfigError(
-                f"X-LoRA experts {wrong} are not LoRA adapters on this model (it has: "
-                f"{', '.join(f'{n} ({r.method})' for n, r in recs.items()) or 'none'}). Expected names of "
-                "LoRA adapters, a {name: folder} dict of saved ones, or no experts (fresh ones are made)."
-            )
-    if previous is not None:
-        model.peftlab_active = previous
-    return names
-
-
 def _scaling_pass(model: nn.Module, args: tuple, kwargs: dict):
     """Before each call of the model: run it once with constant expert weights and no gradient,
     and let the router turn its last hidden state into the weights the real call uses."""
-    name = getattr(model, "peftlab_active", None)
+    name = active_name(model)
     home = model.xlora_router
     if name not in home.adapters or home.states[name].in_scaling_pass:
         return None
@@ -280,201 +278,9 @@ def last_scalings(model: nn.Module, adapter_name: str = "default") -> Tensor | N
     return model.xlora_router.states[adapter_name].last_scalings
 
 
-# --------------------------------------------------------------------------------------------
-# The bridge to peft's XLoraModel
-# --------------------------------------------------------------------------------------------
-def to_peft_config(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default"):
-    """Save the experts to ``folder/0``, ``folder/1``, ... (peft's XLoraModel names its experts
-    by position and needs them on disk) and return the equivalent ``peft.XLoraConfig``.
-    (To save the whole X-LoRA adapter, router included, use ``peftlab.save_adapter``.)"""
-    from peftlab.io import save_adapter
-
-    names = expert_names(model, adapter_name)
-    paths = [str(save_adapter(model, Path(folder) / str(i), adapter_name=name)) for i, name in enumerate(names)]
-    return peft_config(model, adapter_name, paths)
-
-
-def peft_config(model: nn.Module, adapter_name: str, expert_folders: list[str], **extra):
-    """``peft.XLoraConfig`` for a reference X-LoRA adapter whose experts are saved, in router
-    order, in ``expert_folders``; ``extra``: further peft config fields."""
-    from peftlab.api import records
-    from peftlab.production.hf_peft import import_peft, task_type
-
-    peft = import_peft()
-    config: XLoRAConfig = records(model)[adapter_name].config
-    trainable = config.experts is None if config.use_trainable_adapters is None else config.use_trainable_adapters
-    kwargs = peft_kwargs(dataclasses.replace(config, experts=dict(enumerate(expert_folders)),
-                                             use_trainable_adapters=trainable,
-                                             hidden_size=router_of(model, adapter_name).config.hidden_size), model)
-    return peft.XLoraConfig(task_type=task_type(model), **kwargs, **extra)
-
-
-def expert_names(model: nn.Module, adapter_name: str = "default") -> tuple[str, ...]:
-    """An X-LoRA adapter's expert names in router order (read back from the mixers)."""
-    order: dict[int, str] = {}
-    for layer in inject.adapted_layers(model).values():
-        if adapter_name in layer.adapters:
-            by_id = {id(m): n for n, m in layer.adapters.items()}
-            for position, lora in layer.adapters[adapter_name]._experts:
-                order[position] = by_id[id(lora)]
-    return tuple(order[i] for i in sorted(order))
-
-
-@torch.no_grad()
-def copy_router_to_peft(model: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> None:
-    """Give peft's X-LoRA classifier exactly the reference router's weights."""
-    theirs = peft_model.base_model.internal_xlora_classifier.layers
-    for mine, other in zip(router_of(model, adapter_name).layers.parameters(), theirs.parameters()):
-        other.copy_(mine)
-
-
-# --------------------------------------------------------------------------------------------
-# On disk: peft's X-LoRA folder
-# --------------------------------------------------------------------------------------------
-ROUTER_KEY = "base_model.internal_xlora_classifier."  # peft's names for the router's tensors
 # the router's options, named alike in XLoRAConfig and peft's XLoraConfig
-_ROUTER_OPTIONS = ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "top_k_lora",
-                   "xlora_depth", "xlora_size", "xlora_dropout_p", "scaling_pass_value", "global_scaling_weight")
-_PEFT_FIELDS = ("hidden_size", "use_trainable_adapters", *_ROUTER_OPTIONS)  # read back from adapter_config.json
-
-
-def write_folder(model: nn.Module, folder: Path, adapter_name: str, final: Path) -> None:
-    """Write one X-LoRA adapter into ``folder`` the way peft's XLoraModel reads it; ``final`` is
-    where the folder ends up (peftlab.save_adapter writes it elsewhere, then renames it there):
-
-        final/
-        ├── adapter_config.json        peft's XLoraConfig: hidden_size, the router's options, and
-        │                              adapters = {"0": "<final>/0", "1": "<final>/1", ...}
-        ├── adapter_model.safetensors  the router (base_model.internal_xlora_classifier.layers.*)
-        │                              and any trained head (base_model.model.<module>.weight)
-        ├── 0/                         expert 0, the router's first column: a LoRA adapter folder
-        └── 1/ ...
-
-    peft names its experts "0", "1", ... and activates them by those keys, so the keys are
-    positions, in router order; the file's metadata keeps peftlab's names for the experts.
-    """
-    from safetensors.torch import save_file
-
-    from peftlab.api import records
-    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, base_model_name, peft_config_for, write_reference
-    from peftlab.methods import get_method
-    from peftlab.production.hf_peft import reference_state_dict
-
-    names, recs = expert_names(model, adapter_name), records(model)
-    experts = [peft_config_for(model, get_method(recs[n].method), recs[n].config, n) for n in names]  # fail early
-    config = peft_config(model, adapter_name, [str(final / str(i)) for i in range(len(names))],
-                         base_model_name_or_path=base_model_name(model), inference_mode=True)
-    for i, (name, expert) in enumerate(zip(names, experts)):
-        (folder / str(i)).mkdir()
-        write_reference(model, folder / str(i), name, expert)
-    router = {ROUTER_KEY + k: v for k, v in router_of(model, adapter_name).state_dict().items()}
-    tensors = {**router, **reference_state_dict(model, adapter_name)}  # + the adapter's modules_to_save
-    heads = recs[adapter_name].config.modules_to_save or ()
-    metadata = {"format": "pt", "peftlab_experts": json.dumps(names), "peftlab_modules_to_save": json.dumps(heads)}
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, folder / WEIGHTS_NAME,
-              metadata=metadata)
-    auto_mapping = None if config.task_type else {"base_model_class": type(model).__name__,
-                                                   "parent_library": type(model).__module__}
-    config.save_pretrained(str(folder), auto_mapping_dict=auto_mapping)
-    # peft sorts every key, and so would put expert "10" before "2": keep the router's order
-    raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    raw["adapters"] = dict(config.adapters)
-    (folder / CONFIG_NAME).write_text(json.dumps({k: raw[k] for k in sorted(raw)}, indent=2) + "\n", encoding="utf-8")
-
-
-def read_folder(model: nn.Module, folder: Path, raw: dict, adapter_name: str = "default") -> nn.Module:
-    """Load what :func:`write_folder` (or peft's XLoraModel) wrote into ``model``: each expert from
-    its subfolder (else from the path adapter_config.json gives), then the router and any head.
-    On any error the model is left as it was."""
-    from peftlab.api import adapt, records
-    from peftlab.errors import AdapterFileError
-    from peftlab.io import CONFIG_NAME, WEIGHTS_NAME, Snapshot, load_state, read_adapter_weights
-    from peftlab.production.hf_peft import PREFIX
-
-    adapters = raw.get("adapters")
-    if not isinstance(adapters, dict) or not adapters:
-        raise AdapterFileError(
-            f"{folder / CONFIG_NAME} lists no experts ('adapters' is {adapters!r}). Expected "
-            "{'0': <folder of expert 0>, ...}, as peft's XLoraConfig saves it; save the X-LoRA adapter again.")
-    metadata = _metadata(folder / WEIGHTS_NAME)
-    names = json.loads(metadata.get("peftlab_experts", "null"))  # peftlab's names (a folder peft wrote has none)
-    names = names or [f"{adapter_name}_expert{i}" for i in range(len(adapters))]
-    experts = {}
-    for name, (key, stored) in zip(names, adapters.items()):
-        path = _expert_folder(folder, key, stored)
-        if not (path / CONFIG_NAME).is_file():
-            raise AdapterFileError(
-                f"Expert {key!r} of the X-LoRA adapter in {folder} is neither in {folder / str(key)} nor in "
-                f"{stored}. Expected each expert's LoRA adapter in a subfolder named by its key, as peftlab.save_adapter writes "
-                "it; copy the whole folder, subfolders included.")
-        experts[name] = str(path)
-    taken = [n for n in (adapter_name, *names) if n in records(model)]
-    if taken:
-        raise ConfigError(
-            f"The model already has adapters named {taken}, and loading this X-LoRA adapter adds adapters "
-            f"{[adapter_name, *names]} (it and its experts). Expected new names; try another adapter_name, "
-            "or a model without these adapters (peftlab.compose.delete_adapter).")
-    state = read_adapter_weights(folder)
-    router = {k[len(ROUTER_KEY):]: v for k, v in state.items() if k.startswith(ROUTER_KEY)}
-    heads = {k: v for k, v in state.items() if not k.startswith(ROUTER_KEY)}
-    if not router:
-        raise AdapterFileError(
-            f"{folder / WEIGHTS_NAME} holds no router tensors ({ROUTER_KEY}*). Expected the X-LoRA "
-            "classifier's weights, as peftlab.save_adapter writes them (a folder from peft's own "
-            "save_pretrained can lack them); save the X-LoRA model again.")
-    saved_heads = json.loads(metadata.get("peftlab_modules_to_save", "null"))
-    if saved_heads is None:  # written by peft: the heads are the modules the extra tensors belong to
-        saved_heads = sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in heads})
-    options = {f: raw[f] for f in _PEFT_FIELDS if f in raw}
-    trained_on = raw.get("base_model_name_or_path")
-    hint = f" The adapter was trained on {trained_on!r}." if trained_on else ""
-    undo = Snapshot(model)
-    try:
-        adapt(model, "xlora", adapter_name=adapter_name, experts=experts,
-              modules_to_save=inject.modules_to_save_paths(model, tuple(saved_heads)), **options)
-        try:
-            router_of(model, adapter_name).load_state_dict(router)
-        except RuntimeError as err:  # missing, extra or misshapen tensors
-            raise AdapterFileError(f"The router in {folder / WEIGHTS_NAME} does not fit adapter_config.json "
-                                   f"(hidden_size, xlora_depth, experts, layers): {err}") from err
-        load_state(model, heads, adapter_name, hint)
-    except BaseException as err:
-        for name in (adapter_name, *names):
-            undo.restore(name)
-        if adapter_name in getattr(getattr(model, "xlora_router", None), "adapters", {}):
-            remove_router(model, adapter_name)
-        if isinstance(err, ConfigError):
-            raise AdapterFileError(f"The X-LoRA adapter in {folder} does not fit this model: {err}{hint} "
-                                   "Expected the base model it was trained on; load that one.") from err
-        raise
-    return model
-
-
-def peft_config_from_folder(folder: Path):
-    """peft's XLoraConfig from a saved folder, each expert read from the folder's own subfolder
-    (peft itself reads the absolute paths saved in it, which break when the folder moves)."""
-    from peftlab.production.hf_peft import import_peft
-
-    config = import_peft().XLoraConfig.from_pretrained(str(folder))
-    config.adapters = {k: str(_expert_folder(folder, k, v)) for k, v in config.adapters.items()}
-    return config
-
-
-def _expert_folder(folder: Path, key: str, stored: str) -> Path:
-    """Expert ``key``'s folder: the saved folder's own subfolder, else the path stored with it."""
-    from peftlab.io import CONFIG_NAME
-
-    here = folder / str(key)
-    return here if (here / CONFIG_NAME).is_file() else Path(str(stored))
-
-
-def _metadata(file: Path) -> dict[str, str]:
-    if file.suffix != ".safetensors" or not file.is_file():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        return f.metadata() or {}
+ROUTER_OPTIONS = ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "top_k_lora",
+                  "xlora_depth", "xlora_size", "xlora_dropout_p", "scaling_pass_value", "global_scaling_weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,8 +289,6 @@ def _metadata(file: Path) -> dict[str, str]:
 def xlora_parameter_count(model: nn.Module, config: XLoRAConfig) -> int:
     """Trainable parameters: the router (Linear layers of the classifier), plus the experts' LoRA
     factors when they train. ``model`` is the base (fresh experts) or carries the given experts."""
-    from peftlab.api import records
-
     trainable = config.experts is None if config.use_trainable_adapters is None else config.use_trainable_adapters
     if config.experts is None:
         names = inject.find_targets(model, config.targets or "all-linear", exclude=config.modules_to_save or ())
@@ -534,7 +338,7 @@ def check_peft_can_load(model: nn.Module) -> None:
 
 def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:
     """peft.XLoraConfig's fields for ``backend="peft"``: peft loads its experts from folders, so
-    ``experts`` must be {name: folder}. (A reference X-LoRA model: see :func:`to_peft_config`.)"""
+    ``experts`` must be {name: folder}. (A reference X-LoRA model: see peftlab.xlora_io.to_peft_config.)"""
     if not isinstance(config.experts, dict) or model is None:
         raise ConfigError(
             "peft's X-LoRA loads its experts from saved adapter folders. Expected backend='peft' with "
@@ -546,4 +350,4 @@ def peft_kwargs(config: XLoRAConfig, model: nn.Module | None) -> dict:
     return {"hidden_size": config.hidden_size or model.config.hidden_size,
             "adapters": {str(i): str(path) for i, path in enumerate(config.experts.values())},
             "use_trainable_adapters": bool(config.use_trainable_adapters),
-            **{f: getattr(config, f) for f in _ROUTER_OPTIONS}}
+            **{f: getattr(config, f) for f in ROUTER_OPTIONS}}

@@ -82,6 +82,7 @@ from peftlab.inject import AdaptedLayer, adapted_layers, is_conv1d, is_quantized
 from peftlab.methods.dora import DoRA
 from peftlab.methods.lora import LoRA
 from peftlab.quant.nf4 import Linear4bitRef, dequantize_4bit
+from peftlab.state import state_of
 
 # methods whose adapters have a fused kernel here (others would gain nothing from backend="fused")
 FUSED_METHODS = ("lora", "dora")
@@ -760,7 +761,7 @@ def fuse(model: nn.Module, loss: bool = True, chunk_size: int | None = None) -> 
             _wrap_forward(module, _fused_rms_norm_forward)
     if loss and loss_can_fuse(model):
         install_fused_loss(model, chunk_size)
-    model.peftlab_backend = "fused"
+    state_of(model).backend = "fused"
     return model
 
 
@@ -773,7 +774,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         if is_swiglu_mlp(module) or is_rms_norm(module):
             _unwrap_forward(module)
     remove_fused_loss(model)
-    model.peftlab_backend = "reference"
+    state_of(model).backend = "reference"
     return model
 
 

@@ -376,7 +376,7 @@ PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_n
     "bitfit": lambda adapter: {t: t for t in adapter.tensors},
     "bottleneck": lambda adapter: {f"{p}.{t}": f"bottleneck_{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")},
     # X-LoRA's mixers hold no weights (the experts are LoRA adapters under their own names, the
-    # router sits on the model): see peftlab.methods.xlora.to_peft_config / copy_router_to_peft
+    # router sits on the model): see peftlab.xlora_io.to_peft_config / copy_router_to_peft
     "xlora": lambda adapter: {},
 }
 # peft's "prompt learning" types: their modules hang off the PeftModel (prompt_encoder.<name>),
@@ -386,7 +386,7 @@ PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
 
 
 def _vera_shared(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str, Tensor]:
-    from peftlab.api import records
+    from peftlab.state import records
     from peftlab.methods.vera import shared_projection
 
     if on_disk and not records(model)[adapter_name].config.save_projection:
@@ -403,7 +403,7 @@ SHARED_TENSORS: dict[str, Callable[[nn.Module, str, bool], dict[str, Tensor]]] =
 
 def shared_tensors(model: nn.Module, adapter_name: str = "default", on_disk: bool = False) -> dict[str, Tensor]:
     """The reference model's shared tensors of one adapter under peft's in-memory names."""
-    from peftlab.api import records
+    from peftlab.state import records
 
     hook = SHARED_TENSORS.get(records(model)[adapter_name].method)
     return hook(model, adapter_name, on_disk) if hook else {}
@@ -412,7 +412,7 @@ def shared_tensors(model: nn.Module, adapter_name: str = "default", on_disk: boo
 def reference_to_peft_names(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
     """{peftlab parameter name: peft in-memory parameter name} for one adapter of a reference
     model (adapter parameters and trainable copies)."""
-    from peftlab.api import records
+    from peftlab.state import records
 
     method = records(model)[adapter_name].method
     prompt_learning = get_method(method).peft_type in PROMPT_LEARNING
@@ -448,7 +448,7 @@ def saved_name(peft_name: str, adapter_name: str = "default") -> str:
 
 def reference_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under peft's on-disk names, ready for adapter_model.safetensors."""
-    from peftlab.api import records
+    from peftlab.state import records
 
     params = dict(model.named_parameters())
     names = reference_to_peft_names(model, adapter_name)
@@ -514,3 +514,31 @@ def copy_peft_to_reference(peft_model: nn.Module, reference: nn.Module, adapter_
         reference.get_parameter(ours).copy_(theirs[name])
     for name, tensor in shared_tensors(reference, adapter_name).items():
         tensor.copy_(peft_model.get_buffer(name))
+
+
+# --------------------------------------------------------------------------------------------
+# X-LoRA: peft's XLoraModel reads its experts from folders (peftlab/xlora_io.py writes them)
+# --------------------------------------------------------------------------------------------
+def xlora_peft_config(model: nn.Module, adapter_name: str, expert_folders: list[str], **extra):
+    """``peft.XLoraConfig`` for a reference X-LoRA adapter whose experts are saved, in router
+    order, in ``expert_folders``; ``extra``: further peft config fields."""
+    from peftlab.methods.xlora import peft_kwargs, router_of
+    from peftlab.state import records
+
+    peft = import_peft()
+    config = records(model)[adapter_name].config
+    trainable = config.experts is None if config.use_trainable_adapters is None else config.use_trainable_adapters
+    kwargs = peft_kwargs(dataclasses.replace(config, experts=dict(enumerate(expert_folders)),
+                                             use_trainable_adapters=trainable,
+                                             hidden_size=router_of(model, adapter_name).config.hidden_size), model)
+    return peft.XLoraConfig(task_type=task_type(model), **kwargs, **extra)
+
+
+@torch.no_grad()
+def copy_xlora_router(model: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> None:
+    """Give peft's X-LoRA classifier exactly the reference router's weights."""
+    from peftlab.methods.xlora import router_of
+
+    theirs = peft_model.base_model.internal_xlora_classifier.layers
+    for mine, other in zip(router_of(model, adapter_name).layers.parameters(), theirs.parameters()):
+        other.copy_(mine)

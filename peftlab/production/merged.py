@@ -59,7 +59,7 @@ def bitfit(
     Same selection and same errors as ``peftlab.adapt(model, "bitfit", ...)`` (a model without
     biases raises ConfigError offering include_norms=True).
     """
-    from peftlab.api import default_modules_to_save
+    from peftlab.inject import default_modules_to_save
     from peftlab.inject import matches
     from peftlab.methods.bitfit import BitFitConfig, bitfit_targets
 
