@@ -10,7 +10,7 @@ implementation:
   result is a ``peft.PeftModel``.
 - ``"fused"``: the reference modules with peftlab's hand-written autograd kernels for LoRA and DoRA
   (plus Llama-style SwiGLU MLPs and RMSNorms, and a chunked fused cross-entropy in
-  ``model(..., labels=...)``), peftlab/production/fused.py.
+  ``model(..., labels=...)``), peftlab/production/fused/.
 """
 
 from __future__ import annotations
@@ -69,18 +69,7 @@ def adapt(
             prepare = method_hook(spec, "prepare")
             if prepare is not None:  # what the build needs first (X-LoRA's experts)
                 config = prepare(model, config, adapter_name)
-            if config.targets != ():  # () when only parameters are targeted (LoRA's target_parameters)
-                spec.build(model, config, adapter_name)
-            if getattr(config, "target_parameters", None):  # LoRA on bare parameters (MoE experts)
-                from peftlab.methods.param_lora import add_parameter_lora
-
-                add_parameter_lora(model, config, adapter_name)
-            tokens = getattr(config, "trainable_token_indices", None)  # LoRA's extra: a few embedding rows
-            if tokens:
-                from peftlab.methods.trainable_tokens import add_trainable_tokens
-
-                adapted = [n for n, layer in inject.adapted_layers(model).items() if adapter_name in layer.adapters]
-                add_trainable_tokens(model, tokens, adapter_name, adapted)
+            spec.build(model, config, adapter_name)
         except BaseException:
             undo.restore(adapter_name)
             raise

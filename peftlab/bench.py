@@ -11,7 +11,7 @@ Variants (same model, same random tokens, same rank, all linear layers, fused Ad
     full         full fine-tuning: every weight trains (the baseline adapters are meant to beat)
     peft-lora    Hugging Face peft LoRA
     ref-lora     peftlab's reference LoRA (peftlab/methods/lora.py)
-    fused-lora   peftlab's fused LoRA kernels + fused cross-entropy (peftlab/production/fused.py)
+    fused-lora   peftlab's fused LoRA kernels + fused cross-entropy (peftlab/production/fused/)
     bnb-qlora    peft LoRA on a bitsandbytes NF4 (double-quant) base: the QLoRA recipe
     fused-qlora  peftlab's fused LoRA on the same NF4 base
 
@@ -274,6 +274,7 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
     """Load and adapt a fresh model for ``variant``; returns (one training step, trainable count)."""
     import torch
 
+    from peftlab import xlora_io  # noqa: F401 (registers X-LoRA's method hooks)
     from peftlab.api import adapt
     from peftlab.metrics import count_parameters
     from peftlab.models import load_model

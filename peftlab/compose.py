@@ -1,7 +1,7 @@
 """Several named adapters on one base model: add, switch, delete, mix per example, merge by weight.
 
 One frozen base model can carry many adapters; each ``AdaptedLayer`` keeps them by name in
-``.adapters`` and runs the ones in ``.active`` (peftlab/inject.py). The functions here are thin
+``.adapters`` and runs the ones in ``.active`` (peftlab/inject/). The functions here are thin
 and readable over that:
 
     add_adapter(model, "french", "lora", r=8)      # a second adapter; the active one stays active

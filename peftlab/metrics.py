@@ -85,6 +85,6 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         trainable, total, {k: {"trainable": v["trainable"], "total": v["total"]} for k, v in by_type.items()}
     )
 
-# The memory ledger lives in its own module (peftlab/memory.py); re-exported here, its home in
+# The memory ledger lives in its own package (peftlab/memory/); re-exported here, its home in
 # the design ("metrics: parameter accounting, memory ledger, spectra").
 from peftlab.memory import MemoryLedger, estimate_memory, measure_memory  # noqa: E402,F401

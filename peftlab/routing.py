@@ -3,7 +3,7 @@
 peft's way of serving several adapters in one batch (``"__base__"``: the plain base model for that
 example). A forward pre-hook takes the keyword out of the call (a transformers model would
 silently ignore it) and hands the names to every adapted layer for that call; each layer then
-runs its rows grouped by adapter (peftlab/inject.py, ``AdaptedLayer.example_adapters``).
+runs its rows grouped by adapter (peftlab/inject/adapter.py, ``AdaptedLayer.example_adapters``).
 """
 
 from __future__ import annotations

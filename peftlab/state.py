@@ -7,7 +7,7 @@ Everything peftlab knows about a model beyond its modules lives in one place, ``
     state = state_of(model)          # created on first use
     state.records                    # {adapter name: AdapterRecord(method, config)}, in order added
     state.active                     # the adapter that runs and trains (None: none yet)
-    state.backend                    # "reference" or "fused" (peftlab/production/fused.py)
+    state.backend                    # "reference" or "fused" (peftlab/production/fused/)
     state.loss_terms                 # {key: fn(model) -> loss}: added to the training loss
     state.after_step                 # {key: fn(model, step)}: run after each optimizer step
     state.method_state               # {key: object}: what a method keeps between steps (AdaLoRA)

@@ -30,8 +30,8 @@ from peftlab.io import (CONFIG_NAME, WEIGHTS_NAME, base_model_name, load_adapter
 from peftlab.methods import get_method, register_hooks
 from peftlab.methods.xlora import (ROUTER_OPTIONS, XLoRAConfig, expert_names, fresh_expert_names, remove_router,
                                    router_of, turn_off_cache)
-from peftlab.production.hf_peft import (PREFIX, copy_xlora_router, import_peft, reference_state_dict,
-                                        xlora_peft_config)
+from peftlab.production.hf_peft import PREFIX, import_peft, reference_state_dict
+from peftlab.production.xlora_bridge import copy_xlora_router, xlora_peft_config
 from peftlab.state import Snapshot, active_name, records, state_of
 
 copy_router_to_peft = copy_xlora_router  # the name lesson 11 and the tests use

@@ -175,7 +175,7 @@ def _denied_mkdtemp(c: Ctx) -> Path:
         raise PermissionError(13, "Permission denied")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(io.tempfile, "mkdtemp", denied)
+    mp.setattr(io.files.tempfile, "mkdtemp", denied)
     c._undo = mp  # type: ignore[attr-defined]
     return c.saved
 

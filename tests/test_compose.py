@@ -280,3 +280,21 @@ def test_weighted_merge_refuses_expert_parameters():
     compose.add_adapter(model, "de", "lora", r=2, target_parameters=EXPERTS)
     with pytest.raises(ConfigError, match=r"'en' adapts parameters.*peft refuses it too.*try merging"):
         compose.add_weighted_adapter(model, ["en", "de"], [1, 1], "mix", "cat")
+
+
+def test_the_forward_never_changes_weights(tiny_llama):
+    """Disabling unmerges in set_disabled, the explicit call; a layer disabled by hand while merged
+    refuses to run rather than unmerge itself in the forward."""
+    model, base = _two_adapters(tiny_llama)
+    ids = torch.randint(0, 200, (1, 5), generator=torch.Generator().manual_seed(0))
+    peftlab.merge(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    merged_weight = layer.base_layer.weight.clone()
+    layer.disabled = True
+    with pytest.raises(ConfigError, match=r"disabled but adapters \['en'\] are merged.*set_disabled"):
+        model(input_ids=ids)
+    assert torch.equal(layer.base_layer.weight, merged_weight)
+    layer.disabled = False
+    peftlab.set_disabled(model, True)
+    assert not layer.merged
+    torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -104,6 +104,31 @@ def test_script_holds_the_run_literally(tiny_run, tmp_path, capsys):
     default.unlink()
 
 
+def test_the_template_is_a_python_file_that_compiles():
+    """peftlab/export/template.py is the exported script itself, placeholders and all: valid
+    Python (so it is read and linted as code), and SCRIPT_TEMPLATE is its text below the header."""
+    import importlib.resources
+
+    from peftlab.export import SCRIPT_TEMPLATE
+
+    template = importlib.resources.files("peftlab.export").joinpath("template.py")
+    source = template.read_text(encoding="utf-8")
+    compile(source, str(template), "exec")
+    assert source.endswith(SCRIPT_TEMPLATE) and SCRIPT_TEMPLATE.startswith('"""Fine-tune __MODEL_NAME__')
+
+
+def test_every_placeholder_is_filled(tiny_run):
+    """No ``__NAME__`` of the template or its fragments survives into a script, for a causal LM,
+    a 4-bit base and a hub model."""
+    import re
+
+    run = json.loads((tiny_run / "run.json").read_text())
+    for change in ({}, {"quantization": "nf4"}, {"model": "HuggingFaceTB/SmolLM2-360M-Instruct",
+                                                 "data": "someone/qa-pairs", "quantization": "nf4"}):
+        text = render_script({**run, "args": {**run["args"], **change}})
+        assert not re.search(r"__[A-Z][A-Z0-9_]*__", text), re.search(r"__[A-Z][A-Z0-9_]*__", text)
+
+
 def test_qlora_and_hub_runs_render_their_own_loading_code(tiny_run):
     run = json.loads((tiny_run / "run.json").read_text())
     run["args"]["quantization"] = "nf4"

@@ -1,4 +1,4 @@
-"""The fused backend (peftlab/production/fused.py) against the reference path.
+"""The fused backend (peftlab/production/fused/) against the reference path.
 
 Tolerance: float32 throughout, outputs and gradients must agree to atol 1e-5 plus rtol 1e-4
 (on the 30-layer SmolLM2, atol 1e-4 times the tensor's largest value: see that test). Every test randomises
@@ -21,6 +21,7 @@ import peftlab
 from peftlab.errors import ConfigError
 from peftlab.inject import adapted_layers
 from peftlab.production import fused
+from peftlab.production.fused import matmul
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -157,9 +158,9 @@ def test_dense_linear_equals_f_linear(monkeypatch):
     transposed view, several leading dims, no rows; bf16 goes to PyTorch's own matmul."""
     torch.manual_seed(0)
     calls = []
-    op = fused._onednn_linear()
+    op = matmul._onednn_linear()
     if op is not None:
-        monkeypatch.setattr(fused, "_onednn_linear", lambda: lambda *a: calls.append(1) or op(*a))
+        monkeypatch.setattr(matmul, "_onednn_linear", lambda: lambda *a: calls.append(1) or op(*a))
     x, w, b, dy = torch.randn(2, 5, 24), torch.randn(40, 24), torch.randn(40), torch.randn(7, 40)
     assert_close(fused.dense_linear(x, w, b), F.linear(x, w, b), "x W^T + b")
     assert_close(fused.dense_linear(dy, w.T), dy @ w, "dy W")

@@ -17,6 +17,7 @@ from torch import nn
 
 import peftlab
 from peftlab import io
+from peftlab.io import files as io_files
 from peftlab.errors import AdapterFileError, ConfigError
 from peftlab.inject import AdaptedLayer, TrainableCopy, adapted_layers
 
@@ -316,7 +317,7 @@ def test_read_only_destination(llama, tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(io.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(io_files.tempfile, "mkdtemp", denied)
     with pytest.raises(AdapterFileError, match="permission denied.*Try a path") as info:
         peftlab.save_adapter(model, locked / "adapter")
     assert isinstance(info.value.__cause__, PermissionError)
@@ -354,7 +355,7 @@ def test_error_inside_the_block_keeps_the_old_folder(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_replacing_swaps_whole_folders(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(io_files, "_exchange", lambda a, b: False)
     dest = tmp_path / "ckpt"
     for version in (1, 2, 3):
         with io.atomic_dir(dest) as tmp:

@@ -23,7 +23,7 @@ LAYERS = (
     ("compose",),
     ("io",),
     ("xlora_io",),  # X-LoRA's experts on disk and in peft (hooks registered into the methods)
-    ("memory", "metrics", "spectra", "evaluation", "plots", "tasks"),  # analysis
+    ("memory", "metrics", "spectra", "evaluation", "plots", "tasks", "preview"),  # analysis
     ("train", "bench", "bench_learn", "export", "cli", "study", "report", "exercises"),
     ("__init__",),  # the facade: `import peftlab`
     ("widgets",),
@@ -146,3 +146,13 @@ def test_architecture_md_names_every_layer():
         for name in names:
             shown = "peftlab/__init__.py" if name == "__init__" else name
             assert shown in text, f"ARCHITECTURE.md does not place {shown!r}"
+
+
+def test_pyproject_installs_every_package():
+    """A package split out of a module must be listed for a built (non-editable) install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m.replace("widgets", "peftlab.widgets", 1) if m.startswith("widgets") else m
+             for m, f in MODULES.items() if f.name == "__init__.py"}
+    assert found == listed, f"missing: {sorted(found - listed)}, stale: {sorted(listed - found)}"

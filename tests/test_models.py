@@ -167,13 +167,13 @@ def test_unreachable_network_is_detected_within_the_timeout(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_REACHABLE", {})
+    monkeypatch.setattr(models.hub, "_REACHABLE", {})
 
     def hang(*args, **kwargs):
         time.sleep(10)
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(models.socket, "create_connection", hang)
+    monkeypatch.setattr(models.hub.socket, "create_connection", hang)
     start = time.perf_counter()
     with pytest.raises(OfflineError, match="tiny-llama"):
         load_model("someone/some-model")
@@ -280,7 +280,7 @@ def test_interrupted_smollm2_conversion_then_load_succeeds(tmp_path, monkeypatch
             raise KeyboardInterrupt  # the user pressed stop in the middle of the conversion
         tokenizer.save_pretrained(out)
 
-    monkeypatch.setattr(models, "_convert_smollm2", fake_convert)
+    monkeypatch.setattr(models.loading, "convert_smollm2", fake_convert)  # load_model's lookup
     with pytest.raises(KeyboardInterrupt):
         load_model("smollm2-135m")
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []

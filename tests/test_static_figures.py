@@ -51,10 +51,10 @@ def test_without_a_renderer_the_figure_is_still_shown(monkeypatch):
         raise RuntimeError("no Chromium found")
 
     monkeypatch.setattr(go.Figure, "to_image", no_chromium)
-    monkeypatch.setattr(plots, "_NO_PNG", [])
+    monkeypatch.setattr(plots.notebook, "_NO_PNG", [])  # where plots.show looks
     bundle = _shown(monkeypatch, plots.loss_curve([1.0, 0.5]))
     assert PLOTLY in bundle and "image/png" not in bundle
-    assert plots._NO_PNG == ["RuntimeError: no Chromium found"]  # found out once, not tried per figure
+    assert plots.notebook._NO_PNG == ["RuntimeError: no Chromium found"]  # found out once, not tried per figure
 
 
 def test_colab_gets_plotlys_html_too(monkeypatch):
@@ -62,7 +62,7 @@ def test_colab_gets_plotlys_html_too(monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    monkeypatch.setattr(plots, "static_png", lambda fig: None)
+    monkeypatch.setattr(plots.notebook, "static_png", lambda fig: None)
     bundle = _shown(monkeypatch, plots.loss_curve([1.0, 0.5]))
     assert "text/html" in bundle and "plotly" in bundle["text/html"]
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-import peftlab.study as study_mod
+import peftlab.study.running as study_running  # run_study calls run_cell from here
 from peftlab.cli import main
 from peftlab.errors import ConfigError
 from peftlab.study import StudyConfig, load_study, run_study, summarize
@@ -52,8 +52,8 @@ def test_resume_runs_only_the_missing_cells(finished, tmp_path, monkeypatch):
     cut = dict(study, cells=study["cells"][:3])  # as if interrupted during the fourth cell
     (tmp_path / "study.json").write_text(json.dumps(cut))
     ran = []
-    real = study_mod.run_cell
-    monkeypatch.setattr(study_mod, "run_cell", lambda *a: ran.append(a[1:]) or real(*a))
+    real = study_running.run_cell
+    monkeypatch.setattr(study_running, "run_cell", lambda *a: ran.append(a[1:]) or real(*a))
     resumed = run_study(CONFIG, tmp_path, in_child=False, log=None)
     assert ran == [("full", 1e-3, 1)]
     assert resumed["cells"][:3] == study["cells"][:3] and len(resumed["cells"]) == 4
@@ -72,7 +72,7 @@ def test_a_failing_cell_is_recorded_and_tried_again(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(study_mod, "run_cell", broken)
+    monkeypatch.setattr(study_running, "run_cell", broken)
     first = run_study(config, tmp_path, in_child=False, log=None)
     assert first["cells"][0]["status"] == "error: RuntimeError: out of memory"
     monkeypatch.undo()

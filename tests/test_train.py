@@ -283,6 +283,28 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert _EpochOrder(10, seed=1).rows(0, 10) != epoch0
 
 
+def test_settings_are_frozen_and_recorded_in_the_order_train_takes_them(tmp_path):
+    import dataclasses
+    import inspect
+    from types import SimpleNamespace
+
+    from peftlab.train import TrainSettings
+
+    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    params = [n for n in inspect.signature(train).parameters if n in names]
+    assert names == params  # every setting is an argument of train(), in its order
+    values = {n: inspect.signature(train).parameters[n].default for n in names}
+    settings = TrainSettings(**{**values, "out_dir": tmp_path})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.steps = 3
+    task = SimpleNamespace(name="qa", framing="generate")
+    recorded = settings.as_dict(task)
+    assert list(recorded) == names + ["task"]
+    assert recorded["out_dir"] == str(tmp_path) and recorded["task"] == "qa (generate)"
+    with pytest.raises(peftlab.PeftlabError, match="grad_accum=0"):
+        dataclasses.replace(settings, grad_accum=0).check()
+
+
 def test_bad_settings_and_untrainable_models_are_clear_errors(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(peftlab.PeftlabError, match="no trainable parameters"):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from peftlab.errors import UnknownNameError, closest
-from peftlab.inject import Adapter, conv_shape, find_targets, inject, layer_dims
+from peftlab.errors import ConfigError, UnknownNameError, closest
+from peftlab.inject import Adapter, adapted_layers, conv_shape, find_targets, inject, layer_dims
 from peftlab.methods.adalora import AdaLoRAConfig, adalora_parameter_count, build_adalora
 from peftlab.methods.base import AdapterConfig
 from peftlab.methods.bitfit import BitFitConfig, bitfit_parameter_count, build_bitfit
@@ -26,6 +26,8 @@ from peftlab.methods.llama_adapter import (ATTENTION_TARGETS, LlamaAdapterConfig
 from peftlab.methods.loha import LoHa, LoHaConfig, loha_parameter_count
 from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
 from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, MultiheadAttentionLoRA, lora_parameter_count
+from peftlab.methods.param_lora import add_parameter_lora
+from peftlab.methods.trainable_tokens import add_trainable_tokens
 from peftlab.methods.oft import OFT, OFTConfig, oft_embedding_parameter_count, oft_parameter_count
 from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
 from peftlab.methods.prefix_tuning import (PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count,
@@ -48,6 +50,14 @@ ATTENTION_QV = {
     "gpt2": ("c_attn",),
     "opt": ("q_proj", "v_proj"),
 }
+
+
+# The architectures (``config.model_type``) whose activations the memory ledger's closed form
+# models term by term (peftlab/memory/activations.py; tests/test_memory.py holds them within 2% of
+# a measurement), for the methods whose adapters report what they save (methods/base.py).
+FORMULA_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "bert", "roberta"})
+# a prefix's terms are those of Llama-style attention (BERT's explicit-mask path differs)
+DECODER_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
 HOOKS = ("prepare", "write_folder", "read_folder", "peft_config_from_folder")  # see Method.hooks
@@ -82,6 +92,13 @@ class Method:
     # params_per_embedding(num_embeddings, embedding_dim, config): the count on an nn.Embedding
     # where it is not params_per_layer's (OFT turns each looked-up row); None: params_per_layer
     params_per_embedding: Callable[[int, int, AdapterConfig], int] | None = None
+    # the architectures (model_type) on which the memory ledger's closed form models this
+    # method's activations (its adapters report them: methods/base.py); on the others, and for
+    # methods with none, the ledger traces one step of the model on the meta device
+    activation_formula: frozenset[str] = frozenset()
+    # a method whose adapters have this one's shapes, built in its place where only shapes count
+    # (the memory ledger's meta-device model): LoftQ only chooses LoRA's start values
+    shapes_like: str | None = None
     # what a layer above the methods registers for this method (register_hooks), so that api
     # and io reach it through the registry and never by the method's name:
     #   prepare(model, config, adapter_name) -> config   before build (X-LoRA: put its experts on)
@@ -125,11 +142,27 @@ def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None,
     return build
 
 
+_LORA_LAYERS = layer_method(LoRA, conv=ConvLoRA, others=(MultiheadAttentionLoRA,))
+
+
+def build_lora(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    """LoRA on its target layers, then peft's two extras that ride on a LoRA adapter: LoRA on
+    bare parameters (``target_parameters``, MoE experts; ``targets=()`` when only those are
+    targeted) and a few trained embedding rows (``trainable_token_indices``)."""
+    if config.targets != ():
+        _LORA_LAYERS(model, config, adapter_name)
+    if config.target_parameters:
+        add_parameter_lora(model, config, adapter_name)
+    if config.trainable_token_indices:
+        adapted = [n for n, layer in adapted_layers(model).items() if adapter_name in layer.adapters]
+        add_trainable_tokens(model, config.trainable_token_indices, adapter_name, adapted)
+
+
 METHODS: dict[str, Method] = {
     "lora": Method(
         name="lora",
         config=LoRAConfig,
-        build=layer_method(LoRA, conv=ConvLoRA, others=(MultiheadAttentionLoRA,)),
+        build=build_lora,
         family="reparameterisation",
         description="Learn a low-rank update B A beside each frozen weight: W0 + (alpha/r) B A.",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2106.09685",
@@ -137,6 +170,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=lora_parameter_count,
         mergeable=True,
         peft_type="LORA",
+        activation_formula=FORMULA_ARCHITECTURES,
     ),
     "oft": Method(
         name="oft",
@@ -175,6 +209,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=dora_parameter_count,
         mergeable=True,
         peft_type="LORA",  # peft: LoraConfig(use_dora=True)
+        activation_formula=FORMULA_ARCHITECTURES,
     ),
     "loha": Method(
         name="loha",
@@ -187,6 +222,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=loha_parameter_count,
         mergeable=True,
         peft_type="LOHA",
+        activation_formula=FORMULA_ARCHITECTURES,
     ),
     "lokr": Method(
         name="lokr",
@@ -199,6 +235,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=lokr_parameter_count,
         mergeable=True,
         peft_type="LOKR",
+        activation_formula=FORMULA_ARCHITECTURES,
     ),
     "vera": Method(
         name="vera",
@@ -211,6 +248,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=lambda d_in, d_out, c: d_out + c.r,
         mergeable=True,
         peft_type="VERA",
+        activation_formula=FORMULA_ARCHITECTURES,
         default_targets={**ATTENTION_QV, "phi": ("q_proj", "v_proj")},  # peft adds phi for VeRA
     ),
     "adalora": Method(
@@ -224,6 +262,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=adalora_parameter_count,
         mergeable=True,
         peft_type="ADALORA",
+        activation_formula=FORMULA_ARCHITECTURES,
     ),
     "loftq": Method(
         name="loftq",
@@ -236,6 +275,8 @@ METHODS: dict[str, Method] = {
         params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out),
         mergeable=True,
         peft_type="LORA",  # peft: LoraConfig(init_lora_weights="loftq", loftq_config=...)
+        activation_formula=FORMULA_ARCHITECTURES,
+        shapes_like="lora",
     ),
     "prompt_tuning": Method(
         name="prompt_tuning",
@@ -248,6 +289,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=None,
         mergeable=False,
         peft_type="PROMPT_TUNING",
+        activation_formula=FORMULA_ARCHITECTURES,
         default_targets={},
         parameter_count=prompt_tuning_parameter_count,
     ),
@@ -262,6 +304,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=None,
         mergeable=False,
         peft_type="PREFIX_TUNING",
+        activation_formula=DECODER_ARCHITECTURES,
         default_targets={},
         resolve=resolve_prefix_tuning,
         parameter_count=prefix_tuning_parameter_count,
@@ -277,6 +320,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=None,
         mergeable=False,
         peft_type="P_TUNING",
+        activation_formula=FORMULA_ARCHITECTURES,
         default_targets={},
         parameter_count=p_tuning_parameter_count,
     ),
@@ -291,6 +335,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=None,  # d_in or d_out, depending on whether the layer is feed-forward
         mergeable=True,
         peft_type="IA3",
+        activation_formula=FORMULA_ARCHITECTURES,
         default_targets=IA3_TARGETS,
         resolve=resolve_ia3,
         parameter_count=ia3_parameter_count,
@@ -306,6 +351,7 @@ METHODS: dict[str, Method] = {
         params_per_layer=None,  # a bias per module, and modules are not only linear layers
         mergeable=True,
         peft_type=None,  # production path: peftlab.production.merged.bitfit (plain requires_grad)
+        activation_formula=FORMULA_ARCHITECTURES,
         default_targets={},  # BitFitConfig's own default, targets=".*": every module's bias
         parameter_count=bitfit_parameter_count,
     ),

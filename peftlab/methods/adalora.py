@@ -62,7 +62,8 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, ConvShape, adapted_layers, apply_weight, check_zero_padding,
                             find_targets, inject, is_conv1d, is_linear, matrix_dims)
-from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations, check_range,
+                                  in_base_layout, is_count, low_rank_activations)
 from peftlab.state import active_name, peek, state_of
 
 
@@ -81,7 +82,7 @@ class AdaLoRAConfig(AdapterConfig):
     dropout: float = 0.0  # dropout on the adapter's input only
 
     def __post_init__(self) -> None:
-        if isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step < 1:
+        if not is_count(self.total_step):
             raise ConfigError(
                 f"AdaLoRA needs total_step, the number of optimizer steps you will train, because its "
                 f"rank budget shrinks on a schedule over the run; got total_step={self.total_step!r}. "
@@ -90,7 +91,7 @@ class AdaLoRAConfig(AdapterConfig):
             )
         for name in ("init_r", "target_r", "deltaT"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
         if self.target_r > self.init_r:
             raise ConfigError(
@@ -140,10 +141,15 @@ class AdaLoRA(Adapter):
         """ΔW = P (Λ ⊙ Q) · scaling / (init_r + 1e-5) in (d_out, d_in) layout."""
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
 
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: as LoRA's, at the starting rank init_r (pruning zeroes values of
+        Λ, the tensors keep their size)."""
+        return low_rank_activations(layer, int(self.lora_A.shape[0]), self.dropout)
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         if self.is_conv:
             return self.update().view_as(base.weight)  # (C_out, C_in, kh, kw)
-        return self.update().T if self.transposed else self.update()  # (d_out, d_in) or Conv1D's (d_in, d_out)
+        return in_base_layout(self.update(), self.transposed)  # (d_out, d_in) or Conv1D's (d_in, d_out)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(P Λ · scaling, Q): ΔW = left @ right in (d_out, d_in) layout. Λ are not exactly the

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, TrainableCopy, base_of, candidate_modules, inject, is_linear,
                             matches, output_head_names)
-from peftlab.methods.base import AdapterConfig
+from peftlab.methods.base import AdapterConfig, LayerActivations, SavedActivations
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,10 @@ class BitFit(Adapter):
             return result + (self.bias - base.bias).to(result.dtype)
         # a norm layer with a trained γ: run its own forward with our tensors in place of its own
         return functional_call(base, {n: getattr(self, n) for n in self.tensors}, (x,))
+
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: nothing, not even x: a bias's gradient is the output's gradient."""
+        return SavedActivations(keeps_input=False)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         if "weight" in self.tensors:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError, PeftlabWarning
 from peftlab.inject import (Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, conv_with,
                             is_conv1d, matrix_dims)
-from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.methods.base import AdapterConfig, check_range, in_base_layout, is_count
 from peftlab.methods.oft import block_dropout, check_conv_rotation, divisors, linear_weight, reject_embedding
 
 
@@ -73,7 +73,7 @@ class BOFTConfig(AdapterConfig):
         object.__setattr__(self, "block_num", self.block_num or 0)  # peft's convention (frozen)
         for name in ("block_size", "block_num", "n_butterfly_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_count(value, minimum=0):
                 raise ConfigError(f"BOFT {name}={value!r} is invalid. Expected a positive integer.")
         if self.n_butterfly_factor < 1:
             raise ConfigError("BOFT n_butterfly_factor must be at least 1 (1 = plain OFT). Try 1 or 2.")
@@ -218,7 +218,7 @@ class BOFT(Adapter):
         delta = self.rotated_weight(base) - linear_weight(base)  # W' = diag(s) W0 R^T, (d_out, d_in)
         if self.conv:
             return delta.reshape(base.weight.shape)  # (C_out, C_in, k, k)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
 
 def check_square_conv(base: nn.Module) -> None:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError, closest
 from peftlab.inject import Adapter, base_of, find_targets, inject, is_linear, layer_dims
-from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.methods.base import AdapterConfig, check_range, is_count
 
 KINDS = ("houlsby", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": F.tanh}
@@ -105,7 +105,7 @@ class BottleneckConfig(AdapterConfig):
                 f"Expected one of: {', '.join(ACTIVATIONS)}.")
         for name in ("r", "reduction_factor"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_count(value):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer (e.g. r=8 "
                                   "or reduction_factor=16).")
         if self.sources is not None and (self.kind != "parallel" or not isinstance(self.sources, dict) or not all(

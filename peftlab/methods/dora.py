@@ -38,7 +38,7 @@ magnitude per output channel, and the equations above with the convolution for t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, adapted_layers, conv_shape, conv_with,
                             dense_weight, embed_scale, is_conv1d, layer_dims)
-from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations, check_range,
+                                  check_rank, in_base_layout, low_rank_activations)
 from peftlab.methods.lora import check_conv_lora
 
 
@@ -155,9 +156,16 @@ class DoRA(Adapter):
         directed = self.base_weight(base) + self.scaling * self.lora_weight()
         return (self.magnitude.view(-1) / row_norm(directed)).unsqueeze(1) * directed
 
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: LoRA's, and for m's gradient W0 x and B A x (the fused backend:
+        z = W0 x + s B A x alone, in the compute dtype)."""
+        kept = layer.compute_bytes if layer.fused else 2 * layer.adapter_bytes
+        saved = low_rank_activations(layer, self.r, self.dropout)
+        return replace(saved, outputs=layer.tokens * layer.d_out * kept)  # (N, d_out) twice, or z
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = self.merged_weight(base) - self.base_weight(base)  # (d_out, d_in)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
     def direction_factors(self) -> tuple[Tensor, Tensor]:
         """(s·B, A): the low-rank update of the direction's numerator, V = W0 + (s·B) A.

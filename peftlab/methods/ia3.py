@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, base_of, conv_shape, find_targets, inject, is_conv1d, is_linear,
                             layer_dims, matches)
-from peftlab.methods.base import AdapterConfig
+from peftlab.methods.base import AdapterConfig, LayerActivations, SavedActivations
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING), by model_type
 IA3_TARGETS = {
@@ -135,6 +135,10 @@ class IA3(Adapter):
         # output o sees only its group's C_in/g inputs: repeat each group's slice of l C_out/g times
         per_group = scale.reshape(g, 1, c_in // g).expand(g, c_out // g, c_in // g)
         return per_group.reshape(c_out, c_in // g, *ones)
+
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: the layer's input x, nothing of its own."""
+        return SavedActivations()
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         return base.weight * (self._scale_along_weight(base) - 1)  # W' = W ⊙ l  =>  ΔW = W ⊙ (l - 1)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.inject import Adapter, AdaptedLayer, set_module, candidate_modules, matches
-from peftlab.methods.base import AdapterConfig
+from peftlab.methods.base import AdapterConfig, is_count
 
 # peft 0.21's AdaptionPrompt: Llama-architecture attention, and GPT-2's (its own variant)
 SUPPORTED = ("llama", "mistral", "gpt2")
@@ -65,7 +65,7 @@ class LlamaAdapterConfig(AdapterConfig):
     def __post_init__(self) -> None:
         for name in ("adapter_len", "adapter_layers"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_count(value):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer "
                                   "(the paper: adapter_len=10, adapter_layers=30).")
 

@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, ConvShape, apply_weight, check_zero_padding, conv_shape, is_conv1d,
                             matrix_dims)
-from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations, check_range,
+                                  check_rank, in_base_layout)
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,17 @@ class LoHa(Adapter):
         update = apply_weight(base, x.to(delta.dtype), delta)  # (..., d_out), or (N, C_out, ...)
         return (result + update).to(result.dtype)
 
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: x, the two Hadamard factors (d_out, d_in) each, and the
+        materialised ΔW wherever x needs a gradient (x's gradient is ΔWᵀ times the output's)."""
+        weight = layer.d_out * layer.d_in * layer.adapter_bytes
+        return SavedActivations(own=2 * weight + (weight if layer.input_grad else 0))
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = self.update()  # (d_out, d_in): on a convolution reshaped to (C_out, C_in/g, *kernel)
         if self.conv_weight_shape is not None:
             return delta.reshape(self.conv_weight_shape)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(left (d_out, r²), right (r², d_in)) with ΔW = left @ right in (d_out, d_in) layout."""

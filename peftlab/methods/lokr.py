@@ -59,7 +59,8 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.inject import Adapter, ConvShape, apply_weight, conv_shape, is_conv1d, layer_dims
-from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations, check_range,
+                                  check_rank, in_base_layout)
 from peftlab.methods.loha import check_conv_lycoris, drop_rows, skip_module, uses_cp
 
 
@@ -209,11 +210,15 @@ class LoKr(Adapter):
         update = apply_weight(base, x.to(delta.dtype), delta)  # (..., d_out), or (N, C_out, ...)
         return (result + update).to(result.dtype)
 
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: x, and the materialised W1 ⊗ W2 wherever x needs a gradient."""
+        return SavedActivations(own=layer.d_out * layer.d_in * layer.adapter_bytes if layer.input_grad else 0)
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = self.update()  # (d_out, d_in): on a convolution reshaped to (C_out, C_in/g, *kernel)
         if self.conv_weight_shape is not None:
             return delta.reshape(self.conv_weight_shape)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
     @torch.no_grad()
     def singular_values(self) -> Tensor:

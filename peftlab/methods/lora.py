@@ -42,7 +42,8 @@ from torch.func import functional_call
 from peftlab.errors import ConfigError
 from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with,
                             embed_scale, is_conv1d, layer_dims)
-from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations,
+                                  check_rank, check_range, is_count, low_rank_activations)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class LoftQConfig(LoRAConfig):
                               "Expected init='loftq'; for another init use method 'lora'.")
         if self.loftq_bits != 4:
             raise ConfigError(f"loftq_bits={self.loftq_bits!r} is not supported. Expected 4 (NF4).")
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+        if not is_count(self.loftq_iter):
             raise ConfigError(f"loftq_iter={self.loftq_iter!r} is invalid. Expected a positive integer.")
 
 
@@ -157,6 +158,10 @@ class LoRA(Adapter):
         x = self.dropout(x.to(self.lora_A.dtype))
         update = F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias)  # (..., r) -> (..., d_out)
         return (result + update * self.scaling).to(result.dtype)  # add in the adapter's precision
+
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: x (or dropout(x) and its mask) for A's gradient, x Aᵀ (N, r) for B's."""
+        return low_rank_activations(layer, self.r, self.dropout)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in)

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError, PeftlabWarning
 from peftlab.inject import (Adapter, ConvShape, apply_weight, conv_shape, dense_weight, is_conv, is_conv1d,
                             is_linear, matrix_dims)
-from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.methods.base import AdapterConfig, check_range, in_base_layout, is_count
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class OFTConfig(AdapterConfig):
         object.__setattr__(self, "r", self.r or 0)  # normalised to peft's convention (frozen)
         for name in ("block_size", "r"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_count(value, minimum=0):
                 raise ConfigError(f"OFT {name}={value!r} is invalid. Expected a positive integer.")
         check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_range("eps", self.eps, low=0.0, low_open=True)
@@ -302,7 +302,7 @@ class OFT(Adapter):
         delta = W0 @ R.T - W0  # W' = W0 R^T  (the paper's R W0, transposed)
         if self.kernel is not None:
             return delta.reshape(base.weight.shape)  # (C_out, C_in, 1, 1): groups = 1 (merge_refusal)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
 
 def merge_refusal(base: nn.Module) -> str | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.methods.base import check_range
+from peftlab.methods.base import check_range, is_count
 from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, table_rows, word_embeddings
 
 ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType values
@@ -58,7 +58,7 @@ class PTuningConfig(SoftPromptConfig):
         object.__setattr__(self, "encoder_reparameterization_type", kind)  # stored as peft spells it
         for name in ("encoder_hidden_size", "encoder_num_layers"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_count(value):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
         check_range("encoder_dropout", self.encoder_dropout, low=0.0, high=1.0, high_open=True)
         if kind == "MLP" and self.encoder_num_layers != 2:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
+from peftlab.methods.base import is_count
 from peftlab.methods.soft_prompt import SoftPrompt, SoftPromptConfig, attach, attention_geometry, prompt_stacks
 
 
@@ -57,9 +58,7 @@ class PrefixTuningConfig(SoftPromptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.encoder_hidden_size is not None and (
-                isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int)
-                or self.encoder_hidden_size < 1):
+        if self.encoder_hidden_size is not None and not is_count(self.encoder_hidden_size):
             raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size!r} is invalid. "
                               "Expected a positive integer, or None for d_kv.")
         if self.init_weights not in (None, "zero"):

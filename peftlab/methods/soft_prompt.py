@@ -83,7 +83,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.inject import Adapter, AdaptedLayer, base_of, inject
-from peftlab.methods.base import AdapterConfig
+from peftlab.methods.base import AdapterConfig, PromptPositions, is_count
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,12 @@ class SoftPrompt(Adapter):
 
     def forward(self, x: Tensor, base: nn.Module, result: Tensor) -> Tensor:
         return result  # the word embeddings themselves are unchanged
+
+    def prompt_positions(self) -> PromptPositions:
+        """For the memory ledger: n positions before every input, or n keys and values before
+        every attention's own (a prefix)."""
+        n = int(self.num_virtual_tokens)
+        return PromptPositions(prefix=n) if self.is_prefix else PromptPositions(inputs=n)
 
     def prompt(self) -> Tensor:
         """The virtual tokens: (n, d_model) for an input prompt ((2n, d_model) on an
@@ -426,7 +432,7 @@ def embedding_init(word_embeddings: nn.Embedding, token_ids: list[int] | Tensor)
 
 
 def check_virtual_tokens(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_count(n):
         raise ConfigError(
             f"num_virtual_tokens={n!r} is invalid. Expected a positive integer (typical: 8 to "
             "100; the prompt-tuning paper uses 100 for T5, peftlab's default is 20)."

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from peftlab.errors import ConfigError
 from peftlab.inject import (Adapter, adapted_layers, base_of, find_targets, inject, is_conv1d, is_linear,
                             layer_dims)
-from peftlab.methods.base import AdapterConfig, check_rank, check_range
+from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations, check_range,
+                                  check_rank, in_base_layout, trains_dropout)
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,17 @@ class VeRA(Adapter):
         A, B = self.shared()
         return self.vera_lambda_b.unsqueeze(1) * B, self.vera_lambda_d.unsqueeze(1) * A
 
+    def saved_activations(self, layer: LayerActivations) -> SavedActivations:
+        """For the memory ledger: Λ_d-scaled A x (N, r) and B Λ_d A x (N, d_out), for Λ_d's and
+        Λ_b's gradients, and not x, which meets the frozen A first."""
+        rank = int(self.vera_lambda_d.shape[0])
+        return SavedActivations(own=layer.tokens * (rank + layer.d_out) * layer.adapter_bytes,
+                                keeps_input=False, dropout=trains_dropout(self.dropout))
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         left, right = self.factors()
         delta = left @ right  # (d_out, d_in)
-        return delta.T if self.transposed else delta
+        return in_base_layout(delta, self.transposed)
 
 
 def build_vera(model: nn.Module, config: VeRAConfig, adapter_name: str) -> None:

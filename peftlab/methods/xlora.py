@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from peftlab import inject
 from peftlab.errors import ConfigError
-from peftlab.methods.base import AdapterConfig, check_range
+from peftlab.methods.base import AdapterConfig, check_range, is_count
 from peftlab.state import active_name, records
 
 
@@ -68,8 +68,7 @@ class XLoRAConfig(AdapterConfig):
     global_scaling_weight: float = 1.0  # g: multiplies every expert's output
 
     def __post_init__(self) -> None:
-        if self.experts is None and (isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int)
-                                     or self.n_experts < 1):
+        if self.experts is None and not is_count(self.n_experts):
             raise ConfigError(f"n_experts={self.n_experts!r} is invalid. Expected a positive integer, e.g. 2.")
         if self.xlora_depth < 1:
             raise ConfigError(f"xlora_depth={self.xlora_depth!r} is invalid. Expected 1 or more router layers.")

@@ -1,0 +1,105 @@
+"""A study's configuration: the task, the grid (methods x learning rates x seeds), the budget of a cell."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from peftlab.errors import ConfigError, closest
+from peftlab.provenance import jsonable
+
+FULL = "full"  # full fine-tuning: every weight trains
+GRID_KEYS = ("methods", "lrs", "seeds")  # may change when a study is resumed: the grid grows or shrinks
+VERSION = 1  # of the study.json layout
+
+# Learning rates each method is swept over, unless --lr METHOD=... says otherwise. Adapters start
+# at zero or identity and take larger steps than full fine-tuning; IA3 and VeRA train a few scaling
+# vectors and want larger still (peft's examples use 1e-2 .. 3e-2 for both).
+ADAPTER_LRS = (1e-3, 4e-3)  # low-rank, orthogonal and selective methods
+SCALING_LRS = (4e-3, 1.6e-2)  # IA3 and VeRA: a few scaling vectors
+DEFAULT_LRS: dict[str, tuple[float, ...]] = {
+    FULL: (5e-5, 2e-4), "ia3": SCALING_LRS, "vera": SCALING_LRS, "prompt_tuning": (3e-3, 3e-2),
+    **{m: ADAPTER_LRS for m in ("lora", "dora", "loha", "lokr", "adalora", "bitfit", "ln_tuning", "oft", "boft")},
+}
+OTHER_LRS = ADAPTER_LRS
+DEFAULT_METHODS = (FULL, "lora", "dora", "ia3", "vera", "bitfit")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study: a task, the grid and the training budget of every cell."""
+
+    task: str = "sentiment"
+    framing: str | None = "classify"
+    model: str | None = None  # None: the task's model
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (method, rates) overriding DEFAULT_LRS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 250
+    batch_size: int = 16
+    max_length: int = 64
+    rank: int = 8
+    backend: str = "reference"
+    validation_rows: int = 400  # cut from the end of the training split (the first eval_limit scored)
+    test_rows: int | None = None  # None: the task's eval_limit (200 rows)
+    forgetting_rows: int = 64
+    warmup_ratio: float = 0.1
+
+    def lrs_of(self, method: str) -> tuple[float, ...]:
+        return dict(self.lrs).get(method) or DEFAULT_LRS.get(method, OTHER_LRS)
+
+    def cells(self) -> list[tuple[str, float, int]]:
+        """Every (method, lr, seed), seeds innermost: a cut-short study has whole sweeps first."""
+        return [(m, lr, s) for m in self.methods for lr in self.lrs_of(m) for s in self.seeds]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lrs"] = {m: list(self.lrs_of(m)) for m in self.methods}  # resolved: what actually ran
+        return jsonable(data)
+
+
+def study_task(config: StudyConfig):
+    """The study's task, in its framing (``peftlab.tasks.load_task``)."""
+    from peftlab.tasks import load_task
+
+    return load_task(config.task, config.framing)
+
+
+def check_config(config: StudyConfig) -> None:
+    """Refuse a bad configuration (unknown method, empty grid, ...) before anything trains."""
+    from peftlab.methods import METHODS
+
+    known = (FULL, *METHODS)
+    for method in config.methods:
+        if method not in known:
+            raise ConfigError(f"No method is called {method!r}.{closest(method, known)} "
+                              f"Expected {FULL!r} or one of {', '.join(METHODS)}.")
+    for method, rates in config.lrs:
+        if method not in config.methods:
+            raise ConfigError(f"--lr names {method!r}, which is not among the study's methods "
+                              f"({', '.join(config.methods)}).")
+        if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+            raise ConfigError(f"Learning rates of {method!r} must be positive numbers, got {rates}.")
+    if not config.seeds:
+        raise ConfigError("A study needs at least one seed (--seeds 0,1,2).")
+    for name in ("steps", "batch_size", "max_length", "validation_rows", "forgetting_rows"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}.")
+    study_task(config)  # an unknown task or framing fails here, before any training
+
+
+def config_command(config: StudyConfig) -> str:
+    """The ``peftlab study`` command line that makes this configuration."""
+    words = ["peftlab", "study", "--task", config.task]
+    if config.framing:
+        words += ["--framing", config.framing]
+    if config.model:
+        words += ["--model", config.model]
+    words += ["--methods", ",".join(config.methods), "--seeds", ",".join(map(str, config.seeds)),
+              "--steps", str(config.steps), "--batch-size", str(config.batch_size),
+              "--seq-len", str(config.max_length), "--rank", str(config.rank), "--backend", config.backend]
+    for method, rates in config.lrs:
+        words += ["--lr", f"{method}={','.join(f'{r:g}' for r in rates)}"]
+    return shlex.join(words)
