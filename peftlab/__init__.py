@@ -57,16 +57,18 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-# modules that register method hooks (peftlab/methods/__init__.py, Method.hooks), imported with
-# the registry's users; they sit above the methods, so the registry cannot import them itself
+# the registry's users: with them, the modules that register method hooks are imported (each
+# method names its own, Method.hooks_from); they sit above the methods, so the registry cannot
+# import them itself
 _HOOKS_FOR = {"peftlab.api", "peftlab.io", "peftlab.compose", "peftlab.methods", "peftlab.train", "peftlab.metrics"}
-_HOOK_MODULES = ("peftlab.xlora_io",)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         if _EXPORTS[name] in _HOOKS_FOR:
-            for module in _HOOK_MODULES:
+            from peftlab.methods import METHODS
+
+            for module in sorted({m.hooks_from for m in METHODS.values() if m.hooks_from}):
                 import_module(module)
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -18,9 +18,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from peftlab.errors import PeftlabError
 from peftlab.widgets import plan
-from peftlab.widgets.live import message_html
+from peftlab.widgets.live import error_text, message_html
 
 TARGET_PRESETS = {
     "attention": "attention",
@@ -323,13 +322,9 @@ class ChoicePanel:
         try:
             choice = self.choice()
             est = plan.estimate(choice, self.meta_labels())
-        except PeftlabError as exc:
-            self.estimate = None
-            self.preview.value = message_html(str(exc), "error")
-            return
         except Exception as exc:  # noqa: BLE001 (a widget shows messages, never tracebacks)
             self.estimate = None
-            self.preview.value = message_html(f"{type(exc).__name__}: {exc}", "error")
+            self.preview.value = message_html(error_text(exc), "error")
             return
         self.estimate = est
         self.preview.value = plan.preview_html(choice, est)

@@ -56,6 +56,14 @@ def message_html(text: str, kind: str = "info") -> str:
             f'{border};padding:6px 10px;margin:4px 0;white-space:pre-wrap">{html.escape(text)}</div>')
 
 
+def error_text(exc: BaseException) -> str:
+    """What a widget shows for an error: a PeftlabError's own message (it says what was wrong,
+    what was expected, what to try); anything else with its type, never a traceback."""
+    from peftlab.errors import PeftlabError
+
+    return str(exc) if isinstance(exc, PeftlabError) else f"{type(exc).__name__}: {exc}"
+
+
 class LiveFigure:
     """A figure that can be redrawn from the background training thread.
 

@@ -15,10 +15,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import PeftlabError
 from peftlab.widgets import plan
 from peftlab.widgets.choices import LABEL_STYLE
-from peftlab.widgets.live import LiveFigure
+from peftlab.widgets.live import LiveFigure, error_text
 
 _RUNS_HEAD = ("run", "model", "method", "rank", "trainable", "peak memory", "final loss", "time", "steps")
 
@@ -149,11 +148,8 @@ class RunsPanel:
         try:
             base = self.generate(self.prompt_w.value, adapted=False)
             adapted = self.generate(self.prompt_w.value, adapted=True)
-        except PeftlabError as exc:
-            self.show(str(exc), "error")
-            return
-        except Exception as exc:  # noqa: BLE001
-            self.show(f"{type(exc).__name__}: {exc}", "error")
+        except Exception as exc:  # noqa: BLE001 (shown in the widget: never a traceback)
+            self.show(error_text(exc), "error")
             return
         box = "<div style='width:400px;padding:4px'><b>{}</b><pre style='white-space:pre-wrap'>{}</pre></div>"
         self.base_out.value = box.format("base model", html.escape(base))
@@ -193,11 +189,8 @@ class RunsPanel:
             return
         try:
             path = peftlab.save_adapter(self.model, self.save_path_w.value)
-        except PeftlabError as exc:
-            self.show(str(exc), "error")
-            return
-        except Exception as exc:  # noqa: BLE001
-            self.show(f"{type(exc).__name__}: {exc}", "error")
+        except Exception as exc:  # noqa: BLE001 (shown in the widget: never a traceback)
+            self.show(error_text(exc), "error")
             return
         self.show(f"Saved the adapter (PEFT format) to {path}.", "ok")
 
@@ -210,11 +203,8 @@ class RunsPanel:
             from peftlab.export import export_script
 
             path = export_script(self.runs[-1]["run_dir"], self.export_path_w.value)
-        except PeftlabError as exc:
-            self.show(str(exc), "error")
-            return
-        except Exception as exc:  # noqa: BLE001
-            self.show(f"{type(exc).__name__}: {exc}", "error")
+        except Exception as exc:  # noqa: BLE001 (shown in the widget: never a traceback)
+            self.show(error_text(exc), "error")
             return
         self.show(f"Wrote {path}: run it with `accelerate launch {path}`.", "ok")
 

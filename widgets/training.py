@@ -19,8 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import PeftlabError
 from peftlab.widgets import plan
+from peftlab.widgets.live import error_text
 
 
 class TrainingRun:
@@ -128,10 +128,8 @@ class TrainingRun:
                 self._measure_adapted(task, model, tokenizer, result)
             self.add_run(choice, count, result, out_dir)
             self._report(result, task)
-        except PeftlabError as exc:
-            self.show(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 (shown in the widget: never a traceback)
-            self.show(f"{type(exc).__name__}: {exc}", "error")
+            self.show(error_text(exc), "error")
         finally:
             trained = self.result is not None and self.result.model is self.model
             self.train_button.disabled, self.stop_button.disabled = False, True

@@ -23,25 +23,9 @@ from peftlab.exercises import (
 )
 from peftlab.exercises.exercise import Exercise
 
-# one module per lesson, in the course's order (the order of EXERCISES, and of its error message)
-LESSONS = (
-    lesson00_start_here,
-    lesson01_lora_from_scratch,
-    lesson02_rank_and_spectra,
-    lesson03_qlora_and_nf4,
-    lesson04_dora,
-    lesson05_loha_and_lokr,
-    lesson06_oft_and_boft,
-    lesson07_ia3_and_bitfit,
-    lesson08_soft_prompts,
-    lesson09_bottleneck_and_llama_adapter,
-    lesson10_adalora,
-    lesson11_many_adapters,
-    lesson12_loftq,
-    lesson13_method_shootout,
-    lesson14_the_lab,
-    lesson15_notebook_to_cluster,
-)
+# one module per lesson, named lessonNN_<notebook>: in name order, the course's order (the order
+# of EXERCISES, and of its error message)
+LESSONS = tuple(module for name, module in sorted(globals().items()) if name.startswith("lesson"))
 
 EXERCISES: dict[str, Exercise] = {e.name: e for lesson in LESSONS for e in lesson.LESSON_EXERCISES}
 

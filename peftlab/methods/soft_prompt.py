@@ -219,7 +219,7 @@ def prompt_stacks(model: nn.Module, config: SoftPromptConfig, method: str = "an 
     compute as the module docstring says (two stacks on a single-stack model; a prefix's stacks)."""
     default = 2 if is_encoder_decoder(model) else 1
     stacks = config.num_transformer_submodules or default
-    if stacks == 2 and default == 1 or (method == "prefix tuning" and stacks != default):
+    if (stacks == 2 and default == 1) or (method == "prefix tuning" and stacks != default):
         raise ConfigError(
             f"num_transformer_submodules={stacks} does not fit {method} on this {type(model).__name__}: "
             f"peftlab follows peft's layout with {default} (one prompt per transformer stack; "

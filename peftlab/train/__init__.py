@@ -50,12 +50,9 @@ How a run ends (``TrainResult.stop_reason``):
                       the original exception, with the result (model + history) as ``err.result``:
                       a bug in a plotting callback must not pass silently, nor cost the run.
 
-With ``out_dir``, checkpoints ``out_dir/checkpoint-000012/`` hold ``adapter/`` (PEFT format, via
-peftlab.io), ``trainer_state.pt`` (trainable weights, optimizer, scheduler, RNG states, settings)
-and ``history.json``; each is written to a temporary folder and renamed into place, so a crash
-never leaves a half-written checkpoint. ``train(..., resume_from=out_dir)`` continues from the
-newest one; with the same settings (``steps`` included: it shapes the schedule) the loss curve is
-the one an uninterrupted run gives.
+With ``out_dir``, train() writes checkpoints that a crash cannot leave half-written, and
+``train(..., resume_from=out_dir)`` continues from the newest one with the loss curve an
+uninterrupted run gives: their layout is in peftlab/train/checkpoints.py.
 """
 
 from __future__ import annotations
