@@ -32,6 +32,7 @@ _EXPORTS = {
     "load_task": "peftlab.tasks",
     "list_tasks": "peftlab.tasks",
     "evaluate": "peftlab.evaluation",
+    "doctor": "peftlab.doctor",
     "count_parameters": "peftlab.metrics",
     "estimate_memory": "peftlab.metrics",
     "measure_memory": "peftlab.metrics",
@@ -44,6 +45,10 @@ _EXPORTS = {
     "SpectrumHistory": "peftlab.spectra",
     "save_adapter": "peftlab.io",
     "load_adapter": "peftlab.io",
+    "adapter_checkpoints": "peftlab.io.hub",
+    "load_adapters": "peftlab.io.hotswap",
+    "hotswap_adapter": "peftlab.io.hotswap",
+    "prepare_hotswap": "peftlab.io.hotswap",
     "train": "peftlab.train",
     "TrainResult": "peftlab.train",
     "PeftlabError": "peftlab.errors",
@@ -60,7 +65,7 @@ __all__ = sorted(_EXPORTS)
 # the registry's users: with them, the modules that register method hooks are imported (each
 # method names its own, Method.hooks_from); they sit above the methods, so the registry cannot
 # import them itself
-_HOOKS_FOR = {"peftlab.api", "peftlab.io", "peftlab.compose", "peftlab.methods", "peftlab.train", "peftlab.metrics"}
+_HOOKS_FOR = {"peftlab.api", "peftlab.io", "peftlab.io.hotswap", "peftlab.compose", "peftlab.methods", "peftlab.train", "peftlab.metrics"}
 
 
 def __getattr__(name: str):
@@ -84,9 +89,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; no runtime cost
     from peftlab.api import adapt, delta_weights, merge, set_disabled, unmerge
     from peftlab.compose import add_adapter, add_weighted_adapter, delete_adapter, set_adapter
     from peftlab.data import list_datasets, load_dataset
+    from peftlab.doctor import doctor
     from peftlab.errors import PeftlabError
     from peftlab.evaluation import evaluate
     from peftlab.io import load_adapter, save_adapter
+    from peftlab.io.hotswap import hotswap_adapter, load_adapters, prepare_hotswap
+    from peftlab.io.hub import adapter_checkpoints
     from peftlab.methods import METHODS, list_methods
     from peftlab.metrics import count_parameters, estimate_memory, measure_memory
     from peftlab.models import list_models, load_model

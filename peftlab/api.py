@@ -11,11 +11,17 @@ implementation:
 - ``"fused"``: the reference modules with peftlab's hand-written autograd kernels for LoRA and DoRA
   (plus Llama-style SwiGLU MLPs and RMSNorms, and a chunked fused cross-entropy in
   ``model(..., labels=...)``), peftlab/production/fused/.
+
+With "reference" and "fused", the adapted model object also gets its own ``save_pretrained``: what
+``Trainer.save_model``, its checkpoints, TRL and ``push_to_hub`` call then writes the adapter in
+peft's format (adapter_config.json + adapter_model.safetensors, peftlab/io/hub.py) instead of the
+whole model under the wrappers' names. That one attribute on the object is the only addition.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from torch import nn
 
@@ -78,6 +84,7 @@ def adapt(
         inject.freeze_all_but_adapters(model, adapter_name)
         add_record(model, adapter_name, spec.name, config)
         enable_adapter_names(model)  # model(..., adapter_names=[...]): one adapter per example
+        give_save_pretrained(model)  # model.save_pretrained writes the adapter (Trainer, TRL, the Hub)
         return model
     if backend == "peft":
         from peftlab.production.hf_peft import adapt_with_peft
@@ -86,6 +93,42 @@ def adapt(
 
         return adapt_with_peft(model, spec, config, adapter_name)
     raise unknown_backend(backend)
+
+
+# An adapted transformers model's ``save_pretrained`` (what Trainer.save_model, its checkpoints, TRL
+# and push_to_hub call) writes the adapter in peft's format, not the whole model under the wrappers'
+# names. The writer is peftlab/io/hub.py's: io sits above api, so it hands it down when imported
+# (as xlora_io hands X-LoRA's hooks to the methods); the facade and peftlab.io import it.
+_SAVE_PRETRAINED: dict[str, Callable] = {}
+
+
+def register_save_pretrained(writer: Callable) -> None:
+    """Set the function an adapted model's ``save_pretrained`` calls (peftlab.io.hub's)."""
+    _SAVE_PRETRAINED["writer"] = writer
+
+
+def give_save_pretrained(model: nn.Module) -> None:
+    """Give this model object (not its class) a ``save_pretrained`` that writes its adapters in
+    peft's format; a model without a ``save_pretrained`` of its own (a plain nn.Module) is left alone."""
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
+        model.__dict__["save_pretrained"] = SaveAdapters(model)
+
+
+class SaveAdapters:
+    """An adapted model's ``save_pretrained``: its adapters in peft's format. An object rather
+    than a bound method, so that a deepcopy or a pickle of the model carries one that saves the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        writer = _SAVE_PRETRAINED.get("writer")
+        if writer is None:
+            raise ConfigError(
+                "model.save_pretrained of a peftlab model writes its adapter with peftlab.io.hub, which has "
+                "not been imported. Expected it imported; try `import peftlab.io`, or peftlab.save_adapter."
+            )
+        writer(self.model, save_directory, **kwargs)
 
 
 def unknown_backend(backend: str) -> ConfigError:

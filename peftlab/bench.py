@@ -161,8 +161,11 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     """Run every dtype's variants interleaved; returns one row per (dtype, variant)."""
     import torch
 
+    from peftlab.progress import progress_bar
+
     rows: list[BenchRow] = []
     device = _bench_device()
+    bar = progress_bar(len(config.dtypes) * config.repeats, desc="bench", unit="round")  # quiet in CI
     for dtype_name in config.dtypes:
         dtype = getattr(torch, DTYPES[dtype_name])
         steps: dict[str, Callable[[], float]] = {}
@@ -196,6 +199,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
                     peaks[variant].append(peak)
                 if log:
                     log(f"[{dtype_name}] round {round_ + 1}/{config.repeats} {variant}: {row.times[-1]:.3f} s")
+            bar.update()
         measured = list(steps)
         steps.clear()
         gc.collect()  # free this dtype's models before loading the next (or the memory child's)
@@ -213,6 +217,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             if log:
                 log(f"[{dtype_name}] {variant}: peak +{row.peak_mb:,.0f} MB above {row.resident_mb:,.0f} MB")
         rows.extend(by_variant[v] for v in config.only)
+    bar.close()
     return rows
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from peftlab.data import IGNORE_INDEX, chat_prompt, collate
 from peftlab.errors import ConfigError
+from peftlab.progress import progress_bar
 from peftlab.models import keep_4bit_trainable
 from peftlab.tasks import (CLASSIFY, GENERATE, PERPLEXITY, Task, exact_match, label_of_generation,
                            load_task, perplexity, token_f1)
@@ -48,8 +49,12 @@ def evaluate(
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> dict[str, float]:
     """The task's metrics on the first ``limit`` rows of ``split`` (default: ``task.eval_limit``).
+
+    ``progress``: a bar over the generated batches (peftlab.progress: quiet in CI); off by default,
+    as training measures its task every few steps.
 
     Returns ``{metric: value, ..., "n": rows}``: ``accuracy`` (label tasks), ``f1`` and
     ``exact_match`` (free answers) or ``perplexity``. The model is put in eval mode for the
@@ -70,7 +75,7 @@ def evaluate(
             result = {"perplexity": _perplexity(model, task, tokenizer, rows, batch_size)}
         else:
             answers = generate_answers(model, tokenizer, [task.question(r) for r in rows],
-                                       task.max_new_tokens, batch_size)
+                                       task.max_new_tokens, batch_size, progress=progress)
             result = _score_answers(task, answers, [task.target(r) for r in rows])
     finally:
         model.train(was_training)
@@ -106,7 +111,7 @@ def _score_answers(task: Task, answers: list[str], targets: list[str]) -> dict[s
 
 
 def generate_answers(model: nn.Module, tokenizer: Any, questions: list[str], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
+                     batch_size: int = 16, progress: bool = False) -> list[str]:
     """Greedy answers to ``questions`` (user turns of the chat template), in the given order.
 
     Prompts are sorted by length and batched, padded on the left; the KV cache is on.
@@ -123,6 +128,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, questions: list[str], max
                               eos_token_id=_eos_ids(model, tokenizer))
     device = next(model.parameters()).device
     answers: list[str] = [""] * len(prompts)
+    bar = progress_bar(len(prompts), desc="generating", unit="answer", enabled=progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         longest = max(len(encoded[i]) for i in chunk)
@@ -134,6 +140,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, questions: list[str], max
                                  generation_config=config)
         for row, i in enumerate(chunk):
             answers[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True)
+        bar.update(len(chunk))
+    bar.close()
     return answers
 
 

@@ -38,24 +38,44 @@ def adapters_per_example(model: nn.Module, adapter_names: Sequence[str]) -> Iter
     check_names(model, adapter_names, allow_base=True)
     layers = inject.adapted_layers(model).values()
     for layer in layers:
-        layer.example_adapters = list(adapter_names)
+        layer.set_example_adapters(adapter_names)
     try:
         yield model
     finally:
         for layer in layers:
-            layer.example_adapters = None
+            layer.set_example_adapters(None)
 
 
 def enable_adapter_names(model: nn.Module) -> nn.Module:
-    """Let ``model(..., adapter_names=[...])`` route examples to adapters, as peft does: a forward
-    pre-hook takes the keyword out (a transformers model would silently ignore it) and sets the
-    names on the layers for that call; a hook that runs even when the call fails clears them.
+    """Let ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])``
+    route examples to adapters, as peft does. For a call, a forward pre-hook takes the keyword out
+    (a transformers model would silently ignore it) and sets the names on the layers; a hook that
+    runs even when the call fails clears them. For a generation, the model's ``generate`` is
+    wrapped (an attribute of this model object) so that the names hold for every step.
     ``peftlab.adapt`` calls this for every reference model."""
     if not getattr(model, "_peftlab_adapter_names", False):
         model.register_forward_pre_hook(_names_before_call, with_kwargs=True)
         model.register_forward_hook(_names_after_call, always_call=True)
+        if callable(getattr(type(model), "generate", None)):
+            model.generate = GenerateWithNames(model)
         model._peftlab_adapter_names = True
     return model
+
+
+class GenerateWithNames:
+    """The model's own ``generate``, with example i of the batch run by ``adapter_names[i]`` at
+    every step (the prompt's forward and each cached step alike). An object rather than a bound
+    method, so that a deepcopy or a pickle of the model carries one that calls the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        generate = type(self.model).generate
+        if adapter_names is None:
+            return generate(self.model, *args, **kwargs)
+        with adapters_per_example(self.model, list(adapter_names)):
+            return generate(self.model, *args, **kwargs)
 
 
 def _names_before_call(model: nn.Module, args: tuple, kwargs: dict):

@@ -101,6 +101,13 @@ def add_record(model: nn.Module, adapter_name: str, method: str, config: Adapter
     state.active = adapter_name
 
 
+def replace_config(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
+    """Record that adapter ``adapter_name`` is now described by ``config`` (same method): a
+    hot-swap or a rank padding changed its tensors in place."""
+    state = state_of(model)
+    state.records[adapter_name] = AdapterRecord(state.records[adapter_name].method, config)
+
+
 class Snapshot:
     """Enough of a model's adapter state to take a failed add or load back out again."""
 

@@ -1,6 +1,7 @@
 """The support matrix: every registered method on tiny random models of the common architectures.
 
-Each cell runs four checks on one (architecture, method) pair, the method with its own defaults:
+Each cell runs four checks on one (architecture, method) pair, the method with its own defaults
+(or, where a default cannot fit the 32-wide models, ``SMALL_MODEL_SETTINGS``):
 
 - **trains**: ``peftlab.adapt`` (reference backend), one forward and backward on a random batch:
   the loss is finite and every trainable tensor gets a gradient that is not all zero;
@@ -114,8 +115,33 @@ class Cell:
         return {"ok": "ok", "refused": "refused", "n/a": "-", "FAIL": "FAIL"}[self.status]
 
 
-def _hyperparameters(method: str) -> dict:
-    return {"total_step": 4} if method == "adalora" else {}
+# the matrix's models are 32 wide (v_proj 16): defaults sized for real models that do not fit them
+# (peft refuses them too) give way to the nearest setting that does
+SMALL_MODEL_SETTINGS: dict[str, dict] = {
+    "adalora": {"total_step": 4},
+    "road": {"group_size": 8},  # group_size=64 must divide every adapted d_out
+    "miss": {"r": 16},  # r=64 must not exceed d_in
+    "fourierft": {"n_frequency": 256},  # n_frequency=1000 must not exceed d_in · d_out
+    "shira": {"r": 4},  # r=32 asks for r · (d_in + d_out) entries, more than a 16 x 32 layer has
+    "vblora": {"num_vectors": 32, "vector_length": 8},  # vector_length=256 must divide every d_in, d_out
+    # EVA keeps r on every layer: a redistributed EVA saves per-layer ranks (rank_pattern), which
+    # peft loads and peftlab's reference loader refuses (tests/test_lora_inits.py checks both)
+    "eva": {"rho": 1.0},
+    # any model: peft's default (no ids) trains nothing; ids that both of check_trains' batches hold
+    "trainable_tokens": {"token_indices": (119, 47, 98)},
+}
+
+
+# methods that start from data (LoRA-GA's gradient estimate): given one batch of the arch's kind
+NEEDS_DATA = frozenset({"lora_ga", "eva", "corda"})
+
+
+def _hyperparameters(method: str, arch: Arch | None = None) -> dict:
+    hp = dict(SMALL_MODEL_SETTINGS.get(method, {}))
+    if method in NEEDS_DATA and arch is not None:
+        rows = _batch(arch.kind, seed=3)  # CorDA reads one row per batch (as peft's preprocess_corda)
+        hp["data"] = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(2)] if method == "corda" else [rows]
+    return hp
 
 
 def _batch(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -157,8 +183,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> s
 
 
 def _peft_base(base: nn.Module, peft_model: nn.Module, method: str) -> nn.Module:
-    """A copy of the base a peft model sits on (for LoftQ: with its NF4-quantised weights)."""
-    if method == "loftq":
+    """A copy of the base a peft model sits on (for LoftQ: with its NF4-quantised weights; for
+    LoRA-GA: the residual, which peft saves it for; PiSSA and OLoRA re-derive theirs from W)."""
+    if method in ("loftq", "lora_ga", "corda"):
         return copy.deepcopy(peft_model).unload().eval()
     return copy.deepcopy(base).eval()
 
@@ -185,7 +212,7 @@ def _adapt(arch: Arch, method: str, backend: str = "reference"):
 
     base = arch.build()
     torch.manual_seed(0)
-    return base, peftlab.adapt(copy.deepcopy(base), method, backend=backend, **_hyperparameters(method))
+    return base, peftlab.adapt(copy.deepcopy(base), method, backend=backend, **_hyperparameters(method, arch))
 
 
 def check_trains(arch: Arch, method: str) -> Cell:
@@ -237,7 +264,7 @@ def _peft_side(arch: Arch, method: str, tmp: Path):
         extra = {"experts": experts}
     base = arch.build()
     torch.manual_seed(0)
-    return base, peftlab.adapt(copy.deepcopy(base), method, backend="peft", **_hyperparameters(method), **extra)
+    return base, peftlab.adapt(copy.deepcopy(base), method, backend="peft", **_hyperparameters(method, arch), **extra)
 
 
 # methods whose peft side can be checked one way only, and why
@@ -306,7 +333,7 @@ def check_fused(arch: Arch, method: str) -> Cell:
     base, fused = adapted
     try:
         torch.manual_seed(0)
-        ref = peftlab.adapt(copy.deepcopy(base), method, **_hyperparameters(method))
+        ref = peftlab.adapt(copy.deepcopy(base), method, **_hyperparameters(method, arch))
         randomise(ref)
         fused.load_state_dict(ref.state_dict())
         inputs = _batch(arch.kind)
@@ -339,7 +366,7 @@ def check_memory(arch: Arch, method: str) -> Cell:
 
     def measure():
         torch.manual_seed(0)
-        return peftlab.measure_memory(peftlab.adapt(base, method, **_hyperparameters(method)), batch=2, seq_len=32)
+        return peftlab.measure_memory(peftlab.adapt(base, method, **_hyperparameters(method, arch)), batch=2, seq_len=32)
 
     got, ended = _attempt(measure)
     if ended:
@@ -374,14 +401,20 @@ REASONS = (
     ("has kernels for", ""),  # the fused backend has kernels for LoRA and DoRA: no such path ("–")
     ("has no bias parameters", "BitFit: the model has no bias to train (include_norms=True trains its norm gains instead)"),
     ("AdaptionPrompt knows", "LLaMA-Adapter: peft's AdaptionPrompt knows Llama, Mistral and GPT-2 attention only"),
-    ("on transformers' Conv1D layers", "peft's OFT, BOFT, LoHa and LoKr do not adapt GPT-2's Conv1D layers "
-                                        "(peftlab's reference does; its adapters load in peftlab)"),
+    ("on transformers' Conv1D layers", "peft's OFT, BOFT, LoHa, LoKr, HRA, RoAd, MiSS and SHiRA do not adapt "
+                                        "GPT-2's Conv1D layers (peftlab's reference does; its adapters load in peftlab)"),
     ("cannot build prefix tuning", "peft sizes a prefix for every attention head; Falcon's multi-query attention "
                                     "has one key/value head (peftlab's reference sizes it right)"),
     ("reads past keys and values", "prefix tuning needs a key/value cache; DistilBERT's attention takes none "
                                     "(peft refuses it too)"),
     ("X-LoRA's router reads the last hidden state", "X-LoRA's router reads one stack of hidden states; an "
                                                     "encoder-decoder returns two (peft fails there too)"),
+    ("init='olora' on transformers' Conv1D", "OLoRA on GPT-2's Conv1D: peft 0.21 decomposes the stored (d_in, d_out) "
+                                              "W and builds a B of the wrong shape (peftlab refuses it on both backends)"),
+    ("LoRA-GA gradient estimate fails", "LoRA-GA in peft: its backward hooks break on Falcon's fused qkv, which is "
+                                        "changed in place (peftlab's reference estimate runs)"),
+    ("EVA on an encoder-decoder", "EVA picks each layer's input tokens by the positions of input_ids; an "
+                                  "encoder-decoder's decoder sees other positions (peft fails there too)"),
     ("X-LoRA cannot load its own", "X-LoRA in peft: peft 0.21's loader assumes the transformer at `model.` and "
                                     "refuses the folder it saved itself"),
 )

@@ -24,7 +24,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _randomise(model, adapter_name, seed):
+def randomise_adapter(model, adapter_name, seed):
     """Give an adapter non-zero B (a fresh LoRA is the identity), so adapters really differ."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -38,8 +38,8 @@ def _two_adapters(tiny_llama, r_b=4):
     base = copy.deepcopy(model)
     peftlab.adapt(model, "lora", r=4, alpha=8.0, targets=TARGETS, adapter_name="en")
     compose.add_adapter(model, "de", "lora", r=r_b, alpha=4.0, targets=("q_proj", "v_proj"))
-    _randomise(model, "en", 1)
-    _randomise(model, "de", 2)
+    randomise_adapter(model, "en", 1)
+    randomise_adapter(model, "de", 2)
     return model, base
 
 
@@ -202,8 +202,8 @@ def _toy_pair(targets, r_b=2, **hp):
     base = Layers()
     model = peftlab.adapt(copy.deepcopy(base), "lora", r=2, alpha=4.0, targets=targets, adapter_name="en", **hp)
     compose.add_adapter(model, "de", "lora", r=r_b, alpha=3.0, targets=targets, **hp)
-    _randomise(model, "en", 1)
-    _randomise(model, "de", 2)
+    randomise_adapter(model, "en", 1)
+    randomise_adapter(model, "de", 2)
     return model, base
 
 

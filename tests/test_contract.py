@@ -54,6 +54,18 @@ class Refused:
     match: str  # regex the error message must contain
 
 
+def _labelled_rows(arch: str) -> list[dict]:
+    """One labelled batch for the data-driven inits (LoRA-GA's gradient estimate)."""
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(5))
+    return [{"input_ids": ids, "labels": ids if arch == "llama" else torch.tensor([0, 1])}]
+
+
+def _one_row_batches(arch: str) -> list[dict]:
+    """CorDA's data: one row per batch, as peft's preprocess_corda reads it."""
+    rows = _labelled_rows(arch)[0]
+    return [{k: v[i:i + 1] for k, v in rows.items()} for i in range(2)]
+
+
 # method -> {architecture: hyperparameters | Refused}. Small shapes keep the file fast; every
 # registered method needs an entry (test_every_registered_method_has_a_case).
 HYPERPARAMETERS: dict[str, dict[str, dict | Refused]] = {
@@ -67,6 +79,13 @@ HYPERPARAMETERS: dict[str, dict[str, dict | Refused]] = {
     "adalora": {"llama": {"total_step": 6, "init_r": 4, "target_r": 2},
                 "bert": {"total_step": 6, "init_r": 4, "target_r": 2}},
     "loftq": {"llama": {"r": 4}, "bert": {"r": 4}},
+    "pissa": {"llama": {"r": 4}, "bert": {"r": 4, "init": "pissa_niter_2"}},
+    "olora": {"llama": {"r": 4}, "bert": {"r": 4}},
+    "lora_ga": {"llama": {"r": 4, "data": _labelled_rows("llama")}, "bert": {"r": 4, "data": _labelled_rows("bert")}},
+    "corda": {"llama": {"r": 4, "data": _one_row_batches("llama")}, "bert": {"r": 4, "data": _one_row_batches("bert")}},
+    # rho=1.0 keeps r on every layer (see tests/test_lora_inits.py for the redistribution)
+    "eva": {"llama": {"r": 4, "rho": 1.0, "data": _labelled_rows("llama")},
+            "bert": {"r": 4, "data": [{"input_ids": _labelled_rows("bert")[0]["input_ids"]}]}},
     "prompt_tuning": {"llama": {"num_virtual_tokens": 4}, "bert": {"num_virtual_tokens": 4}},
     "prefix_tuning": {"llama": {"num_virtual_tokens": 4}, "bert": {"num_virtual_tokens": 4}},
     "p_tuning": {"llama": {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
@@ -79,6 +98,17 @@ HYPERPARAMETERS: dict[str, dict[str, dict | Refused]] = {
                       "bert": Refused(r"architectures peft.s AdaptionPrompt knows")},
     # fresh experts: the router and both LoRA experts train
     "xlora": {"llama": {"n_experts": 2, "r": 2}, "bert": {"n_experts": 2, "r": 2}},
+    "hra": {"llama": {"r": 4}, "bert": {"r": 4}},
+    # tiny Llama's v_proj has d_out 32: RoAd's default group_size=64 does not divide it
+    "road": {"llama": {"group_size": 16}, "bert": {"group_size": 16}},
+    "miss": {"llama": {"r": 16}, "bert": {"r": 16}},
+    "fourierft": {"llama": {"n_frequency": 64}, "bert": {"n_frequency": 64}},
+    "shira": {"llama": {"r": 2}, "bert": {"r": 2}},
+    # tiny layers are 64 and 32 wide: vector_length=256 does not divide them
+    "vblora": {"llama": {"num_vectors": 32, "vector_length": 16}, "bert": {"num_vectors": 32, "vector_length": 16}},
+    "ln_tuning": {"llama": {}, "bert": {}},
+    # ids that batch() draws (the first row of seed 0), so that the trained rows are read
+    "trainable_tokens": {"llama": {"token_indices": (949, 459, 688)}, "bert": {"token_indices": (949, 459, 688)}},
 }
 
 # Further configurations that must be refused early and clearly.
@@ -90,10 +120,16 @@ INIT_CHANGES_OUTPUT = {
     "prompt_tuning": "the model reads n extra virtual tokens (causal LM logits cover them too)",
     "prefix_tuning": "every attention layer attends to n extra keys and values",
     "p_tuning": "the model reads n extra virtual tokens produced by the encoder",
+    "fourierft": "peft's default init_weights=False draws the spectral coefficients from N(0, 1)",
+    "vblora": "A and B are mixed from a random bank by random logits, so B A != 0 (peft's and the paper's init)",
 }
 
 # Methods that replace base weights on purpose (every other method must leave them untouched).
-CHANGES_BASE = {"loftq": "the adapted layers' weights become their NF4-quantised version"}
+CHANGES_BASE = {"loftq": "the adapted layers' weights become their NF4-quantised version",
+                "pissa": "the adapted layers' weights become the residual W - s B0 A0 (their top r singular triplets move to B A)",
+                "olora": "the adapted layers' weights become the residual W - s Q_r R_r",
+                "lora_ga": "the adapted layers' weights become the residual W - s B0 A0 (B0 A0 from the loss gradient)",
+                "corda": "the adapted layers' weights become the residual W - s B0 A0 (B0 A0 from the SVD of W C)"}
 
 # Methods whose adapter cannot be saved as one folder yet, and why: save_adapter must refuse them
 # with a clear PeftlabError (and an entry must go once it saves).

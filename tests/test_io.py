@@ -228,8 +228,8 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 def test_method_or_option_peftlab_lacks(llama, saved):
-    _edit_config(saved, peft_type="FOURIERFT")
-    with pytest.raises(AdapterFileError, match="cannot rebuild.*'FOURIERFT'.*backend='peft'"):
+    _edit_config(saved, peft_type="POLY")
+    with pytest.raises(AdapterFileError, match="cannot rebuild.*'POLY'.*backend='peft'"):
         peftlab.load_adapter(llama, saved)
     _edit_config(saved, peft_type="LORA", alpha_pattern={"q_proj": 32})
     with pytest.raises(AdapterFileError, match="alpha_pattern.*backend='peft'"):

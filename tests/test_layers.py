@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # first layer first; a module's layer is that of its top-level name under peftlab/ (or widgets)
 LAYERS = (
     ("errors",),
-    ("models", "data", "provenance"),
+    ("models", "data", "provenance", "progress"),
     ("inject", "state", "routing"),  # the injector and the adapter state
     ("methods", "quant"),
     ("production",),  # peft bridge, fused kernels, merged production paths
@@ -23,8 +23,8 @@ LAYERS = (
     ("compose",),
     ("io",),
     ("xlora_io",),  # X-LoRA's experts on disk and in peft (hooks registered into the methods)
-    ("memory", "metrics", "spectra", "evaluation", "plots", "tasks", "preview"),  # analysis
-    ("train", "bench", "bench_learn", "export", "cli", "study", "report", "exercises"),
+    ("memory", "metrics", "spectra", "evaluation", "plots", "tasks", "preview", "doctor"),  # analysis
+    ("train", "bench", "bench_learn", "bench_serve", "export", "cli", "study", "report", "exercises", "tracking"),
     ("__init__",),  # the facade: `import peftlab`
     ("widgets",),
 )

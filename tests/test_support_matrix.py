@@ -14,6 +14,8 @@ REFERENCE_REFUSALS = (
     "architectures peft's AdaptionPrompt knows",  # LLaMA-Adapter: peft has llama, mistral, gpt2
     "needs a model whose attention reads past keys and values",  # prefix tuning on DistilBERT
     "X-LoRA's router reads the last hidden state",  # X-LoRA on T5 and BART (peft fails there too)
+    "init='olora' on transformers' Conv1D",  # OLoRA on GPT-2: peft builds a B of the wrong shape
+    "EVA on an encoder-decoder model is not supported",  # T5, BART: peft fails there too
 )
 
 

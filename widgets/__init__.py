@@ -8,6 +8,9 @@
     SpectrumViewer(model)                    # singular values of ΔW per layer
     QuantErrorExplorer()                     # NF4 / FP4 / int4 rounding errors, by block size
 
+    from peftlab.widgets import AdapterChat
+    AdapterChat(model, tokenizer)            # one prompt, every adapter answers in one mixed batch
+
 Widgets hold state and callbacks only; every figure comes from a pure function in
 ``peftlab.plots`` and every computation from the core library. ipywidgets and plotly are
 imported when a widget is built, so ``import peftlab.widgets`` costs nothing.
@@ -23,6 +26,7 @@ _EXPORTS = {
     "SpectrumViewer": "peftlab.widgets.explorers",
     "QuantErrorExplorer": "peftlab.widgets.explorers",
     "LiveFigure": "peftlab.widgets.live",
+    "AdapterChat": "peftlab.widgets.serve",
 }
 
 __all__ = sorted(_EXPORTS)

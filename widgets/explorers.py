@@ -19,7 +19,9 @@ from typing import Any
 from peftlab.widgets.live import LiveFigure, message_html, prefer_static
 
 
-class _Shown:
+class Shown:
+    """Displays as its ``.widget`` (the explorers, the adapter chat)."""
+
     widget: Any
 
     def _ipython_display_(self) -> None:
@@ -31,7 +33,7 @@ class _Shown:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-class RankExplorer(_Shown):
+class RankExplorer(Shown):
     """Drag the rank r of a LoRA update of one (d_in -> d_out) layer and see what it costs.
 
     The update B A has r (d_in + d_out) parameters against d_in d_out for the full ΔW; it can
@@ -71,7 +73,7 @@ class RankExplorer(_Shown):
         self.fig.update(self._figure(r))
 
 
-class SpectrumViewer(_Shown):
+class SpectrumViewer(Shown):
     """Singular values of ΔW per adapted layer: a heatmap, and one layer's values over training.
 
     Args:
@@ -132,7 +134,7 @@ class SpectrumViewer(_Shown):
         return plots.spectrum_evolution(steps, values, layer=self.layer_w.value)
 
 
-class QuantErrorExplorer(_Shown):
+class QuantErrorExplorer(Shown):
     """Quantise a weight matrix to 4 bits three ways and compare the rounding errors.
 
     Args:

@@ -83,7 +83,8 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
 
     def __init__(self, model: str | None = None, dataset: str = "chatterbot-qa", method: str | None = None,
                  task: str | None = "sentiment", static: bool | None = None, redraw_every_s: float = 0.5, draw_budget: float = 0.03,
-                 spectrum_every: int = 5, runs_dir: str | os.PathLike | None = None, **choices: Any) -> None:
+                 spectrum_every: int = 5, runs_dir: str | os.PathLike | None = None,
+                 report_to: str | None = None, **choices: Any) -> None:
         import ipywidgets as W
 
         self.static = prefer_static() if static is None else bool(static)
@@ -91,6 +92,7 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
         self.draw_budget = draw_budget
         self.spectrum_every = max(1, int(spectrum_every))
         self.runs_dir = Path(runs_dir) if runs_dir is not None else None
+        self.report_to = report_to  # peftlab.train's report_to; with trackio the runs table shows its stored runs
         self.export_available = importlib.util.find_spec("peftlab.export") is not None
         defaults = initial_choice(model, dataset, method, task, choices)
         self._init_state()

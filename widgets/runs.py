@@ -33,6 +33,19 @@ def runs_table_html(runs: list[dict]) -> str:
             + f"</tr>{body}</table>")
 
 
+def stored_runs_html(runs: list[Any]) -> str:
+    """The runs of the local trackio store (peftlab.tracking.stored_runs), every session's."""
+    head = ("run", "method", "rank", "lr", "steps", "trainable", "final loss")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            r.name, r.config.get("method"), r.config.get("adapter.r", "-"), r.config.get("train.lr"),
+            r.last.get("step"), f"{r.config.get('trainable_parameters', 0):,}",
+            f"{r.last['loss']:.4f}" if isinstance(r.last.get("loss"), float) else "-")) + "</tr>"
+        for r in runs)
+    return ("<table class='peftlab-stored-runs'><tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + f"</tr>{body}</table>")
+
+
 def train_argv(choice: plan.Choice, out_dir: Path) -> list[str]:
     """The ``peftlab train`` command line that repeats ``choice`` (what run.json records)."""
     argv = ["train", "--model", choice.model, "--data", choice.dataset, "--method", choice.method,
@@ -64,6 +77,7 @@ class RunsPanel:
         import ipywidgets as W
 
         self.runs_table = W.HTML()
+        self.stored_table = W.HTML()  # with report_to="trackio": every session's runs, from the store
         self.runs_fig = LiveFigure(self._runs_figure(), self.static)
         self.prompt_w = W.Text(value="What is a language model?", description="prompt", style=LABEL_STYLE,
                                layout=W.Layout(width="520px"))
@@ -83,8 +97,9 @@ class RunsPanel:
         export_row = W.HBox([self.export_path_w, self.export_button])
         if not self.export_available:  # the hook waits for peftlab.export (another issue)
             export_row.layout.display = "none"
+        self.show_stored_runs()  # a new kernel's Lab shows the runs of the sessions before it
         return W.VBox([
-            W.HTML("<b>Runs this session</b>"), self.runs_table, self.runs_fig.widget,
+            W.HTML("<b>Runs this session</b>"), self.runs_table, self.runs_fig.widget, self.stored_table,
             W.HTML("<b>Try it</b>"), W.HBox([self.prompt_w, self.generate_button]),
             W.HBox([self.base_out, self.adapted_out]),
             W.HBox([self.save_path_w, self.save_button]), export_row,
@@ -112,6 +127,18 @@ class RunsPanel:
         })
         self.runs_table.value = runs_table_html(self.runs)
         self.runs_fig.update(self._runs_figure())
+        self.show_stored_runs()
+
+    def show_stored_runs(self) -> None:
+        """Every stored run (all sessions, so they survive a kernel restart) when training reports
+        to trackio; nothing otherwise."""
+        from peftlab.tracking import parse_report_to, stored_runs
+
+        if "trackio" not in parse_report_to(getattr(self, "report_to", None)):
+            return
+        runs = stored_runs()
+        self.stored_table.value = (f"<b>Stored runs</b> (trackio, all sessions: {len(runs)})"
+                                   + stored_runs_html(runs))
 
     def write_run(self, choice: plan.Choice, model: Any, out_dir: Path) -> None:
         """``run.json`` as ``peftlab train --out`` writes it, so peftlab.export can repeat the run."""
@@ -209,4 +236,4 @@ class RunsPanel:
         self.show(f"Wrote {path}: run it with `accelerate launch {path}`.", "ok")
 
 
-__all__ = ["RunsPanel", "runs_table_html", "train_argv"]
+__all__ = ["RunsPanel", "runs_table_html", "stored_runs_html", "train_argv"]

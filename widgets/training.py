@@ -111,14 +111,19 @@ class TrainingRun:
             count = peftlab.count_parameters(model)
             self.model, self.tokenizer, self.count = model, tokenizer, count
             self.progress.description = "step 0"
+            # the doctor's findings before the first step: the silent failures, with numbers and fixes
+            found = peftlab.doctor(model, data, tokenizer=tokenizer, max_length=choice.max_length,
+                                   lr=choice.lr).findings
             self.show(f"Training {choice.method} r={choice.r} on {choice.model}: "
-                      f"{count.trainable:,} trainable parameters ({count.percent:.3f}%).", "info")
+                      f"{count.trainable:,} trainable parameters ({count.percent:.3f}%)."
+                      + "".join(f"\n{f}" for f in found), "warning" if found else "info")
             out_dir = self._run_dir() if self.export_available and task is None else None
             self.start_clock()
             result = peftlab.train(model, data, task=task, tokenizer=tokenizer, steps=choice.steps, lr=choice.lr,
                                    batch_size=choice.batch_size, max_length=choice.max_length,
                                    eval_every=task.defaults.eval_every if task is not None else None,
                                    callbacks=[self.on_step], stop=self._stop, progress=False,
+                                   report_to=self.report_to,
                                    out_dir=None if out_dir is None else out_dir / "checkpoints")
             self.result = result
             if out_dir is not None:

@@ -2,14 +2,16 @@
 
     peftlab train --model smollm2-135m --data chatterbot-qa --method lora --rank 8 --steps 30 --out DIR
     peftlab info [--brief] [--json]
-    peftlab bench train|spectra|learn [options...]
+    peftlab bench train|spectra|learn|serve [options...]
     peftlab study --out DIR                   # methods x learning rates x seeds on one task
     peftlab export RUN_DIR --to script.py     # a transformers + peft script for accelerate launch
+    peftlab runs [--compare RUN RUN ...]      # runs stored by `train --report-to trackio`
 
 ``train`` runs offline on the bundled models and data, prints a summary table and writes to DIR:
 
     adapter/        the trained adapter, PEFT format (peftlab.load_adapter or peft can load it)
     checkpoints/    resumable checkpoints (``--checkpoint-every N``; always one at the end)
+                    (and runs/: TensorBoard event files with ``--report-to tensorboard``)
     history.json    one record per step: loss, lr, grad norm, step time, tokens/s, memory
     run.json        every argument, the resolved method config, versions, the summary, and the
                     command line that reproduces the run
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftlab",
         description="Learn and prototype parameter-efficient fine-tuning (PEFT).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,study,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,study,export,runs}")
 
     t = sub.add_parser("train", help="train an adapter and write it with a report",
                        description="Train an adapter on a bundled (offline) model and dataset.")
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default: 0.1)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    t.add_argument("--loraplus-lr-ratio", type=float,
+                   help="LoRA+: B's learning rate = this x --lr (e.g. 16; default: off)")
     t.add_argument("--seed", type=int, default=0, help="seed of data order, init and dropout (default: 0)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
@@ -80,15 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="continue from a checkpoint folder or a previous --out folder")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--report-to", help="log config, parameter count and metrics to trackio, tensorboard, "
+                   "'all' (comma-separated; default: none); `peftlab runs` lists the trackio runs")
 
     i = sub.add_parser("info", help="list bundled models, datasets and methods")
     i.add_argument("--brief", action="store_true", help="one short line per item")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    b = sub.add_parser("bench", help="benchmarks: training step speed, spectra of ΔW, time to learn a task",
+    b = sub.add_parser("bench", help="benchmarks: training step speed, spectra of ΔW, time to learn a task, "
+                       "serving many adapters",
                        description="Run a benchmark. Words after WHAT are passed on to it.")
-    b.add_argument("what", choices=("train", "spectra", "learn"), help="which benchmark: a training step's "
-                   "speed and memory, spectra of ΔW, or the time to learn the default task")
+    b.add_argument("what", choices=("train", "spectra", "learn", "serve"), help="which benchmark: a training step's "
+                   "speed and memory, spectra of ΔW, the time to learn the default task, or generating for a "
+                   "mixed batch of adapters")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
 
     s = sub.add_parser("study", help="compare methods on a task: methods x learning rates x seeds, resumable",
@@ -97,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     from peftlab.study import add_arguments
 
     add_arguments(s)
+
+    r = sub.add_parser("runs", help="list or compare the runs stored by --report-to trackio",
+                       description="List the runs in the local trackio store, or compare some of them.")
+    from peftlab.tracking import add_arguments as add_runs_arguments
+
+    add_runs_arguments(r)
 
     e = sub.add_parser("export", help="write a run as a transformers + peft script (accelerate launch)",
                        description="Write a plain transformers + peft + accelerate script that "
@@ -116,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "runs":
+            from peftlab.tracking import cmd_runs
+
+            return cmd_runs(args)
         if args.command == "study":
             from peftlab.study import main as study_main
 

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if eval_data is None:
             raise ConfigError(f"--eval: the dataset {args.data!r} has no validation or test split "
                               f"(it has {list(dataset)}). Drop --eval.")
-    eval_before = peftlab.evaluate(model, task, tokenizer=tokenizer) if task else None
+    eval_before = peftlab.evaluate(model, task, tokenizer=tokenizer, progress=not args.no_progress) if task else None
     torch.manual_seed(args.seed)  # the adapter's initial weights
     model = adapt(model, spec.name, backend=args.backend, **hp)
     params = count_parameters(model)
@@ -85,16 +85,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, dataset, task=task, tokenizer=tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         max_length=args.seq_len, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+        loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None),
         gradient_checkpointing=args.grad_checkpointing, bf16=args.bf16, seed=args.seed,
         out_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, resume_from=args.resume,
         eval_data=eval_data, eval_every=args.eval_every, progress=not args.no_progress,
+        report_to=getattr(args, "report_to", None),
     )
 
     peftlab.save_adapter(model, out / "adapter")
     summary = run_summary(result, params)
     if task is not None:
         summary.update(task=f"{task.name} ({task.framing})", task_metrics=list(task.metrics),
-                       eval_before=eval_before, eval_after=peftlab.evaluate(model, task, tokenizer=tokenizer))
+                       eval_before=eval_before, eval_after=peftlab.evaluate(model, task, tokenizer=tokenizer,
+                                                              progress=not args.no_progress))
     run = {
         "command": reproduce_command(args),
         "args": {k: v for k, v in vars(args).items()},

@@ -1,5 +1,5 @@
 """The exercises of lesson 11 (notebooks/11_many_adapters.ipynb): combining LoRA adapters:
-concatenated factors (peft's 'cat') and a TIES merge.
+concatenated factors (peft's 'cat') and a TIES merge; serving them: a mixed batch in gather form.
 
 For each: the seeded random inputs, the reference answer and the hint. ``LESSON_EXERCISES``
 lists them in the lesson's order; ``peftlab.exercises.EXERCISES`` collects every lesson's.
@@ -38,6 +38,23 @@ def _ties_merge(tensors: Tensor, weights: Tensor, density: float) -> Tensor:
     return merge_tensors("ties", list(tensors), weights, density)
 
 
+def _gather_inputs(g: torch.Generator) -> dict:
+    n, r, d_in, d_out, batch, tokens = (int(torch.randint(lo, hi, (1,), generator=g))
+                                        for lo, hi in ((2, 6), (1, 6), (4, 16), (4, 16), (2, 9), (1, 5)))
+    A = torch.randn(n + 1, r, d_in, generator=g)
+    B = torch.randn(n + 1, d_out, r, generator=g)
+    A[0], B[0] = 0.0, 0.0  # slot 0: no adapter
+    scaling = torch.cat([torch.zeros(1), 0.5 + torch.rand(n, generator=g)])
+    return {"x": torch.randn(batch, tokens, d_in, generator=g), "A": A, "B": B, "scaling": scaling,
+            "index": torch.randint(0, n + 1, (batch,), generator=g)}
+
+
+def _gather_lora(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    from peftlab.inject.gather import Stack, gathered
+
+    return gathered(x, Stack(A, B, scaling), index)
+
+
 LESSON_EXERCISES: tuple[Exercise, ...] = (
     Exercise(
         "lora_cat_combine",
@@ -62,6 +79,18 @@ LESSON_EXERCISES: tuple[Exercise, ...] = (
         "(torch.topk on absolute values), zero elsewhere. Elect: per entry, the sign of the sum over "
         "the trimmed tensors. Mean: per entry, only the tensors whose sign matches (a trimmed 0 never "
         "matches) count, in the weighted sum and in the divisor.",
+    ),
+    Exercise(
+        "gather_lora",
+        "gather_lora(x, A, B, scaling, index) -> (batch, T, d_out): the LoRA updates of a mixed batch in "
+        "gather form. x is (batch, T, d_in); A (L+1, r, d_in), B (L+1, d_out, r) and scaling (L+1,) are the "
+        "stacked adapters (slot 0 all zeros: no adapter); row i uses slot index[i], so its update is "
+        "scaling[a] · (x_i A[a]ᵀ) B[a]ᵀ with a = index[i]. No loop over rows or adapters.",
+        _gather_lora,
+        _gather_inputs,
+        "Index the stacks with the index tensor: A[index] is (batch, r, d_in), one matrix per row. Then a "
+        "batched matmul per factor (torch.bmm, or einsum 'btd,brd->btr' then 'btr,bor->bto'), and the "
+        "scaling of each row's slot, shaped (batch, 1, 1) to broadcast.",
     ),
 )
 

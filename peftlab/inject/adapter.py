@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
+from peftlab.inject.gather import LowRank, mixed_update
 from peftlab.inject.layers import is_linear, is_quantized
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +76,12 @@ class Adapter(nn.Module):
         method's usual one (LoRA on parameters: peft's nested wrappers)."""
         raise NotImplementedError
 
+    def low_rank(self) -> LowRank | None:
+        """This adapter's update as s · B A x, for a mixed batch to stack with other adapters'
+        (peftlab/inject/gather.py); None (the default) where its update is not that, or not for
+        this call (LoRA with a bias, on an embedding, or with dropout while training)."""
+        return None
+
 
 def overrides(adapter: Adapter, member: str) -> bool:
     """Whether ``adapter``'s class provides its own optional ``member`` (layer_forward,
@@ -130,22 +137,51 @@ class AdaptedLayer(nn.Module):
             result = self.adapters[name](x, self.base_layer, result)
         return result
 
-    def _per_example(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
-        """Example i runs adapter names[i] alone: each adapter sees only its rows of the batch."""
+    def set_example_adapters(self, names: Sequence[str] | None) -> None:
+        """Route example i of the coming calls to adapter ``names[i]`` ("__base__": none), or
+        stop routing (None). peftlab.routing sets and clears this around a call or a generation."""
+        self.example_adapters = None if names is None else list(names)
+
+    def mixed_factors(self, x: Tensor, names: Sequence[str]) -> dict[str, LowRank] | None:
+        """The low-rank factors of the adapters a mixed batch runs on this layer, when every one
+        has them in one dtype (then the rows can be stacked: inject/gather.py); None otherwise.
+        Refuses what no form can run on some rows only: merged adapters, whole-layer changes."""
         if self.merged:
             raise ConfigError(
                 f"Adapters {self.merged} are merged into the base weight, so they would apply to every "
                 "example. Expected unmerged adapters for a mixed batch; try peftlab.unmerge(model) first."
             )
-        for name in dict.fromkeys(names):  # each distinct name once, in order of appearance
-            if name == "__base__" or name not in self.adapters:
-                continue  # base rows (and adapters that skip this layer) keep the base output
+        present = [n for n in dict.fromkeys(names) if n != "__base__" and n in self.adapters]
+        for name in present:
             if overrides(self.adapters[name], "merge_into"):  # MultiheadAttention, parameters: whole-layer changes
                 raise ConfigError(
                     f"Adapter {name!r} changes what this layer computes with ({type(self.adapters[name]).__name__}), "
                     "so it cannot run on some rows of a batch only. Expected adapters that add to the "
                     "layer's output (LoRA on linear layers, ...); try one adapter per batch with set_adapter."
                 )
+        if x.shape[0] != len(names):
+            raise ConfigError(
+                f"A mixed batch names {len(names)} adapters but this layer sees {x.shape[0]} examples "
+                "(generate with num_beams or num_return_sequences repeats each example). Expected one "
+                "adapter name per example; try repeating each name as many times as its example is."
+            )
+        factors = {n: self.adapters[n].low_rank() for n in present}
+        if any(f is None for f in factors.values()):
+            return None
+        dtypes = {f.A.dtype for f in factors.values()} | {f.B.dtype for f in factors.values()}
+        return factors if len(dtypes) <= 1 else None
+
+    def _per_example(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
+        """Example i runs adapter names[i] alone. Where every adapter present is a low-rank update
+        (LoRA), all rows run at once in the gather or segment form (inject/gather.py); otherwise
+        each adapter runs on its own rows of the batch, as peft does."""
+        factors = self.mixed_factors(x, names)
+        if factors:
+            dtype = next(iter(factors.values())).A.dtype
+            return (result + mixed_update(x.to(dtype), factors, names)).to(result.dtype)
+        for name in dict.fromkeys(names):  # each distinct name once, in order of appearance
+            if name == "__base__" or name not in self.adapters:
+                continue  # base rows (and adapters that skip this layer) keep the base output
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             adapted = self.adapters[name](x[rows], self.base_layer, result[rows])
             result = result.index_put((rows,), adapted)

@@ -27,16 +27,23 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module that could be a target: skips the insides of already adapted layers."""
+    """Every module that could be a target, in named_modules' order (each module once): skips the
+    insides of already adapted layers without visiting them, so a model carrying many adapters
+    costs no more to search than a bare one."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in skip):
-            continue
-        if isinstance(module, (AdaptedLayer, TrainableCopy)):
-            skip.append(name)
-        if name:
-            out[name] = module
+    seen = {id(model)}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            out[name] = child
+            if not isinstance(child, (AdaptedLayer, TrainableCopy)):
+                walk(child, name)
+
+    walk(model, "")
     return out
 
 

@@ -299,7 +299,7 @@ def load_adapter(
     read_folder = folder_hook(raw_config, "read_folder")
     if read_folder is not None:  # a layout of the method's own (X-LoRA: a router file, a subfolder per expert)
         return read_folder(model, folder, raw_config, adapter_name)
-    method, config = _reference_config(raw_config, folder)
+    method, config = saved_config(raw_config, folder)
     state = read_adapter_weights(folder)
     from peftlab.methods import get_method
 
@@ -347,7 +347,8 @@ def _heads_peft_trains(raw: dict, config, state: dict) -> tuple[str, ...]:
     return entries
 
 
-def _reference_config(raw: dict, folder: Path):
+def saved_config(raw: dict, folder: Path):
+    """(method, config) of a saved adapter_config.json, refusing options the reference lacks."""
     from peftlab.production.hf_peft import from_peft_config
 
     if str(raw.get("peft_type")).startswith(PEFTLAB_TYPE_PREFIX):  # a method peft lacks
@@ -384,7 +385,9 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: s
     """Copy a file's tensors (peft's on-disk names) into ``adapter_name`` of an adapted model;
     ``hint`` ends the error when the file does not fit (which method the config says, say)."""
     from peftlab.production.hf_peft import (PREFIX, load_reference_state_dict, reference_to_peft_names,
-                                            saved_name, shared_tensors)
+                                            saved_name, shared_tensors, state_from_file)
+
+    state = state_from_file(model, adapter_name, state)  # a file's own form (VB-LoRA's top-k) -> tensors
 
     expected = {saved_name(n, adapter_name) for n in reference_to_peft_names(model, adapter_name).values()}
     # tensors all layers share (VeRA's random A, B, when saved) belong to the adapter too
@@ -440,3 +443,8 @@ def _load_with_peft(model: nn.Module, folder: Path, adapter_name: str) -> nn.Mod
     if prompt_learning:
         model.prompt_encoder[adapter_name].requires_grad_(True)
     return model
+
+
+# an adapted model's save_pretrained (Trainer, TRL, push_to_hub) writes through save_adapter:
+# peftlab.io.hub hands that writer to peftlab.api when imported
+from peftlab.io import hub  # noqa: E402,F401

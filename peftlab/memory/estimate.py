@@ -204,8 +204,8 @@ def meta_model(config, dtype: torch.dtype, method: str | None, r: int | None, ta
 
             spec = get_method(method)
             if spec.shapes_like is not None:  # same shapes; the stand-in starts from its own init
-                method, hp = spec.shapes_like, {k: v for k, v in hp.items() if k != "init"}
-                spec = get_method(method)
+                spec = get_method(spec.shapes_like)  # the init's own settings (EVA's rho, LoRA-GA's data) go
+                method, hp = spec.name, {k: v for k, v in hp.items() if k != "init" and k in spec.config.field_names()}
             # pass r and targets only to methods that take them (IA3, BitFit and prompts have no rank)
             takes = {f.name for f in fields(spec.config)}
             extra = {"r": r} if "r" in takes and r is not None else {}

@@ -6,6 +6,7 @@ registers itself on import.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,8 +27,13 @@ from peftlab.methods.llama_adapter import (ATTENTION_TARGETS, LlamaAdapterConfig
 from peftlab.methods.loha import LoHa, LoHaConfig, loha_parameter_count
 from peftlab.methods.lokr import LoKr, LoKrConfig, lokr_parameter_count
 from peftlab.methods.lora import ConvLoRA, LoftQConfig, LoRA, LoRAConfig, MultiheadAttentionLoRA, lora_parameter_count
+from peftlab.methods.lora import OLoRAConfig, PiSSAConfig
+from peftlab.methods.lora_data_init import CordaConfig, LoraGAConfig, build_corda, build_lora_ga
+from peftlab.methods.lora_eva import EvaConfig, build_eva, eva_parameter_count, prepare_eva
+from peftlab.methods.lora_init import DATA_INITS
 from peftlab.methods.param_lora import add_parameter_lora
-from peftlab.methods.trainable_tokens import add_trainable_tokens
+from peftlab.methods.trainable_tokens import (TrainableTokensConfig, add_trainable_tokens, build_trainable_tokens,
+                                             resolve_trainable_tokens, trainable_tokens_parameter_count)
 from peftlab.methods.oft import OFT, OFTConfig, oft_embedding_parameter_count, oft_parameter_count
 from peftlab.methods.p_tuning import PTuningConfig, build_p_tuning, p_tuning_parameter_count
 from peftlab.methods.prefix_tuning import (PrefixTuningConfig, build_prefix_tuning, prefix_tuning_parameter_count,
@@ -35,6 +41,14 @@ from peftlab.methods.prefix_tuning import (PrefixTuningConfig, build_prefix_tuni
 from peftlab.methods.prompt_tuning import PromptTuningConfig, build_prompt_tuning, prompt_tuning_parameter_count
 from peftlab.methods.vera import VeRAConfig, build_vera
 from peftlab.methods.xlora import XLoRAConfig, build_xlora, xlora_parameter_count
+from peftlab.methods.fourierft import FourierFTConfig, build_fourierft, fourierft_parameter_count
+from peftlab.methods.hra import HRA, HRAConfig, hra_parameter_count
+from peftlab.methods.miss import MiSS, MissConfig, miss_parameter_count
+from peftlab.methods.road import RoAd, RoadConfig, road_parameter_count
+from peftlab.methods.shira import SHiRA, ShiraConfig, shira_parameter_count
+from peftlab.methods.vblora import VBLoRAConfig, build_vblora, vblora_parameter_count
+from peftlab.methods.ln_tuning import (LN_TUNING_TARGETS, LNTuningConfig, build_ln_tuning,
+                                      ln_tuning_parameter_count, resolve_ln_tuning)
 
 # Where each method goes by default, by `model.config.model_type` (peft's defaults for LoRA).
 ATTENTION_QV = {
@@ -149,6 +163,11 @@ def build_lora(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
     """LoRA on its target layers, then peft's two extras that ride on a LoRA adapter: LoRA on
     bare parameters (``target_parameters``, MoE experts; ``targets=()`` when only those are
     targeted) and a few trained embedding rows (``trainable_token_indices``)."""
+    if config.init in DATA_INITS:  # their data lives on their own methods' configs
+        raise ConfigError(
+            f"LoRA init={config.init!r} learns its start from data, which method 'lora' has no field for. "
+            f"Expected the method of that name; try peftlab.adapt(model, {config.init!r}, data=batches)."
+        )
     if config.targets != ():
         _LORA_LAYERS(model, config, adapter_name)
     if config.target_parameters:
@@ -156,6 +175,16 @@ def build_lora(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
     if config.trainable_token_indices:
         adapted = [n for n, layer in adapted_layers(model).items() if adapter_name in layer.adapters]
         add_trainable_tokens(model, config.trainable_token_indices, adapter_name, adapted)
+
+
+def lora_init_method(name: str, config: type[LoRAConfig], build: Callable, description: str, paper: str,
+                     formula_note: str) -> Method:
+    """A LoRA whose start is chosen (methods/lora_init.py): LoRA's shapes, counts and peft type."""
+    return Method(name=name, config=config, build=build, family="reparameterisation", description=description,
+                  paper=paper, formula=f"r · (d_in + d_out) per adapted layer (as LoRA; {formula_note})",
+                  params_per_layer=lambda d_in, d_out, c: c.r * (d_in + d_out), mergeable=True,
+                  peft_type="LORA",  # peft: LoraConfig(init_lora_weights=<name>); saved as a LoRA on W_res
+                  activation_formula=FORMULA_ARCHITECTURES, shapes_like="lora")
 
 
 METHODS: dict[str, Method] = {
@@ -278,6 +307,33 @@ METHODS: dict[str, Method] = {
         activation_formula=FORMULA_ARCHITECTURES,
         shapes_like="lora",
     ),
+    "pissa": lora_init_method(
+        "pissa", PiSSAConfig, layer_method(LoRA),
+        "LoRA started on W's r principal singular directions (B A = U_r S_r V_rᵀ); the frozen base keeps the rest.",
+        "Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models, https://arxiv.org/abs/2404.02948",
+        "the base weight becomes the residual W - s B0 A0"),
+    "olora": lora_init_method(
+        "olora", OLoRAConfig, layer_method(LoRA),
+        "LoRA started from W's QR decomposition (B = Q_r orthonormal, A = R_r); the frozen base keeps W - s B A.",
+        "Büyükakyüz 2024, OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2406.01775",
+        "the base weight becomes the residual W - s B0 A0"),
+    "lora_ga": lora_init_method(
+        "lora_ga", LoraGAConfig, build_lora_ga,
+        "LoRA started along the SVD of the loss gradient on a few batches (data=...), so its first step follows full fine-tuning's.",
+        "Wang et al. 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation, https://arxiv.org/abs/2407.05000",
+        "the base weight becomes the residual W - s B0 A0"),
+    "eva": dataclasses.replace(lora_init_method(
+        "eva", EvaConfig, build_eva,
+        "LoRA whose A starts on the principal directions of each layer's inputs over a few batches (data=...), the rank budget moved to the layers that explain the most variance.",
+        "Paischer et al. 2024, One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation, https://arxiv.org/abs/2410.07170",
+        ""), formula="r_l · (d_in + d_out) per adapted layer: EVA redistributes the budget Σ r (r per target), "
+                     "r_l <= rho · r, and a layer with r_l = 0 is not adapted",
+        params_per_layer=None, parameter_count=eva_parameter_count, hooks={"prepare": prepare_eva}),
+    "corda": lora_init_method(
+        "corda", CordaConfig, build_corda,
+        "LoRA started from the SVD of W times its inputs' covariance on a few rows (data=...): the task's directions (ipm) or W's least used ones (kpm).",
+        "Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Language Models, https://arxiv.org/abs/2406.05223",
+        "the base weight becomes the residual W - s B0 A0"),
     "prompt_tuning": Method(
         name="prompt_tuning",
         config=PromptTuningConfig,
@@ -398,6 +454,114 @@ METHODS: dict[str, Method] = {
         parameter_count=xlora_parameter_count,
         needs=HOOKS,  # experts from files, peft's folder layout: peftlab/xlora_io.py
         hooks_from="peftlab.xlora_io",
+    ),
+    "hra": Method(
+        name="hra",
+        config=HRAConfig,
+        build=layer_method(HRA),
+        family="orthogonal",
+        description="Multiply each weight by a chain of r learned Householder reflections: W' = W0 H, H = ∏ (I - 2 u uᵀ), orthogonal and of low-rank change.",
+        paper="Yuan et al. 2024, Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder Reflection Adaptation, https://arxiv.org/abs/2405.17484",
+        formula="r · d_in per adapted layer (r reflection vectors of length d_in)",
+        params_per_layer=hra_parameter_count,
+        mergeable=True,
+        peft_type="HRA",
+    ),
+    "road": Method(
+        name="road",
+        config=RoadConfig,
+        build=layer_method(RoAd),
+        family="rescaling",
+        description="Rotate and scale pairs of each layer's output features by learned angles θ and scales α: h = R (W0 x + b).",
+        paper="Liao et al. 2024, 3-in-1: 2D Rotary Adaptation for Efficient Finetuning, Efficient Batching and Composability, https://arxiv.org/abs/2409.00119",
+        formula="d_out per adapted layer for road_1 (θ and α, d_out / 2 each); 2 · d_out for road_2; 4 · d_out for road_4",
+        params_per_layer=road_parameter_count,
+        mergeable=True,
+        peft_type="ROAD",
+    ),
+    "miss": Method(
+        name="miss",
+        config=MissConfig,
+        build=layer_method(MiSS),
+        family="reparameterisation",
+        description="One trained shard D (r x d_out) shared by every block of r input columns: h = W0 x + Dᵀ (sum of x's r-chunks).",
+        paper="Kang et al. 2024, MiSS: Balancing LoRA Performance and Efficiency with Simple Shard Sharing, https://arxiv.org/abs/2409.15371",
+        formula="r · d_out per adapted layer (init_weights='mini': r · mini_r; 'bat': (d_out / r) blocks of r x r)",
+        params_per_layer=miss_parameter_count,
+        mergeable=True,
+        peft_type="MISS",
+    ),
+    "fourierft": Method(
+        name="fourierft",
+        config=FourierFTConfig,
+        build=build_fourierft,
+        family="reparameterisation",
+        description="Learn n spectral coefficients at fixed random frequencies; ΔW is their inverse 2D Fourier transform.",
+        paper="Gao et al. 2024, Parameter-Efficient Fine-Tuning with Discrete Fourier Transform, https://arxiv.org/abs/2405.03003",
+        formula="n_frequency per adapted layer, whatever its shape (n_frequency_pattern's n where it names the layer; the random frequency locations come from a seed)",
+        params_per_layer=None,  # n_frequency_pattern sets n by the layer's name
+        mergeable=True,
+        peft_type="FOURIERFT",
+        parameter_count=fourierft_parameter_count,
+        default_targets={**ATTENTION_QV, "gpt2": ("mlp.c_proj",)},  # peft's FourierFT default for GPT-2
+    ),
+    "shira": Method(
+        name="shira",
+        config=ShiraConfig,
+        build=layer_method(SHiRA),
+        family="selective",
+        description="Train a fixed random sparse subset of each weight's own entries, r · (d_in + d_out) of them: a sparse, high-rank ΔW.",
+        paper="Bhardwaj et al. 2024, Sparse High Rank Adapters, https://arxiv.org/abs/2406.13175",
+        formula="r · (d_in + d_out) per adapted layer (LoRA's count at rank r, as sparse entries; the mask's indices are saved, not trained)",
+        params_per_layer=shira_parameter_count,
+        mergeable=True,
+        peft_type="SHIRA",
+        default_targets={**ATTENTION_QV, "phi": ("q_proj", "v_proj")},  # peft adds phi for SHiRA
+    ),
+    "vblora": Method(
+        name="vblora",
+        config=VBLoRAConfig,
+        build=build_vblora,
+        family="reparameterisation",
+        description="LoRA whose factors are cut into sub-vectors, each a top-k softmax mix of vectors from one bank all layers share.",
+        paper="Li et al. 2024, VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks, https://arxiv.org/abs/2405.15179",
+        formula="num_vectors · vector_length for the shared bank, + num_vectors · r · (d_in + d_out) / vector_length logits per adapted layer",
+        params_per_layer=None,  # the bank is shared by all layers
+        mergeable=True,
+        peft_type="VBLORA",
+        parameter_count=vblora_parameter_count,
+        # peft's own VB-LoRA defaults: OPT adapts every projection and both feed-forward layers
+        default_targets={**ATTENTION_QV, "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")},
+    ),
+    "ln_tuning": Method(
+        name="ln_tuning",
+        config=LNTuningConfig,
+        build=build_ln_tuning,
+        family="selective",
+        description="Train only the normalisation layers' gains (and biases): every weight matrix stays frozen.",
+        paper="Zhao et al. 2023, Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning, https://arxiv.org/abs/2312.11420",
+        formula="the targeted norm layers' own tensors: d per RMSNorm, 2 · d per LayerNorm (γ and β)",
+        params_per_layer=None,  # a norm layer has no (d_in, d_out)
+        mergeable=True,
+        peft_type="LN_TUNING",
+        default_targets=LN_TUNING_TARGETS,  # elsewhere "all-linear", which resolve reads as every norm layer
+        resolve=resolve_ln_tuning,
+        parameter_count=ln_tuning_parameter_count,
+    ),
+    "trainable_tokens": Method(
+        name="trainable_tokens",
+        config=TrainableTokensConfig,
+        build=build_trainable_tokens,
+        family="selective",
+        description="Train only the embedding rows of a few chosen tokens (new or under-trained ones); a tied output head reads the same rows.",
+        paper="peft's TrainableTokens (Hugging Face, 2025), https://huggingface.co/docs/peft/package_reference/trainable_tokens",
+        formula="k · d per targeted embedding (k = len(token_indices), d its width; a tied head adds none)",
+        params_per_layer=None,  # rows of an embedding, not a (d_in, d_out) layer's count
+        mergeable=False,  # kept unmerged: peftlab merges no weight a tied head shares (methods/trainable_tokens.py)
+        peft_type="TRAINABLE_TOKENS",
+        default_targets={},  # the input embedding (resolve), whatever the architecture
+        resolve=resolve_trainable_tokens,
+        parameter_count=trainable_tokens_parameter_count,
     ),
 }
 

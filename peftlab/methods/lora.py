@@ -42,8 +42,10 @@ from torch.func import functional_call
 from peftlab.errors import ConfigError
 from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, check_zero_padding, conv_shape, conv_with,
                             embed_scale, is_conv1d, layer_dims)
+from peftlab.inject.gather import LowRank
 from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations,
-                                  check_rank, check_range, is_count, low_rank_activations)
+                                  check_rank, check_range, is_count, low_rank_activations, trains_dropout)
+from peftlab.methods.lora_init import WEIGHT_INITS, check_init, init_family, init_from_weight
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ class LoRAConfig(AdapterConfig):
     alpha: float = 8.0  # scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)
     dropout: float = 0.0  # dropout on the adapter's input only; the base path never drops
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    # "kaiming" (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)) or "loftq" (see
-    # peftlab/quant/loftq.py: the base weight becomes NF4-quantised, B A carries the error)
+    # "kaiming" (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)), "loftq" (see
+    # peftlab/quant/loftq.py: the base weight becomes NF4-quantised, B A carries the error), or a
+    # start chosen from the layer (methods/lora_init.py): "pissa" ("pissa_niter_K"), "olora",
+    # "lora_ga" and "eva" (these two need data: methods 'lora_ga' and 'eva', with data=...)
     init: str = "kaiming"
     # a bias b_B on B, trained and merged into the base layer's bias (peft's lora_bias; see above)
     lora_bias: bool = False
@@ -75,10 +79,11 @@ class LoRAConfig(AdapterConfig):
         check_rank(self.r)
         check_range("alpha", self.alpha, low=0.0, low_open=True)
         check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        if self.init not in ("kaiming", "gaussian", "loftq"):
-            raise ConfigError(
-                f"LoRA init={self.init!r} is not known. Expected 'kaiming', 'gaussian' or 'loftq'."
-            )
+        check_init(self.init)
+        if self.target_parameters and self.init not in ("kaiming", "gaussian"):
+            raise ConfigError(f"init={self.init!r} with target_parameters is not supported: these inits start "
+                              "from a linear layer's weight or inputs. Expected init='kaiming' or 'gaussian' "
+                              "with target_parameters; try leaving init out.")
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} is invalid. Expected True or False; try "
                               "lora_bias=True, or leave it out for no bias on B.")
@@ -113,6 +118,34 @@ class LoftQConfig(LoRAConfig):
             raise ConfigError(f"loftq_iter={self.loftq_iter!r} is invalid. Expected a positive integer.")
 
 
+@dataclass(frozen=True)
+class PiSSAConfig(LoRAConfig):
+    """LoRA started from W's principal singular triplets (PiSSA, https://arxiv.org/abs/2404.02948;
+    methods/lora_init.py); the frozen base becomes the residual W - s B0 A0."""
+
+    init: str = "pissa"  # "pissa" (exact SVD) or "pissa_niter_K" (randomized SVD, K iterations)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if init_family(self.init) != "pissa":
+            raise ConfigError(f"The pissa method is LoRA with init='pissa' or 'pissa_niter_K'; got init="
+                              f"{self.init!r}. Expected one of those; for another init use method 'lora'.")
+
+
+@dataclass(frozen=True)
+class OLoRAConfig(LoRAConfig):
+    """LoRA started from W's QR decomposition (OLoRA, https://arxiv.org/abs/2406.01775;
+    methods/lora_init.py); the frozen base becomes the residual W - s B0 A0."""
+
+    init: str = "olora"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "olora":
+            raise ConfigError(f"The olora method is LoRA with init='olora'; got init={self.init!r}. "
+                              "Expected init='olora'; for another init use method 'lora'.")
+
+
 class LoRA(Adapter):
     """h = W0 x + scaling · (B A dropout(x) + b_B), for nn.Linear, Conv1D and nn.Embedding bases
     (b_B only with lora_bias, not on embeddings)."""
@@ -137,6 +170,8 @@ class LoRA(Adapter):
             from peftlab.quant.loftq import loftq_init_lora
 
             loftq_init_lora(base, self, getattr(config, "loftq_bits", 4), getattr(config, "loftq_iter", 1))
+        if init_family(config.init) in WEIGHT_INITS:  # PiSSA, OLoRA: A, B from W; W becomes W - s B A
+            init_from_weight(base, self, config.init)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -173,6 +208,13 @@ class LoRA(Adapter):
     def factors(self) -> tuple[Tensor, Tensor]:
         """(left, right) with ΔW = left @ right in (d_out, d_in) layout: for spectra via QR."""
         return self.lora_B * self.scaling, self.lora_A
+
+    def low_rank(self) -> LowRank | None:
+        """(A, B, s) for a mixed batch to stack (inject/gather.py); None with a bias on B, on an
+        embedding (its input is token ids) and while dropout trains (each row its own mask)."""
+        if self.is_embedding or self.lora_B_bias is not None or (self.training and trains_dropout(self.dropout)):
+            return None
+        return LowRank(self.lora_A, self.lora_B, self.scaling)
 
 
 class ConvLoRA(Adapter):
@@ -247,9 +289,9 @@ class ConvLoRA(Adapter):
 def check_conv_lora(base: nn.Module, config: LoRAConfig) -> None:
     """The convolutions peft's LoRA computes exactly as its merge does; clear errors for the rest."""
     shape = conv_shape(base)
-    if config.init == "loftq":
-        raise ConfigError("LoftQ initialises linear layers only. Expected init='kaiming' or 'gaussian' "
-                          "for convolutions; try targets that name linear layers for LoftQ.")
+    if config.init not in ("kaiming", "gaussian"):
+        raise ConfigError(f"{_init_name(config.init)} initialises linear layers only (peft's too). Expected "
+                          "init='kaiming' or 'gaussian' for convolutions; try targets that name linear layers.")
     if any(d != 1 for d in base.dilation):
         raise ConfigError(
             f"LoRA on a {type(base).__name__} with dilation={base.dilation} is not supported: peft's "
@@ -374,15 +416,19 @@ def check_attention_lora(base: nn.Module, config: LoRAConfig) -> None:
             f"{base.embed_dim}) is not supported: its q, k, v projections are separate weights, which "
             "peft does not adapt either. Expected kdim = vdim = embed_dim; try other targets."
         )
-    if config.init == "loftq":
-        raise ConfigError("LoftQ initialises linear layers only. Expected init='kaiming' or 'gaussian' "
-                          "for nn.MultiheadAttention; try targets that name linear layers for LoftQ.")
+    if config.init not in ("kaiming", "gaussian"):
+        raise ConfigError(f"{_init_name(config.init)} initialises linear layers only. Expected init='kaiming' "
+                          "or 'gaussian' for nn.MultiheadAttention; try targets that name linear layers.")
     if config.lora_bias and base.out_proj.bias is None:
         raise ConfigError(
             "lora_bias=True on an nn.MultiheadAttention built with bias=False is not supported: the "
             "update adds b_B to out_proj's bias, which this layer lacks (peft's forward fails on it). "
             "Expected a layer with bias=True; try lora_bias=False."
         )
+
+
+def _init_name(init: str) -> str:
+    return "LoftQ" if init == "loftq" else f"LoRA init={init!r}"
 
 
 def _add_bias_on_B(adapter: Adapter, base: nn.Module, d_out: int, config: LoRAConfig) -> None:

@@ -13,18 +13,28 @@ same T, as peft ties them.
 
 Merged, E += ΔE with ΔE zero except the rows I, where it is T - E[I]; peft saves T itself, as
 ``<embedding>.token_adapter.trainable_tokens_delta``.
+
+As a method of its own (registry name ``trainable_tokens``, peft's ``TrainableTokensConfig``) it
+trains only those rows, of the input embedding unless ``targets`` names others; peft saves T as
+``<embedding>.trainable_tokens_delta``. peft's default ``token_indices=[]`` trains nothing, so
+peftlab asks for the ids. It is kept unmerged: most decoder LMs tie the output head to the
+embedding, and peftlab merges no weight that two modules share (a row lookup costs nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import AdaptedLayer, Adapter, base_of, embed_scale, inject
+from peftlab.inject import (AdaptedLayer, Adapter, adapted_layers, base_of, default_modules_to_save, embed_scale,
+                            find_targets, inject, modules_to_save_paths)
+from peftlab.methods.base import AdapterConfig
 
 # what a config may hold: ids for the input embedding, or {embedding layer name: ids}
 TokenIndices = Sequence[int] | dict[str, Sequence[int]]
@@ -140,3 +150,93 @@ def add_trainable_tokens(model: nn.Module, indices: TokenIndices, adapter_name: 
                adapter_name)
         heads = _tied_heads(model, embedding)
         inject(model, heads, lambda _n, base: TrainableTokens(base, ids, tied_to=layers["source"]), adapter_name)
+
+
+# --------------------------------------------------------------------------------------------
+# trainable tokens as a method of its own (peft's TrainableTokensConfig)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainableTokensConfig(AdapterConfig):
+    # targets: the embeddings whose rows train; None: the model's input embedding
+    token_indices: tuple[int, ...] = ()  # the token ids whose rows train (distinct, at least one)
+    init_weights: bool = True  # True: the rows start as the pretrained ones; False: N(0, 1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.token_indices, (list, range)):
+            object.__setattr__(self, "token_indices", tuple(self.token_indices))
+        if not isinstance(self.token_indices, tuple) or not self.token_indices:
+            raise ConfigError(
+                f"trainable_tokens needs token_indices, got {self.token_indices!r}. Expected the ids of the tokens "
+                "to train (peft's default, none, trains nothing); try "
+                "token_indices=tokenizer.convert_tokens_to_ids([...])."
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"init_weights={self.init_weights!r} is invalid. Expected True or False.")
+
+
+class StandaloneTrainableTokens(TrainableTokens):
+    """TrainableTokens as the method itself; its rows may start random (init_weights=False)."""
+
+    unmergeable_reason = ("peftlab keeps trainable tokens unmerged (a tied output head shares the embedding, and "
+                          "peftlab merges no shared weight); the row lookup costs nothing at inference")
+
+    def __init__(self, base: nn.Module, indices: Sequence[int], tied_to: TrainableTokens | None = None,
+                 random_rows: bool = False) -> None:
+        super().__init__(base, indices, tied_to)
+        if random_rows and tied_to is None:  # peft: torch.randn((k, d)) in the weight's dtype
+            with torch.no_grad():
+                self.trainable_tokens_delta.copy_(torch.randn(self.trainable_tokens_delta.shape))
+
+    @property
+    def mergeable(self) -> bool:
+        return False
+
+
+def resolve_trainable_tokens(model: nn.Module, config: TrainableTokensConfig) -> TrainableTokensConfig:
+    """"all-linear" (the default: no architecture names embeddings) means the input embedding.
+    peft's TrainableTokensConfig has no modules_to_save, so a classifier's head stays frozen (the
+    default head is dropped; one asked for is refused)."""
+    default = modules_to_save_paths(model, default_modules_to_save(model))
+    if config.modules_to_save and config.modules_to_save != default:
+        raise ConfigError(
+            f"trainable_tokens cannot train whole modules (modules_to_save={config.modules_to_save!r}): peft's "
+            "TrainableTokensConfig has no such field, so peft could not save or load them. Expected no "
+            "modules_to_save; try method 'lora' with trainable_token_indices=[...] and modules_to_save."
+        )
+    targets = (_input_embedding_name(model),) if config.targets == "all-linear" else config.targets
+    return dataclasses.replace(config, targets=targets, modules_to_save=())
+
+
+def build_trainable_tokens(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -> None:
+    """The chosen rows of each targeted embedding, and of an output head tied to it, train."""
+    names = find_targets(model, config.targets, accept=lambda m: isinstance(m, nn.Embedding),
+                         exclude=config.modules_to_save or (), expected="an nn.Embedding")
+    for name in names:
+        embedding = base_of(model.get_submodule(name))
+        rows = StandaloneTrainableTokens(embedding, config.token_indices, random_rows=not config.init_weights)
+        inject(model, [name], lambda _n, _base: rows, adapter_name)
+        heads = tied_modules(model, embedding)  # they read the same rows
+        inject(model, heads, lambda _n, base: StandaloneTrainableTokens(base, config.token_indices, tied_to=rows),
+               adapter_name)
+
+
+def tied_modules(model: nn.Module, embedding: nn.Module) -> list[str]:
+    """The modules that share the embedding's weight, as peft ties them: an LM head, and the
+    encoder's and decoder's own embedding modules of T5 and BART (which share ``shared``)."""
+    return [n for n, m in model.named_modules() if m is not embedding and not isinstance(m, AdaptedLayer)
+            and isinstance(base_of(m), (nn.Linear, nn.Embedding)) and base_of(m).weight is embedding.weight]
+
+
+def tied_rows(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """{tied module path: the rows it reads} for a model's trainable-tokens adapter: peft saves
+    them under each tied module as well (the same tensor)."""
+    return {path: layer.adapters[adapter_name].rows for path, layer in adapted_layers(model).items()
+            if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], TrainableTokens)
+            and layer.adapters[adapter_name]._tied_to}
+
+
+def trainable_tokens_parameter_count(model: nn.Module, config: TrainableTokensConfig) -> int:
+    """k · d per targeted embedding (k token ids, d its width); a tied head adds none."""
+    names = find_targets(model, config.targets, accept=lambda m: isinstance(m, nn.Embedding),
+                         exclude=config.modules_to_save or (), expected="an nn.Embedding")
+    return sum(len(config.token_indices) * base_of(model.get_submodule(n)).embedding_dim for n in names)

@@ -26,10 +26,13 @@ def quiet_transformers() -> Iterator[None]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # The GGUF reader draws its own tqdm.auto bar, which ignores both the switch above and
-    # TQDM_DISABLE in a notebook: a widget that appeared on the first load only (the conversion).
+    # TQDM_DISABLE in a notebook. It runs on the first load only (the ~40 s conversion), where a
+    # bar helps: shown unless peftlab.progress says quiet (TQDM_DISABLE, CI).
+    from peftlab.progress import progress_disabled
+
     gguf_bar = getattr(gguf_utils, "tqdm", None)
     if gguf_bar is not None:
-        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=progress_disabled())
     try:
         yield
     finally:

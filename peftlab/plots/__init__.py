@@ -18,7 +18,8 @@ and hover text. plotly is imported inside the functions, so ``import peftlab`` s
 from __future__ import annotations
 
 from peftlab.plots.comparisons import bars, curves, loss_curves, magnitude_direction, singular_values
-from peftlab.plots.costs import benchmark_bars, memory_ledger, parameter_budget, quantization_errors
+from peftlab.plots.costs import (benchmark_bars, memory_ledger, parameter_budget, quantization_errors,
+                                 serving_throughput)
 from peftlab.plots.notebook import PNG_SCALE, show, static_png
 from peftlab.plots.studies import study_costs, study_lr_sweep, study_tradeoff
 from peftlab.plots.style import COLORSCALE, MIB, PALETTE, TEMPLATE
@@ -33,6 +34,7 @@ __all__ = [
     "PALETTE",
     "bars",
     "benchmark_bars",
+    "serving_throughput",
     "curves",
     "dora_changes",
     "ema",

@@ -142,3 +142,31 @@ def benchmark_bars(rows: Sequence[Mapping[str, Any]], title: str = "Benchmark") 
     fig.update_yaxes(title_text="seconds per step (s)", row=1, col=1)
     fig.update_yaxes(title_text="peak memory (MB)", row=1, col=2)
     return fig
+
+
+def serving_throughput(rows: Sequence[Mapping[str, Any]], title: str = "Serving many adapters: a mixed batch") -> go.Figure:
+    """Tokens per second against the number of distinct adapters in the batch, one line per
+    variant and one panel per batch size (``peftlab bench serve``'s rows).
+
+    Args:
+        rows: [{"batch": ..., "adapters": ..., "variant": ..., "tokens_per_s": ..., "status": "ok"}, ...];
+            rows whose status is not "ok" are left out.
+    """
+    from plotly.subplots import make_subplots
+
+    ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("tokens_per_s") is not None]
+    batches = sorted({int(r["batch"]) for r in ok}) or [0]
+    fig = make_subplots(rows=1, cols=len(batches), subplot_titles=[f"batch {b}" for b in batches], shared_yaxes=True)
+    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    for col, batch in enumerate(batches, start=1):
+        for i, variant in enumerate(variants):
+            points = sorted((int(r["adapters"]), float(r["tokens_per_s"])) for r in ok
+                            if r["variant"] == variant and int(r["batch"]) == batch)
+            fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                            name=variant, legendgroup=variant, showlegend=col == 1,
+                            line=dict(color=PALETTE[i % len(PALETTE)]), row=1, col=col,
+                            hovertemplate=f"{variant}<br>%{{x}} adapters<br>%{{y:.1f}} tokens/s<extra></extra>")
+        fig.update_xaxes(type="log", title_text="distinct adapters in the batch", row=1, col=col)
+    styled(fig, title, "", "")
+    fig.update_yaxes(title_text="generated tokens per second", row=1, col=1)
+    return fig

@@ -18,6 +18,7 @@ peft is imported inside the functions, so ``import peftlab`` stays light.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,7 @@ from peftlab.inject import AdaptedLayer, TrainableCopy, find_targets, is_conv1d,
 from peftlab.production.prompt_geometry import soft_prompt_geometry  # noqa: F401 (io imports it from here)
 from peftlab.methods import Method, get_method
 from peftlab.methods.base import AdapterConfig
+from peftlab.methods.lora_init import changes_base, init_family
 
 PREFIX = "base_model.model."
 
@@ -47,16 +49,102 @@ _RENAMES: dict[str, dict[str, str | None]] = {
     # LoftQ's settings only matter while peftlab initialises the weights (see to_peft_config)
     "loftq": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
               "loftq_bits": None, "loftq_iter": None},
+    # PiSSA, OLoRA, LoRA-GA: the saved adapter is a LoRA on the residual base (see _INIT_TO_PEFT)
+    "pissa": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+    "olora": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
+    "lora_ga": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
+                "direction": None, "scale": None, "stable_gamma": None, "data": None},
+    "corda": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
+              "corda_method": None, "data": None},
+    # EVA: its settings only matter while the start is computed; rank_pattern / alpha_pattern stay
+    "eva": {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights", "rho": None,
+            "tau": None, "use_label_mask": None, "label_mask_value": None, "whiten": None,
+            "adjust_scaling_factors": None, "data": None, "eva_state": None},
     # soft prompts adapt no layer (no target_modules); a tokenizer object is not config data
     "prompt_tuning": {"targets": None, "tokenizer": None},
     "prefix_tuning": {"targets": None},
     "p_tuning": {"targets": None},
+    "miss": {"dropout": "miss_dropout"},
+    "vblora": {"dropout": "vblora_dropout"},
 }
 # peft config values that tell apart methods sharing one peft type: DoRA is peft's LoRA with
 # use_dora=True. to_peft_config sets them; from_peft_config picks the method whose values match.
 _PEFT_MARKERS: dict[str, dict[str, object]] = {"dora": {"use_dora": True}}
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "loftq": "loftq"}
-_PEFT_TO_INIT = {True: "kaiming", "gaussian": "gaussian", "loftq": "loftq"}
+# The inits that choose A0, B0 from the layer (methods/lora_init.py) and subtract them from W are
+# saved as what they are after the start: a plain LoRA (init True) on the residual base W - s B0 A0,
+# peft's recipe for saving such adapters (and peftlab's for LoftQ). adapt_with_peft hands peft the
+# real init (_peft_init). A peft folder saved with init_lora_weights="pissa"/"olora" is read back
+# with that init, so that loading it re-derives W_res from the original W, as peft's loader does.
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "loftq": "loftq", "pissa": True, "olora": True,
+                 "lora_ga": True, "eva": True, "corda": True}
+_PEFT_TO_INIT = {True: "kaiming", "gaussian": "gaussian", "loftq": "loftq", "pissa": "pissa", "olora": "olora"}
+
+
+def _peft_to_init(value: object) -> str:
+    """peft's init_lora_weights as a peftlab init; "pissa_niter_K" stays itself."""
+    if isinstance(value, str) and init_family(value) == "pissa":
+        return value
+    return _PEFT_TO_INIT.get(value, "kaiming")
+
+
+def _peft_corda(config: AdapterConfig, model: nn.Module) -> dict:
+    """peft's CorDA: its preprocess_corda runs the rows of ``config.data`` through the plain model."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from peftlab.methods.lora_data_init import check_data
+
+    batches = check_data(config.data, "corda")
+    kwargs = {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method=config.corda_method)}
+    preprocess_corda(model, to_peft_config(get_method("corda"), config, model, **kwargs),
+                     run_model=lambda: [model(**b) for b in batches])
+    return kwargs
+
+
+def _peft_init(config: AdapterConfig, model: nn.Module) -> dict:
+    """peft's own init for a LoRA ``config`` (init_lora_weights and its settings), for get_peft_model:
+    LoRA-GA's gradients are estimated here first, with peft's preprocess_loraga on ``config.data``."""
+    init = getattr(config, "init", None)
+    if init == "eva":  # peft's initialize_lora_eva_weights runs on the built model (adapt_with_peft)
+        from peft import EvaConfig
+
+        from peftlab.methods.lora_eva import check_eva_model
+
+        check_eva_model(model)
+
+        fields = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
+        return {"init_lora_weights": "eva", "eva_config": EvaConfig(**{f: getattr(config, f) for f in fields})}
+    if init is None or not changes_base(init):
+        return {}
+    names = find_targets(model, config.targets, exclude=config.modules_to_save or ())
+    if init == "olora" and any(is_conv1d(model.get_submodule(n)) for n in names):
+        raise ConfigError("init='olora' on transformers' Conv1D (GPT-2 style) is refused: peft 0.21.2 decomposes "
+                          "the stored (d_in, d_out) W and builds a B of the wrong shape. Expected nn.Linear "
+                          "targets; try init='pissa', which handles Conv1D.")
+    if init == "corda":
+        return _peft_corda(config, model)
+    if init != "lora_ga":
+        return {"init_lora_weights": init}
+    from peft import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from peftlab.methods.lora_data_init import check_data
+
+    batches = check_data(config.data, "lora_ga")
+    kwargs = {"init_lora_weights": "lora_ga", "lora_ga_config": LoraGAConfig(**config.ga_settings)}
+    peft_config = to_peft_config(get_method("lora_ga"), config, model, **kwargs)
+    try:
+        with warnings.catch_warnings():  # its backward hooks only count passes; torch warns about them
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            preprocess_loraga(model, peft_config, lambda: [model(**b).loss.backward() for b in batches])
+    except RuntimeError as err:
+        if "BackwardHookFunction" not in str(err):
+            raise
+        raise ConfigError("peft 0.21.2's LoRA-GA gradient estimate fails on this model: its full backward "
+                          "hooks break where a layer's output is changed in place (e.g. Falcon's fused qkv). "
+                          "Expected a model without such layers for backend='peft'; try backend='reference', "
+                          "whose estimate counts passes without those hooks.") from err
+    return kwargs
 
 
 def _ia3_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
@@ -103,6 +191,17 @@ def _xlora_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
     return peft_kwargs(config, model)
 
 
+def _trainable_tokens_peft_kwargs(config: AdapterConfig, model: nn.Module | None) -> dict:
+    """TrainableTokensConfig: token ids as a list (peft indexes the embedding with it: a tuple
+    would index several dimensions), no modules_to_save (peft's config has no such field)."""
+    targets = config.targets
+    if model is not None:
+        targets = find_targets(model, targets, accept=lambda m: isinstance(m, nn.Embedding),
+                               exclude=config.modules_to_save or (), expected="an nn.Embedding")
+    return {"target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
+            "token_indices": list(config.token_indices), "init_weights": config.init_weights}
+
+
 def _llama_adapter_from_peft(kwargs: dict) -> dict:
     if isinstance(kwargs.get("targets"), str):  # peft's attribute name is a suffix, ours a regex
         kwargs["targets"] = (kwargs["targets"],)
@@ -112,7 +211,8 @@ def _llama_adapter_from_peft(kwargs: dict) -> dict:
 # Methods whose peft config is not a field-by-field rename: (config, model or None) -> peft
 # kwargs, used instead of the renaming loop; and the way back, (our kwargs) -> our kwargs.
 _PEFT_KWARGS: dict[str, Callable[[AdapterConfig, nn.Module | None], dict]] = {
-    "ia3": _ia3_peft_kwargs, "llama_adapter": _llama_adapter_peft_kwargs, "xlora": _xlora_peft_kwargs}
+    "ia3": _ia3_peft_kwargs, "llama_adapter": _llama_adapter_peft_kwargs, "xlora": _xlora_peft_kwargs,
+    "trainable_tokens": _trainable_tokens_peft_kwargs}
 _FROM_PEFT_KWARGS: dict[str, Callable[[dict], dict]] = {"llama_adapter": _llama_adapter_from_peft}
 
 
@@ -158,7 +258,7 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
         elif field.name == "modules_to_save":
             kwargs["modules_to_save"] = list(value) if value else None
         elif field.name == "init":
-            kwargs[renames["init"]] = _INIT_TO_PEFT[value]
+            kwargs[renames["init"]] = _INIT_TO_PEFT[init_family(value)]
         else:
             kwargs[renames.get(field.name, field.name)] = value
     if kwargs.get("init_lora_weights") == "loftq":
@@ -179,7 +279,7 @@ def to_peft_config(spec: Method, config: AdapterConfig, model: nn.Module | None 
 # (d_in, d_out), told by fan_in_fan_out=True). peft 0.21's LoHa and LoKr have no such option, and
 # its OFT and BOFT refuse the layer while building the model ("Target module Conv1D(...) is not
 # supported. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d` ... are supported").
-PEFT_TAKES_CONV1D = frozenset({"LORA", "ADALORA", "IA3", "VERA", "XLORA"})
+PEFT_TAKES_CONV1D = frozenset({"LORA", "ADALORA", "IA3", "VERA", "XLORA", "FOURIERFT", "VBLORA"})
 
 
 def takes_fan_in_fan_out(spec: Method) -> bool:
@@ -195,6 +295,10 @@ def _layer_kinds(spec: Method) -> dict:
     """find_targets' accept/expected for the layers peft's version of the method takes."""
     from peftlab.inject import is_conv, is_linear
 
+    if spec.peft_type == "LN_TUNING":  # norm layers, not linear ones
+        from peftlab.methods.ln_tuning import NORM_TYPES, is_norm
+
+        return {"accept": is_norm, "expected": NORM_TYPES}
     if spec.peft_type not in PEFT_TAKES_CONV:
         return {}
     attention = spec.name == "lora"  # peft's plain LoRA also adapts nn.MultiheadAttention
@@ -213,7 +317,7 @@ def _check_peft_takes_conv1d(spec: Method, targets, peft_config_class) -> None:
         "convolutions only, so a peft model cannot be built and a saved adapter does not load in "
         "peft. Expected backend='reference' (peftlab's own method adapts Conv1D; its adapter "
         "saves and loads with peftlab.save_adapter / load_adapter), or a method peft applies "
-        "to Conv1D: lora, dora, adalora, vera, ia3."
+        "to Conv1D: lora, dora, adalora, vera, ia3, fourierft, vblora."
     )
 
 
@@ -240,7 +344,7 @@ def from_peft_config(peft_config) -> tuple[str, AdapterConfig]:
         if key == "modules_to_save":
             value = tuple(value) if value else ()
         if ours == "init":
-            value = _PEFT_TO_INIT.get(value, "kaiming")
+            value = _peft_to_init(value)
         if ours in spec.config.field_names():
             kwargs[ours] = value
     if method_name in _FROM_PEFT_KWARGS:
@@ -269,7 +373,19 @@ def adapt_with_peft(model: nn.Module, spec: Method, config: AdapterConfig, adapt
     """``peft.get_peft_model`` with the peft config equivalent to ``config``."""
     peft = import_peft()
 
-    peft_model = peft.get_peft_model(model, to_peft_config(spec, config, model), adapter_name=adapter_name)
+    peft_config = to_peft_config(spec, config, model, **_peft_init(config, model))
+    peft_model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+    if getattr(config, "init", None) == "eva":
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        from peftlab.methods.lora_data_init import check_data
+
+        from peftlab.methods.lora_eva import token_index
+
+        # peftlab's token rule: peft's own masks by labels of any shape and fails on a classifier's
+        initialize_lora_eva_weights(peft_model, dataloader=check_data(config.data, "eva"), adapter_name=adapter_name,
+                                    prepare_model_inputs_fn=lambda batch, _c: token_index(batch, config),
+                                    show_progress_bar=False)
     if spec.name == "adalora":  # peftlab.train's loss/step hooks (peft's own need labels and a manual call)
         from peftlab.methods.adalora import attach_peft_hooks
 
@@ -310,6 +426,11 @@ PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_n
     # AdaLoRA keeps ParameterDicts; its ranknum is a constant (init_r), which peft does not save
     "adalora": lambda adapter: {"lora_A": "lora_A.{name}", "lora_E": "lora_E.{name}", "lora_B": "lora_B.{name}"},
     "loftq": _lora_names,
+    "pissa": _lora_names,
+    "olora": _lora_names,
+    "lora_ga": _lora_names,
+    "eva": _lora_names,
+    "corda": _lora_names,
     # soft prompts: peft keeps their modules on the PeftModel itself, as prompt_encoder.<name>
     "prompt_tuning": lambda adapter: {n: "prompt_encoder.{name}." + n for n, _ in adapter.named_parameters()},
     "prefix_tuning": lambda adapter: {n: "prompt_encoder.{name}." + n for n, _ in adapter.named_parameters()},
@@ -324,6 +445,18 @@ PARAM_NAMES: dict[str, Callable[[nn.Module], dict[str, str]]] = {"lora": _lora_n
     # X-LoRA's mixers hold no weights (the experts are LoRA adapters under their own names, the
     # router sits on the model): see peftlab.xlora_io.to_peft_config / copy_router_to_peft
     "xlora": lambda adapter: {},
+    # peft keeps these in ParameterDicts: "<param>.<adapter name>"
+    "hra": lambda adapter: {"hra_u": "hra_u.{name}"},
+    "road": lambda adapter: {"road_theta": "road_theta.{name}", "road_alpha": "road_alpha.{name}"},
+    "miss": lambda adapter: {"miss_block": "miss_block.{name}"},
+    "fourierft": lambda adapter: {"fourierft_spectrum": "fourierft_spectrum.{name}"},
+    "shira": lambda adapter: {"shira_weight": "shira_weight.{name}"},  # its mask: SHARED_TENSORS
+    "vblora": lambda adapter: {"vblora_logits_A": "vblora_logits_A.{name}",  # its bank: SHARED_TENSORS
+                               "vblora_logits_B": "vblora_logits_B.{name}"},
+    # peft trains a whole copy of the norm module: ln_tuning_layers.<adapter name>.<its tensor>
+    "ln_tuning": lambda adapter: {t: "ln_tuning_layers.{name}." + t for t in adapter.tensors},
+    # standalone trainable tokens: a ParameterDict on the embedding; a tied head holds none of its own
+    "trainable_tokens": lambda adapter: {} if adapter._tied_to else {"trainable_tokens_delta": "trainable_tokens_delta.{name}"},
 }
 # peft's "prompt learning" types: their modules hang off the PeftModel (prompt_encoder.<name>),
 # the transformers model sits directly at base_model (no tuner wrapper, so modules_to_save live
@@ -342,9 +475,78 @@ def _vera_shared(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str
             f"base_model.vera_B.{adapter_name}": projection.vera_B}
 
 
-# method -> (model, adapter name, on_disk) -> {peft in-memory name: tensor} for frozen tensors
-# all layers share (VeRA's random A, B): peft keeps them once, as buffers of its base model.
-SHARED_TENSORS: dict[str, Callable[[nn.Module, str, bool], dict[str, Tensor]]] = {"vera": _vera_shared}
+def _shira_masks(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str, Tensor]:
+    from peftlab.methods.shira import shira_masks
+
+    # peft keeps each layer's mask in a dict attribute, shira_indices[adapter name], and saves it
+    return {f"{PREFIX}{path}.shira_indices.{adapter_name}": mask for path, mask in shira_masks(model, adapter_name).items()}
+
+
+def _vblora_bank(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str, Tensor]:
+    from peftlab.methods.vblora import vector_bank
+
+    return {f"base_model.vblora_vector_bank.{adapter_name}": vector_bank(model, adapter_name)}
+
+
+def _tied_token_rows(model: nn.Module, adapter_name: str, on_disk: bool) -> dict[str, Tensor]:
+    from peftlab.methods.trainable_tokens import tied_rows
+
+    # peft's tied layers (an LM head; T5's and BART's encoder/decoder embeddings) hold the source's ParameterDict
+    return {f"{PREFIX}{path}.trainable_tokens_delta.{adapter_name}": rows for path, rows in tied_rows(model, adapter_name).items()}
+
+
+# method -> (model, adapter name, on_disk) -> {peft in-memory name: tensor} for tensors outside
+# PARAM_NAMES' per-layer templates: those all layers share (VeRA's frozen random A, B; VB-LoRA's
+# trained vector bank: peft keeps them once, on its base model) and per-layer buffers (SHiRA's
+# mask indices) and the rows a tied head reads (standalone trainable tokens: peft saves them twice).
+SHARED_TENSORS: dict[str, Callable[[nn.Module, str, bool], dict[str, Tensor]]] = {
+    "vera": _vera_shared, "shira": _shira_masks, "vblora": _vblora_bank, "trainable_tokens": _tied_token_rows}
+
+
+def _peft_tensor(peft_model: nn.Module, name: str) -> Tensor:
+    """The tensor a peft model keeps under an in-memory ``name``: a buffer (VeRA's), a parameter
+    (VB-LoRA's bank), or an entry of a layer's dict attribute, "<layer>.<attribute>.<adapter
+    name>" (SHiRA's indices)."""
+    for get in (peft_model.get_buffer, peft_model.get_parameter):
+        try:
+            return get(name)
+        except AttributeError:
+            pass
+    path, attribute, adapter_name = name.rsplit(".", 2)
+    return getattr(peft_model.get_submodule(path), attribute)[adapter_name]
+
+
+def _vblora_file(direction: str) -> Callable[[AdapterConfig, dict[str, Tensor]], dict[str, Tensor]]:
+    def convert(config: AdapterConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        from peftlab.methods import vblora
+
+        return getattr(vblora, direction)(config, state)
+
+    return convert
+
+
+# method -> ((config, state) -> what the file holds, (config, file) -> state): a method whose file
+# holds other tensors than its parameters (VB-LoRA's save_only_topk_weights: top-k indices and weights)
+FILE_FORMS: dict[str, tuple[Callable, Callable]] = {"vblora": (_vblora_file("to_topk_file"), _vblora_file("from_topk_file"))}
+
+
+def _file_form(model: nn.Module, adapter_name: str, state: dict[str, Tensor], way: int) -> dict[str, Tensor]:
+    from peftlab.state import records
+
+    record = records(model)[adapter_name]
+    forms = FILE_FORMS.get(record.method)
+    return forms[way](record.config, state) if forms else state
+
+
+def state_to_file(model: nn.Module, adapter_name: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter's tensors (peft's on-disk names) as its file holds them (FILE_FORMS)."""
+    return _file_form(model, adapter_name, state, 0)
+
+
+def state_from_file(model: nn.Module, adapter_name: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A file's tensors as the adapter's parameters hold them, under peft's on-disk names (the
+    inverse of state_to_file; a state already in that form is returned as it is)."""
+    return _file_form(model, adapter_name, state, 1)
 
 
 def shared_tensors(model: nn.Module, adapter_name: str = "default", on_disk: bool = False) -> dict[str, Tensor]:
@@ -408,7 +610,7 @@ def reference_state_dict(model: nn.Module, adapter_name: str = "default") -> dic
     state.update({saved_name(theirs, adapter_name): params[ours].detach() for ours, theirs in names.items()})
     for theirs, tensor in shared_tensors(model, adapter_name, on_disk=True).items():
         state[saved_name(theirs, adapter_name)] = tensor.detach()
-    return state
+    return state_to_file(model, adapter_name, state)
 
 
 @torch.no_grad()
@@ -420,6 +622,7 @@ def load_reference_state_dict(
 
     params = dict(model.named_parameters())
     names = reference_to_peft_names(model, adapter_name)
+    state = state_from_file(model, adapter_name, state)
     for theirs, tensor in shared_tensors(model, adapter_name, on_disk=True).items():
         params[theirs], names[theirs] = tensor, theirs  # shared buffers (VeRA) load like parameters
     missing = [saved_name(t, adapter_name) for t in names.values() if saved_name(t, adapter_name) not in state]
@@ -449,7 +652,7 @@ def copy_reference_to_peft(reference: nn.Module, peft_model: nn.Module, adapter_
     for ours, name in reference_to_peft_names(reference, adapter_name).items():
         theirs[name].copy_(reference.get_parameter(ours))
     for name, tensor in shared_tensors(reference, adapter_name).items():
-        peft_model.get_buffer(name).copy_(tensor)
+        _peft_tensor(peft_model, name).copy_(tensor)
 
 
 @torch.no_grad()
@@ -459,4 +662,4 @@ def copy_peft_to_reference(peft_model: nn.Module, reference: nn.Module, adapter_
     for ours, name in reference_to_peft_names(reference, adapter_name).items():
         reference.get_parameter(ours).copy_(theirs[name])
     for name, tensor in shared_tensors(reference, adapter_name).items():
-        tensor.copy_(peft_model.get_buffer(name))
+        tensor.copy_(_peft_tensor(peft_model, name))

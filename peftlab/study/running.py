@@ -52,7 +52,9 @@ def run_study(
     todo = [cell for cell in config.cells() if cell not in done]
     if log and done:
         log(f"resuming {path}: {len(done)} cells done, {len(todo)} to go")
-    with _Children(in_child) as call:
+    from peftlab.progress import progress_bar
+
+    with _Children(in_child) as call, progress_bar(len(todo), desc="study", unit="cell") as bar:
         if study["base"] is None:
             study["base"] = call(measure_base, config)
             save_study(study, out)
@@ -69,6 +71,7 @@ def run_study(
                 cell = {"method": method, "lr": lr, "seed": seed, "status": f"error: {type(err).__name__}: {message}"}
             study["cells"].append(cell)
             save_study(study, out)
+            bar.update()
             if log:
                 metric = config_metric(study)
                 value = cell.get(f"test_{metric}")

@@ -39,6 +39,7 @@ from peftlab.train.batches import TrainData, fit_context, frame_data
 from peftlab.train.checkpoints import load_checkpoint, rng_state, save_checkpoint
 from peftlab.train.device import bf16_usable, disable_checkpointing, enable_checkpointing, model_device
 from peftlab.train.loss import count_targets, evaluate, logits_of, lr_factor, method_loss, run_step_hooks, summed_loss
+from peftlab.train.loraplus import loraplus_param_groups
 from peftlab.train.settings import Callback, StopFlag, TrainResult, TrainSettings
 
 
@@ -67,6 +68,8 @@ def train(
     eval_data: Any = None,
     eval_every: int | None = None,
     progress: bool = True,
+    loraplus_lr_ratio: float | None = None,
+    report_to: str | Sequence[str] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (its adapter) for ``steps`` optimizer steps.
 
@@ -96,20 +99,35 @@ def train(
         eval_data: evaluated every ``eval_every`` steps and after the last step; the record of
             that step gets ``eval_loss`` (and ``eval_accuracy`` for classification).
         progress: show a tqdm progress bar (``TQDM_DISABLE=1`` also hides it).
+        loraplus_lr_ratio: LoRA+ (https://arxiv.org/abs/2402.12354): every B-like tensor learns at
+            ``loraplus_lr_ratio * lr`` (peft's groups: peftlab/train/loraplus.py); None: one lr.
+        report_to: log the config, the adapter's parameter count and every step's metrics to
+            "trackio" (a local store; ``peftlab runs`` lists it), "tensorboard" (under
+            ``out_dir/runs``), "all", or a list of them (peftlab/tracking.py); None: nowhere.
     """
     settings = TrainSettings(
         steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, out_dir=out_dir,
         checkpoint_every=checkpoint_every, resume_from=resume_from, eval_every=eval_every, progress=progress,
+        loraplus_lr_ratio=loraplus_lr_ratio,
     )
     task = _resolve_task(task)
     data = _training_data(data, task)
     settings.check()
     max_length = fit_context(model, max_length)  # warns the caller when it is past the model's context
-    run = _set_up(model, data, settings, max_length, task=task, tokenizer=tokenizer, eval_data=eval_data,
-                  callbacks=callbacks, stop=stop)
-    return _loop(run)
+    from peftlab.tracking import start as start_tracking
+
+    tracker = start_tracking(report_to, model, settings.as_dict(task))
+    if tracker is not None:  # one more callback: each step's record goes to the trackers
+        callbacks = [*([callbacks] if callable(callbacks) else callbacks), tracker.on_step]
+    try:
+        run = _set_up(model, data, settings, max_length, task=task, tokenizer=tokenizer, eval_data=eval_data,
+                      callbacks=callbacks, stop=stop)
+        return _loop(run)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 @dataclass
@@ -181,7 +199,9 @@ def _set_up(model: nn.Module, data: Any, settings: TrainSettings, max_length: in
             "The model has no trainable parameters, so there is nothing to train. Expected an "
             "adapted model; try model = peftlab.adapt(model, 'lora') first."
         )
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = params if settings.loraplus_lr_ratio is None else loraplus_param_groups(
+        model, settings.lr, settings.loraplus_lr_ratio, settings.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps, warmup_steps = settings.steps, int(settings.warmup_ratio * settings.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, steps))
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from peftlab.errors import ConfigError
+from peftlab.train.loraplus import check_loraplus_ratio
 
 STOP_REASONS = ("completed", "stopped", "nan", "interrupted", "callback_error")
 
@@ -49,6 +50,7 @@ class TrainSettings:
     resume_from: str | os.PathLike | None  # a checkpoint folder, or an out_dir
     eval_every: int | None  # measure eval_data / the task every that many steps (and after the last)
     progress: bool  # show a tqdm progress bar
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = ratio x lr (train/loraplus.py); None: off
 
     def check(self) -> None:
         """Refuse a setting the loop cannot run with, before any data is tokenized."""
@@ -59,6 +61,7 @@ class TrainSettings:
         for name, value in (("checkpoint_every", self.checkpoint_every), ("eval_every", self.eval_every)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer or None.")
+        check_loraplus_ratio(self.loraplus_lr_ratio)
         lr = self.lr
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"lr={lr!r} is invalid. Expected a positive number; try 2e-4 for LoRA.")

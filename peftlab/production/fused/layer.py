@@ -19,6 +19,7 @@ from peftlab.methods.dora import DoRA
 from peftlab.methods.lora import LoRA
 from peftlab.production.fused.base import base_plan
 from peftlab.production.fused.dora import DoRAFunction
+from peftlab.production.fused.gather import add_gathered, gather_rows
 from peftlab.production.fused.lora import LoRAFunction
 
 
@@ -27,6 +28,8 @@ class FusedAdaptedLayer(AdaptedLayer):
     it can, and the reference forward otherwise. Same parameters and names as the reference."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.example_adapters is not None and not (args or kwargs or self.disabled or torch.is_grad_enabled()):
+            return self.mixed_forward(x, self.example_adapters)
         adapter = self.fusable_adapter(x, args, kwargs)
         plan = base_plan(self.base_layer, x) if adapter is not None else None
         if plan is None:
@@ -44,6 +47,21 @@ class FusedAdaptedLayer(AdaptedLayer):
             out = LoRAFunction.apply(x_c, x_drop, plan.weight, plan.bias, adapter.lora_A,
                                      adapter.lora_B, adapter.scaling)
         return out.to(plan.out_dtype)
+
+    def set_example_adapters(self, names) -> None:
+        super().set_example_adapters(names)
+        self.gathered = None  # a new batch: its rows gather their factors again
+
+    def mixed_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        """A mixed batch at inference: the base output plus every row's LoRA update in two batched
+        matmuls, from factors gathered once per batch (gather.py); the reference otherwise."""
+        rows = getattr(self, "gathered", None)
+        if rows is None or self.merged or x.shape[0] != len(names) or not rows.fresh(names):
+            factors = self.mixed_factors(x, names)  # also refuses what no form can run
+            if not factors:
+                return super().forward(x)
+            rows = self.gathered = gather_rows(factors, names)
+        return add_gathered(self.base_layer(x), x, rows)
 
     def fusable_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRA | DoRA | None:
         """The one active LoRA or DoRA adapter the fused Functions can run for this call, or None
