@@ -125,16 +125,19 @@ def test_every_method_estimate_against_measurement():
     from peftlab.methods import METHODS
 
     off = {}
+    from tests.support_matrix import SMALL_MODEL_SETTINGS
+
     for name in METHODS:
         model_name = "tiny-bert" if name == "bitfit" else "tiny-llama"  # Llama has no biases
-        extra = {"total_step": 10} if name == "adalora" else {}
-        # no r: the method's own default, as peftlab.adapt uses it (LoRA 8, VeRA 256, OFT blocks)
+        # the method's own defaults, as peftlab.adapt uses them (LoRA 8, VeRA 256, OFT blocks), except
+        # where a default cannot fit the 32-wide tiny model (the support matrix's small settings)
+        extra = {"total_step": 10} if name == "adalora" else dict(SMALL_MODEL_SETTINGS.get(name, {}))
         est = estimate_memory(model_name, name, batch=2, seq_len=64, **extra)
         model, _ = load_model(model_name)
         torch.manual_seed(0)
         if name in ("lora_ga", "eva", "corda"):  # inits that start from data (the estimate needs none)
             ids = torch.randint(5, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
-            extra = {"data": [{"input_ids": ids[i:i + 1], "labels": ids[i:i + 1]} for i in range(2)]}
+            extra = {**extra, "data": [{"input_ids": ids[i:i + 1], "labels": ids[i:i + 1]} for i in range(2)]}
         got = measure_memory(adapt(model, name, **extra), batch=2, seq_len=64)
         _check_within(est, got)
         logits = est.details["activation_terms"].get("log_softmax", 0)
@@ -347,10 +350,13 @@ def test_every_registered_method_has_an_estimate():
     defaults; AdaLoRA needs no schedule length; LoftQ has LoRA's shapes."""
     from peftlab.methods import METHODS
 
+    from tests.support_matrix import SMALL_MODEL_SETTINGS
+
     lora = peftlab.estimate_memory("tiny-llama", "lora", batch=2, seq_len=16)
     for name in METHODS:
         model = "tiny-bert" if name == "bitfit" else "tiny-llama"  # Llama has no biases to train
-        ledger = peftlab.estimate_memory(model, name, batch=2, seq_len=16)
+        # (where a default cannot fit the 32-wide tiny model, the support matrix's small settings)
+        ledger = peftlab.estimate_memory(model, name, batch=2, seq_len=16, **SMALL_MODEL_SETTINGS.get(name, {}))
         assert ledger.weights > 0 and ledger.total > ledger.weights, name
         if name != "bitfit":
             # (VeRA adds its shared frozen random A and B, r=256 by default: 1% of tiny-llama)

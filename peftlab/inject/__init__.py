@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject.adapter import AdaptedLayer, Adapter, TrainableCopy, base_of, overrides  # noqa: F401
+from peftlab.inject.adapter import AdaptedLayer, Adapter, LinearAdapter, TrainableCopy, base_of, overrides  # noqa: F401
 from peftlab.inject.layers import (CONV_LAYERS, ConvShape, apply_weight, check_zero_padding,  # noqa: F401
                                    conv_shape, conv_with, dense_weight, embed_scale, is_conv, is_conv1d,
                                    is_linear, is_quantized, layer_dims, matrix_dims)

@@ -83,6 +83,17 @@ class Adapter(nn.Module):
         return None
 
 
+class LinearAdapter(Adapter):
+    """An adapter of linear layers only (nn.Linear, transformers' Conv1D): no embeddings, no
+    convolutions. Methods whose update needs a weight matrix with an input side subclass this."""
+
+    layer_types: ClassVar[str] = "a linear layer (nn.Linear, transformers' Conv1D)"
+
+    @classmethod
+    def can_adapt(cls, module: nn.Module) -> bool:
+        return is_linear(module)
+
+
 def overrides(adapter: Adapter, member: str) -> bool:
     """Whether ``adapter``'s class provides its own optional ``member`` (layer_forward,
     merge_into, peft_names) instead of Adapter's."""

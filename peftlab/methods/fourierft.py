@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, base_of, find_targets, inject, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, base_of, find_targets, inject, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_range, in_base_layout, is_count
 
 
@@ -60,14 +60,8 @@ def n_frequency_of(name: str, config: FourierFTConfig) -> int:
     return config.n_frequency if key is None else config.n_frequency_pattern[key]
 
 
-class FourierFT(Adapter):
+class FourierFT(LinearAdapter):
     """h = W0 x + α · Re(IDFT2(F)) x, F zero but for n trained entries at fixed random places."""
-
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
 
     def __init__(self, base: nn.Module, config: FourierFTConfig, n: int) -> None:
         super().__init__()

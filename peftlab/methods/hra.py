@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError, PeftlabWarning
-from peftlab.inject import Adapter, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_rank, in_base_layout
 from peftlab.methods.oft import linear_weight
 
@@ -53,16 +53,10 @@ def hra_parameter_count(d_in: int, d_out: int, config: HRAConfig) -> int:
     return d_in * config.r
 
 
-class HRA(Adapter):
+class HRA(LinearAdapter):
     """h = W0 (Hᵀ x) + b, H = ∏ (I - 2 u_i u_iᵀ); merged: W' = W0 H."""
 
     delta_uses_base = True  # ΔW = W0 (H - I) depends on W0
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
-
     def __init__(self, base: nn.Module, config: HRAConfig) -> None:
         super().__init__()
         d_in, _ = layer_dims(base)

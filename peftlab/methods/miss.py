@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_range, in_base_layout, is_count
 from peftlab.methods.oft import linear_weight
 
@@ -57,14 +57,8 @@ def miss_parameter_count(d_in: int, d_out: int, config: MissConfig) -> int:
     return config.r * config.mini_r if config.init_weights == "mini" else config.r * d_out
 
 
-class MiSS(Adapter):
+class MiSS(LinearAdapter):
     """h = W0 x + Dᵀ Σ_k x_k (MiSS, mini); h = (W0 + ΔW(W0)) x (bat)."""
-
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
 
     def __init__(self, base: nn.Module, config: MissConfig) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, in_base_layout, is_count
 from peftlab.methods.oft import linear_weight
 
@@ -52,16 +52,10 @@ def road_parameter_count(d_in: int, d_out: int, config: RoadConfig) -> int:
     return d_out * VARIANTS[config.variant]
 
 
-class RoAd(Adapter):
+class RoAd(LinearAdapter):
     """h = R (W0 x + b), R a grouped 2D rotation-and-scale; merged: W' = R W0, b' = R b."""
 
     delta_uses_base = True  # ΔW = (R - I) W0
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
-
     def __init__(self, base: nn.Module, config: RoadConfig) -> None:
         super().__init__()
         _, d_out = layer_dims(base)

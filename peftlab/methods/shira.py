@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, adapted_layers, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, adapted_layers, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_rank, in_base_layout
 
 
@@ -65,14 +65,8 @@ def random_mask(d_in: int, d_out: int, n: int, seed: int | None) -> Tensor:
     return torch.stack([flat // d_in, flat % d_in]).to(torch.int)
 
 
-class SHiRA(Adapter):
+class SHiRA(LinearAdapter):
     """h = W0 x + ΔW x, ΔW zero except n trained entries at the mask's indices."""
-
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
 
     def __init__(self, base: nn.Module, config: ShiraConfig) -> None:
         super().__init__()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
-from peftlab.inject import Adapter, adapted_layers, base_of, find_targets, inject, is_conv1d, is_linear, layer_dims
+from peftlab.inject import LinearAdapter, adapted_layers, base_of, find_targets, inject, is_conv1d, layer_dims
 from peftlab.methods.base import AdapterConfig, check_range, check_rank, in_base_layout, is_count
 
 
@@ -79,14 +79,8 @@ def mix(logits: Tensor, bank: Tensor, k: int) -> Tensor:
     return (F.softmax(top, dim=-1).unsqueeze(-1) * bank[indices]).sum(-2)
 
 
-class VBLoRA(Adapter):
+class VBLoRA(LinearAdapter):
     """h = W0 x + B A dropout(x), A and B mixed from a shared bank by their top-k logits."""
-
-    layer_types = "a linear layer (nn.Linear, transformers' Conv1D)"
-
-    @classmethod
-    def can_adapt(cls, module: nn.Module) -> bool:
-        return is_linear(module)
 
     def __init__(self, base: nn.Module, config: VBLoRAConfig, bank: VectorBank) -> None:
         super().__init__()
