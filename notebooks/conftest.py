@@ -8,12 +8,14 @@ sanitized wherever the repository and the temporary folder live.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from nbval import plugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -29,6 +31,17 @@ _nbval_sanitize = plugin.IPyNbCell.sanitize
 # regexes cover the paths stored by the machine that recorded the notebooks).
 _LOCAL_PATHS = [(re.escape(str(REPO)) + r"/", "<REPO>/"),
                 (re.escape(str(Path(tempfile.gettempdir()).resolve())) + r"/[\w./-]+", "<TMPPATH>")]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Each notebook's kernel gets its own empty run store (trackio, the Lab's runs table), set
+    before the kernel starts: a lesson's stored output never shows runs that other tests or
+    lessons made, and nothing is written into the home directory."""
+    notebook = getattr(item, "parent", None)
+    if notebook is not None and getattr(notebook, "_peftlab_store", None) is None:
+        notebook._peftlab_store = tempfile.mkdtemp(prefix="peftlab-runs-")
+        os.environ["TRACKIO_DIR"] = os.environ["PEFTLAB_RUNS_DIR"] = notebook._peftlab_store
 
 
 def _grouped(cell, outputs) -> dict[str, list]:

@@ -7,8 +7,9 @@ kept in a real local store, as transformers' ``report_to`` does; and the store r
     peftlab runs --compare lora-r8-... lora-r16-...              # what differs, and how they ended
 
 - **trackio** (https://github.com/gradio-app/trackio): a local SQLite database per project under
-  ``$TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``), offline; ``trackio show`` opens
-  its dashboard. Runs survive a kernel restart and are compared across sessions from there.
+  ``$PEFTLAB_RUNS_DIR`` if set (:func:`use_store`), else ``$TRACKIO_DIR`` (default
+  ``~/.cache/huggingface/trackio``), offline; ``trackio show`` opens its dashboard. Runs survive a
+  kernel restart and are compared across sessions from there; the Lab reports to it by default.
 - **TensorBoard**: event files under ``log_dir`` (default ``<out_dir>/runs/<run name>``, else
   ``runs/<run name>``), through ``torch.utils.tensorboard``; ``tensorboard --logdir runs``.
 
@@ -105,14 +106,17 @@ def _needs(package: str, reporter: str) -> ConfigError:
 
 class _Trackio:
     def __init__(self, project: str, name: str, config: dict) -> None:
+        use_store()  # $PEFTLAB_RUNS_DIR, if set, before trackio reads its folder
         try:
             import trackio
         except ImportError as err:
             raise _needs("trackio", "trackio") from err
 
         with _quiet():
+            # embed=False: in a notebook trackio would start its dashboard server and embed it in the
+            # cell's output on every run; `trackio show` (or peftlab runs) opens the store instead
             self.run = trackio.init(project=project, name=name, config=config, auto_log_cpu=False,
-                                    auto_log_gpu=False)
+                                    auto_log_gpu=False, embed=False)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -212,8 +216,41 @@ class StoredRun:
         return out
 
 
+STORE_ENV = "PEFTLAB_RUNS_DIR"  # where the local run store lives; trackio's own TRACKIO_DIR also works
+
+
+def trackio_available() -> bool:
+    """Whether the trackio package (the local run store) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("trackio") is not None
+
+
+def use_store(path: str | os.PathLike | None = None) -> Path | None:
+    """Point the local run store at ``path`` (else ``$PEFTLAB_RUNS_DIR``, else trackio's own
+    ``$TRACKIO_DIR`` or default) and return that folder; None leaves trackio's default, unnamed.
+
+    trackio reads its folder once, when first imported; asking for another folder after that is an
+    error rather than runs written somewhere the table does not read.
+    """
+    import sys
+
+    chosen = path if path is not None else os.environ.get(STORE_ENV)
+    if chosen is None:
+        return Path(os.environ["TRACKIO_DIR"]) if os.environ.get("TRACKIO_DIR") else None
+    folder = Path(chosen).expanduser().resolve()
+    loaded = sys.modules.get("trackio.utils")
+    if loaded is not None and Path(loaded.TRACKIO_DIR).resolve() != folder:
+        raise ConfigError(f"The run store is already open at {loaded.TRACKIO_DIR} (trackio was imported), so it "
+                          f"cannot move to {folder}. Expected the store folder chosen before the first run; "
+                          f"try setting {STORE_ENV}={folder} before starting Python, or restart the kernel.")
+    os.environ["TRACKIO_DIR"] = str(folder)
+    return folder
+
+
 def stored_runs(project: str = PROJECT) -> list[StoredRun]:
     """Every run of ``project`` in the local trackio store, oldest first ([] if it has none)."""
+    use_store()  # the same folder the runs were written to ($PEFTLAB_RUNS_DIR, else trackio's)
     from trackio.sqlite_storage import SQLiteStorage  # the store's own reader (trackio.Api lacks metrics)
 
     if not SQLiteStorage.get_project_db_path(project).exists():
@@ -292,5 +329,5 @@ def cmd_runs(args: Any) -> int:
     return 0
 
 
-__all__ = ["REPORTERS", "PROJECT", "parse_report_to", "run_config", "Tracker", "start", "run_name",
+__all__ = ["REPORTERS", "PROJECT", "STORE_ENV", "trackio_available", "use_store", "parse_report_to", "run_config", "Tracker", "start", "run_name",
            "StoredRun", "stored_runs", "format_runs", "compare", "add_arguments", "cmd_runs"]

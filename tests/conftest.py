@@ -9,6 +9,12 @@ import pytest
 # Tests never touch the network: a hub id must fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Run stores (trackio, the Lab's runs table) go to a fresh temporary folder, never the home
+# directory; set before trackio is imported, since it reads its folder once at import.
+import tempfile  # noqa: E402
+
+os.environ["TRACKIO_DIR"] = os.environ["PEFTLAB_RUNS_DIR"] = tempfile.mkdtemp(prefix="peftlab-runs-")
+
 
 def pytest_report_header(config):
     """The machine a result belongs to: CPU, the kernels PyTorch picked, threads, forced ISAs."""

@@ -121,6 +121,7 @@ SMALL_MODEL_SETTINGS: dict[str, dict] = {
     "adalora": {"total_step": 4},
     "road": {"group_size": 8},  # group_size=64 must divide every adapted d_out
     "miss": {"r": 16},  # r=64 must not exceed d_in
+    "c3a": {"block_size": 8},  # block_size=256 must divide every adapted d_in and d_out
     "fourierft": {"n_frequency": 256},  # n_frequency=1000 must not exceed d_in · d_out
     "shira": {"r": 4},  # r=32 asks for r · (d_in + d_out) entries, more than a 16 x 32 layer has
     "vblora": {"num_vectors": 32, "vector_length": 8},  # vector_length=256 must divide every d_in, d_out

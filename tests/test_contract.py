@@ -99,6 +99,9 @@ HYPERPARAMETERS: dict[str, dict[str, dict | Refused]] = {
     # fresh experts: the router and both LoRA experts train
     "xlora": {"llama": {"n_experts": 2, "r": 2}, "bert": {"n_experts": 2, "r": 2}},
     "hra": {"llama": {"r": 4}, "bert": {"r": 4}},
+    "hira": {"llama": {"r": 4}, "bert": {"r": 4}},
+    # block_size=256 must divide every adapted d_in and d_out (tiny Llama's v_proj: 64 -> 32)
+    "c3a": {"llama": {"block_size": 16}, "bert": {"block_size": 16}},
     # tiny Llama's v_proj has d_out 32: RoAd's default group_size=64 does not divide it
     "road": {"llama": {"group_size": 16}, "bert": {"group_size": 16}},
     "miss": {"llama": {"r": 16}, "bert": {"r": 16}},
@@ -122,6 +125,7 @@ INIT_CHANGES_OUTPUT = {
     "p_tuning": "the model reads n extra virtual tokens produced by the encoder",
     "fourierft": "peft's default init_weights=False draws the spectral coefficients from N(0, 1)",
     "vblora": "A and B are mixed from a random bank by random logits, so B A != 0 (peft's and the paper's init)",
+    "c3a": "peft's default init_weights='xavier_uniform' draws the circular kernels at random (True: zeros)",
 }
 
 # Methods that replace base weights on purpose (every other method must leave them untouched).

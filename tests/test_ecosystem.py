@@ -102,28 +102,90 @@ def test_sft_trainer_saves_a_peft_adapter(tmp_path, backend):
     assert_reloads(model, tmp_path / "sft" / "checkpoint-2")
 
 
-def test_resuming_a_trainer_checkpoint_continues_the_same_run(tmp_path):
-    model, tokenizer = adapted()
-    trainer_for(model, tokenizer, tmp_path / "a", max_steps=3).train()
-    straight = lora_b(model)
+def optimizer_state(trainer) -> list[torch.Tensor]:
+    return [t.clone() for st in trainer.optimizer.state_dict()["state"].values() for t in st.values()
+            if isinstance(t, torch.Tensor)]
 
-    fresh, tokenizer = adapted()
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plain_trainer_resumes_a_middle_checkpoint_as_if_never_stopped(tmp_path, backend):
+    """No peftlab call: the checkpoint's index + trainable shard are what Trainer loads, and the
+    Trainer restores the optimizer and scheduler beside them, so the run ends where an
+    uninterrupted one does (AdamW moments and a decaying learning rate would differ otherwise)."""
+    model, tokenizer = adapted(backend)
+    straight = trainer_for(model, tokenizer, tmp_path / "a", max_steps=4, lr_scheduler_type="linear")
+    straight.train()
+    middle = tmp_path / "a" / "checkpoint-2"
+    names = {p.name for p in middle.iterdir()}
+    assert {"model.safetensors.index.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}, names  # never the base weights
+    from safetensors.torch import load_file
+
+    shard = load_file(middle / "trainable.safetensors")
+    assert shard and all(".adapters." in k for k in shard), sorted(shard)[:3]
+
+    fresh, tokenizer = adapted(backend)
     before = lora_b(fresh)
-    trainer = peftlab.adapter_checkpoints(trainer_for(fresh, tokenizer, tmp_path / "b", max_steps=3))
-    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    assert trainer.state.global_step == 3
-    for a, b, b0 in zip(straight, lora_b(fresh), before):
+    resumed = trainer_for(fresh, tokenizer, tmp_path / "b", max_steps=4, lr_scheduler_type="linear")
+    resumed.train(resume_from_checkpoint=str(middle))
+    assert resumed.state.global_step == 4
+    assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
+    for a, b in zip(optimizer_state(straight), optimizer_state(resumed)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b, b0 in zip(lora_b(model), lora_b(fresh), before):
         assert not torch.equal(b, b0)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_reloads(fresh, tmp_path / "b" / "checkpoint-4")
+
+
+def test_resuming_without_the_optimizer_state_would_not_match(tmp_path):
+    """The test above can fail: a run resumed with the adapter but a fresh optimizer ends elsewhere."""
+    model, tokenizer = adapted()
+    trainer_for(model, tokenizer, tmp_path / "a", max_steps=4).train()
+    middle = tmp_path / "a" / "checkpoint-2"
+    (middle / "optimizer.pt").unlink()
+    fresh, tokenizer = adapted()
+    trainer_for(fresh, tokenizer, tmp_path / "b", max_steps=4).train(resume_from_checkpoint=str(middle))
+    assert any((a - b).abs().max() > 1e-5 for a, b in zip(lora_b(model), lora_b(fresh)))
+
+
+def test_sft_trainer_resumes_a_checkpoint(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_list([{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(8)])
+
+    def run(out: Path, resume: str | None = None):
+        model, tokenizer = adapted("fused")
+        args = SFTConfig(str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
+                         report_to=[], use_cpu=True, disable_tqdm=True, save_steps=1, max_length=32, seed=0,
+                         bf16=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    for a, b in zip(lora_b(straight), lora_b(resumed)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_a_plain_trainer_cannot_resume_and_says_why(tmp_path):
-    """Why adapter_checkpoints exists: transformers loads adapter files only into a PeftModel."""
+def test_from_pretrained_on_a_checkpoint_keeps_the_adapter(tmp_path):
+    """The index does not make transformers load the folder as a (base-less) model: it reads
+    adapter_config.json first and loads the base plus the adapter through peft."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    load_model("tiny-llama")[0].save_pretrained(tmp_path / "base")  # the base, where a hub id would be
     model, tokenizer = adapted()
-    trainer_for(model, tokenizer, tmp_path / "a").train()
-    fresh, tokenizer = adapted()
-    with pytest.raises(ValueError, match="checkpoint"):
-        trainer_for(fresh, tokenizer, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    trainer_for(model, tokenizer, tmp_path / "out").train()
+    folder = tmp_path / "out" / "checkpoint-2"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder))
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
 
 
 def test_best_model_at_end_loads_the_best_adapter(tmp_path):
@@ -179,7 +241,8 @@ def test_push_to_hub_uploads_the_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "_upload_modified_files", upload)
     model.push_to_hub("me/tiny-lora")
-    assert uploaded == {"me/tiny-lora": ["adapter_config.json", "adapter_model.safetensors"]}
+    assert uploaded == {"me/tiny-lora": ["adapter_config.json", "adapter_model.safetensors",
+                                         "model.safetensors.index.json", "trainable.safetensors"]}
 
 
 def test_a_model_whose_adapters_are_all_deleted_saves_as_a_plain_model(tmp_path):

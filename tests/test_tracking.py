@@ -85,9 +85,10 @@ print("RESULT", json.dumps({"json": json.loads(as_json.getvalue()), "list": list
 """
 
 
-def python(code: str, store: Path) -> str:
-    env = {**os.environ, "TRACKIO_DIR": str(store), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": "1"}
+def python(code: str, store: Path, store_env: str = "TRACKIO_DIR") -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRACKIO_DIR", None), env.pop("PEFTLAB_RUNS_DIR", None)
+    env[store_env] = str(store)
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -141,6 +142,69 @@ def test_the_labs_runs_table_is_backed_by_the_store(two_runs):
     before, after, loss = json.loads(python("import json\n" + LAB_AFTER_RESTART, store))
     assert "all sessions: 2" in before and f"{final[8]:.4f}" in before  # a new kernel sees the earlier runs
     assert "all sessions: 3" in after and f"{loss:.4f}" in after  # and its own run joins them
+
+
+DEFAULT_LAB = """
+import json
+from peftlab.widgets import Lab
+lab = Lab(task=None, model="tiny-llama", steps=2, batch_size=2, max_length=64, redraw_every_s=0.0)
+assert lab.report_to == "trackio" and not lab.store_note, lab.report_to
+if MODE == "train":
+    assert lab.on_train() and lab.wait(120), lab.message.value
+    print("RESULT", json.dumps({"loss": lab.runs[0]["final_loss"], "table": lab.stored_table.value}))
+else:
+    print("RESULT", json.dumps({"table": lab.stored_table.value, "runs": lab.runs}))
+"""
+
+
+LIST_RUNS = """
+import contextlib, io, json
+from peftlab.cli import main
+listing, as_json = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(as_json):
+    assert main(["runs", "--json"]) == 0
+with contextlib.redirect_stdout(listing):
+    assert main(["runs"]) == 0
+print("RESULT", json.dumps({"json": json.loads(as_json.getvalue()), "list": listing.getvalue()}))
+"""
+
+
+def test_a_default_lab_keeps_its_runs_in_the_store_across_kernels(tmp_path):
+    """No report_to: one process (a kernel) trains, a second one's fresh Lab lists that run with its
+    loss, and so does `peftlab runs`; the store is $PEFTLAB_RUNS_DIR, not the home directory."""
+    store = tmp_path / "runs-store"
+    first = json.loads(python('MODE = "train"\n' + DEFAULT_LAB, store, "PEFTLAB_RUNS_DIR"))
+    assert "all sessions: 1" in first["table"]
+    second = json.loads(python('MODE = "look"\n' + DEFAULT_LAB, store, "PEFTLAB_RUNS_DIR"))
+    assert second["runs"] == []  # a new kernel: nothing in memory...
+    assert "all sessions: 1" in second["table"] and f"{first['loss']:.4f}" in second["table"]  # ...but stored
+    listed = json.loads(python(LIST_RUNS, store, "PEFTLAB_RUNS_DIR"))
+    (run,) = listed["json"]
+    assert run["last"]["loss"] == pytest.approx(first["loss"]) and run["config"]["train.steps"] == 2
+    assert run["name"] in listed["list"]
+    assert any(store.glob("*.db"))  # the store is where it was pointed
+
+
+def test_without_trackio_the_lab_says_its_runs_are_in_memory(monkeypatch):
+    import peftlab.tracking as tracking
+    from peftlab.widgets.lab import runs_store_choice
+
+    monkeypatch.setattr(tracking, "trackio_available", lambda: False)
+    report_to, note = runs_store_choice("auto", None)
+    assert report_to is None and "in memory" in note and "pip install trackio" in note
+    monkeypatch.setattr(tracking, "trackio_available", lambda: True)
+    assert runs_store_choice("auto", None) == ("trackio", "")
+    assert runs_store_choice(None, None) == (None, "")  # opting out stays possible
+
+
+def test_the_store_cannot_move_once_trackio_has_read_it(tmp_path):
+    import trackio.utils  # noqa: F401  (what a first run does)
+
+    from peftlab.tracking import use_store
+
+    assert use_store(trackio.utils.TRACKIO_DIR) == Path(trackio.utils.TRACKIO_DIR).resolve()
+    with pytest.raises(ConfigError, match="PEFTLAB_RUNS_DIR"):
+        use_store(tmp_path / "elsewhere")
 
 
 @pytest.mark.parametrize("env, hidden", [({}, False), ({"TQDM_DISABLE": "1"}, True), ({"CI": "true"}, True),

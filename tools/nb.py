@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 
 # Notebooks whose widgets a static viewer should show (nbviewer renders stored widget state): the
@@ -20,7 +21,9 @@ WIDGET_STATE = ("lab.ipynb",)
 
 
 def execute(path: str, timeout: int = int(os.environ.get("NB_TIMEOUT", "600"))) -> None:
-    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
+    store = tempfile.mkdtemp(prefix="peftlab-runs-")  # an empty run store: the recording shows only its own runs
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TRACKIO_DIR=store,
+               PEFTLAB_RUNS_DIR=store)
     store = os.path.basename(path) in WIDGET_STATE
     subprocess.run(
         [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",

@@ -63,6 +63,21 @@ from peftlab.widgets.runs import RunsPanel
 from peftlab.widgets.training import TrainingRun
 
 
+def runs_store_choice(report_to: str | None, runs_store: str | os.PathLike | None) -> tuple[str | None, str]:
+    """The Lab's ``report_to`` and a note for the user: "auto" is the local trackio store when
+    trackio is installed (pointed at ``runs_store``), else in-memory runs and a note saying so."""
+    from peftlab.tracking import parse_report_to, trackio_available, use_store
+
+    if report_to == "auto":
+        if not trackio_available():
+            return None, ("Runs are kept in memory for this session only: trackio (the local run store) is "
+                          "not installed. Try `pip install trackio` so runs survive a kernel restart.")
+        report_to = "trackio"
+    if "trackio" in parse_report_to(report_to):
+        use_store(runs_store)
+    return report_to, ""
+
+
 class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
     """The whole dashboard. Display it as the last expression of a cell (or ``display(lab)``).
 
@@ -78,13 +93,19 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
         spectrum_every: recompute the spectra of ΔW (at a redraw) at most every this many steps.
         runs_dir: where runs are checkpointed when the export-script hook is available
             (default: a temporary folder).
+        report_to: peftlab.train's ``report_to``. "auto" (default): the local trackio store when
+            trackio is installed, so the runs table lists every kernel session's runs; without
+            trackio the Lab says so and keeps this session's runs in memory. None: in memory only.
+        runs_store: the store's folder (default ``$PEFTLAB_RUNS_DIR``, else trackio's
+            ``$TRACKIO_DIR`` or ``~/.cache/huggingface/trackio``).
         **choices: any other field of :class:`peftlab.widgets.plan.Choice` (r, steps, ...).
     """
 
     def __init__(self, model: str | None = None, dataset: str = "chatterbot-qa", method: str | None = None,
                  task: str | None = "sentiment", static: bool | None = None, redraw_every_s: float = 0.5, draw_budget: float = 0.03,
                  spectrum_every: int = 5, runs_dir: str | os.PathLike | None = None,
-                 report_to: str | None = None, **choices: Any) -> None:
+                 report_to: str | None = "auto", runs_store: str | os.PathLike | None = None,
+                 **choices: Any) -> None:
         import ipywidgets as W
 
         self.static = prefer_static() if static is None else bool(static)
@@ -92,7 +113,7 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
         self.draw_budget = draw_budget
         self.spectrum_every = max(1, int(spectrum_every))
         self.runs_dir = Path(runs_dir) if runs_dir is not None else None
-        self.report_to = report_to  # peftlab.train's report_to; with trackio the runs table shows its stored runs
+        self.report_to, self.store_note = runs_store_choice(report_to, runs_store)
         self.export_available = importlib.util.find_spec("peftlab.export") is not None
         defaults = initial_choice(model, dataset, method, task, choices)
         self._init_state()
@@ -105,6 +126,8 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
         self.widget = W.VBox([W.HBox([pick, before]), buttons, self.message, self.task_out, live, after])
         self._size_figures()
         self.show_choice()
+        if self.store_note:
+            self.show(self.store_note, "warning")
 
     def _init_state(self) -> None:
         """What the Lab knows, readable from code: the runs, the last model, the task's measurements."""
@@ -171,4 +194,4 @@ class Lab(ChoicePanel, TrainingRun, LiveDashboard, RunsPanel):
         self.message.value = message_html(text, kind)
 
 
-__all__ = ["Lab", "TARGET_PRESETS"]
+__all__ = ["Lab", "TARGET_PRESETS", "runs_store_choice"]

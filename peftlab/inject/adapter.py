@@ -152,6 +152,12 @@ class AdaptedLayer(nn.Module):
         """Route example i of the coming calls to adapter ``names[i]`` ("__base__": none), or
         stop routing (None). peftlab.routing sets and clears this around a call or a generation."""
         self.example_adapters = None if names is None else list(names)
+        self.forget_gathered()
+
+    def forget_gathered(self) -> None:
+        """Drop whatever this layer keeps from a mixed batch's factors, so the next call reads the
+        adapters afresh (after a hot-swap or a rank padding). The reference keeps nothing; the
+        fused backend keeps each row's gathered factors (production/fused/gather.py)."""
 
     def mixed_factors(self, x: Tensor, names: Sequence[str]) -> dict[str, LowRank] | None:
         """The low-rank factors of the adapters a mixed batch runs on this layer, when every one

@@ -17,7 +17,8 @@ that use no adapter on this layer:
         u_i = 𝔸[a_i] x_i      (T, r)        h_i = W0 x_i + s[a_i] · 𝔹[a_i] u_i      (T, d_out)
 
 **Segment form** (SGMV): when the rows that share an adapter sit together, run the segments
-(start, end, slot) on slices of the batch, with no gathered copy of the factors:
+(start, end, slot) on slices of the batch; each segment reads its adapter's slot of the stack,
+so no factor is copied per row:
 
         h[start:end] += s_a · (x[start:end] 𝔸[a]ᵀ) 𝔹[a]ᵀ
 

@@ -105,14 +105,14 @@ def prepare_hotswap(model: nn.Module, target_rank: int, adapter_name: str | None
             adapter.r = target_rank
         config = records(model)[name].config
         replace_config(model, name, _padded_config(config, target_rank, config.scaling))
-    _forget_gathered(model)
+    forget_gathered(model)
     return model
 
 
-def _forget_gathered(model: nn.Module) -> None:
-    """Layers that keep a mixed batch's gathered factors (the fused backend) gather them again."""
+def forget_gathered(model: nn.Module) -> None:
+    """Every adapted layer drops what it keeps of a mixed batch's factors (AdaptedLayer.forget_gathered)."""
     for layer in adapted_layers(model).values():
-        layer.set_example_adapters(layer.example_adapters)
+        layer.forget_gathered()
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
         _copy_padded(params[ours], state.get(key))
     for adapter in adapters.values():
         adapter.scaling = config.scaling
-    _forget_gathered(model)
+    forget_gathered(model)
     rank = next(iter(adapters.values())).lora_A.shape[0]
     swapped = dataclasses.replace(config, targets=records(model)[adapter_name].config.targets)
     replace_config(model, adapter_name, _padded_config(swapped, rank, config.scaling))
@@ -176,4 +176,4 @@ def _copy_padded(old: Tensor, new: Tensor | None) -> None:
         old[tuple(slice(0, n) for n in new.shape)].copy_(new)
 
 
-__all__ = ["load_adapters", "prepare_hotswap", "hotswap_adapter", "lora_adapters"]
+__all__ = ["load_adapters", "prepare_hotswap", "hotswap_adapter", "lora_adapters", "forget_gathered"]

@@ -17,12 +17,24 @@ writes what a ``peft.PeftModel`` writes, into the folder, beside whatever else i
     └── tokenizer.json, ...
 
 Resuming is the other half. ``Trainer._load_from_checkpoint`` loads adapter files only into a
-``peft.PeftModel`` (an ``isinstance`` test no other model can pass); for any other model it looks
-for full model weights and stops with "Can't find a checkpoint index". :func:`adapter_checkpoints`
-tells one trainer to load a peftlab model's adapters from its checkpoints instead:
+``peft.PeftModel`` (an ``isinstance`` test no other model can pass); for any other model it loads
+a sharded checkpoint: ``model.safetensors.index.json`` names the tensors and their shard files,
+and each shard goes through ``model.load_state_dict(shard, strict=False)``. So the folder also gets
+that index, listing only the model's trainable and adapter tensors (under the model's own names)
+and one small shard holding them, ``trainable.safetensors``: never the frozen base weights.
+
+    ├── model.safetensors.index.json  {"weight_map": {"...q_proj.adapters.default.lora_A":
+    └── trainable.safetensors                           "trainable.safetensors", ...}}
+
+and a plain ``trainer.train(resume_from_checkpoint=...)`` restores the adapter (the Trainer
+restores the optimizer, scheduler and RNG state beside it). transformers then logs that the base
+weights were "missing" from the checkpoint: they were never meant to be in it, and the model keeps
+its own. ``AutoModelForCausalLM.from_pretrained(folder)`` still sees ``adapter_config.json`` first
+and loads base + adapter through peft. :func:`adapter_checkpoints` remains for what the index
+cannot do (``load_best_model_at_end`` looks for full weights or a PeftModel):
 
     trainer = peftlab.adapter_checkpoints(Trainer(model, args, train_dataset=data))
-    trainer.train(resume_from_checkpoint=True)       # and load_best_model_at_end=True
+    trainer.train()                                  # with load_best_model_at_end=True
 
 References:
 - peft's save_pretrained (subfolders for non-default adapters):
@@ -32,12 +44,14 @@ References:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftlab.api import register_save_pretrained
@@ -92,8 +106,35 @@ def save_pretrained(
             target = folder if name == "default" else folder / name
             written = save_adapter(model, Path(scratch) / name, adapter_name=name)
             _move_into(written, target)
+        _move_into(_write_trainable_shard(model, Path(scratch) / ".resume"), folder)
     if push_to_hub:
         model.push_to_hub(kwargs.pop("repo_id", folder.resolve().name), token=kwargs.get("token"))
+
+
+RESUME_INDEX = "model.safetensors.index.json"  # the name Trainer's sharded-checkpoint loader reads
+RESUME_SHARD = "trainable.safetensors"
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state-dict entries a run changes: every trainable parameter and every tensor of
+    an adapter (its frozen buffers too), under the model's own names; the frozen base is left out."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t.detach().to("cpu", copy=True).contiguous()  # copies: tied tensors save apart
+            for name, t in model.state_dict().items() if name in trainable or ".adapters." in name}
+
+
+def _write_trainable_shard(model: nn.Module, scratch: Path) -> Path:
+    """Write the index + shard that let ``Trainer`` resume (the module docstring) into ``scratch``."""
+    from safetensors.torch import save_file
+
+    scratch.mkdir()
+    tensors = trainable_tensors(model)
+    save_file(tensors, str(scratch / RESUME_SHARD), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, "written_by": "peftlab (trainable tensors only)"},
+             "weight_map": {name: RESUME_SHARD for name in tensors}}
+    (scratch / RESUME_INDEX).write_text(json.dumps(index, indent=2))
+    return scratch
 
 
 def _check_state_dict(model: nn.Module, state_dict: dict | None) -> None:

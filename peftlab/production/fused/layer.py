@@ -48,9 +48,8 @@ class FusedAdaptedLayer(AdaptedLayer):
                                      adapter.lora_B, adapter.scaling)
         return out.to(plan.out_dtype)
 
-    def set_example_adapters(self, names) -> None:
-        super().set_example_adapters(names)
-        self.gathered = None  # a new batch: its rows gather their factors again
+    def forget_gathered(self) -> None:
+        self.gathered = None  # a new batch, a hot-swap or a padding: the rows gather their factors again
 
     def mixed_forward(self, x: Tensor, names: list[str]) -> Tensor:
         """A mixed batch at inference: the base output plus every row's LoRA update in two batched
