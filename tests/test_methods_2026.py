@@ -138,7 +138,8 @@ def test_same_outputs_and_gradients_as_peft(request, arch, method, hp):
 
 MERGED = [("hra", {"r": 4}), ("road", {"group_size": 16}), ("miss", {"r": 16}),
           ("miss", {"r": 16, "init_weights": "bat"}), ("fourierft", {"n_frequency": 64}), ("shira", {"r": 2}),
-          ("vblora", {"num_vectors": 32, "vector_length": 16}), ("ln_tuning", {})]
+          ("vblora", {"num_vectors": 32, "vector_length": 16}), ("ln_tuning", {}),
+          ("hira", {"r": 4}), ("c3a", {"block_size": 16})]
 
 
 @pytest.mark.parametrize("method, hp", MERGED)
