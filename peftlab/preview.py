@@ -182,7 +182,7 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
         if spec.params_per_layer is None:
             raise
         modules = candidate_modules(base)
-        added = sum(layer_parameter_count(spec, modules[n], config)
+        added = sum(layer_parameter_count(spec, modules[n], config.for_layer(n))
                     for n in find_targets(base, config.targets, exclude=config.modules_to_save or ()))
         by_type = {k: dict(v, trainable=0) for k, v in base_count.by_type.items()}
         by_type[spec.name] = {"trainable": int(added), "total": int(added)}

@@ -125,9 +125,6 @@ SMALL_MODEL_SETTINGS: dict[str, dict] = {
     "fourierft": {"n_frequency": 256},  # n_frequency=1000 must not exceed d_in · d_out
     "shira": {"r": 4},  # r=32 asks for r · (d_in + d_out) entries, more than a 16 x 32 layer has
     "vblora": {"num_vectors": 32, "vector_length": 8},  # vector_length=256 must divide every d_in, d_out
-    # EVA keeps r on every layer: a redistributed EVA saves per-layer ranks (rank_pattern), which
-    # peft loads and peftlab's reference loader refuses (tests/test_lora_inits.py checks both)
-    "eva": {"rho": 1.0},
     # any model: peft's default (no ids) trains nothing; ids that both of check_trains' batches hold
     "trainable_tokens": {"token_indices": (119, 47, 98)},
 }

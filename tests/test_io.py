@@ -231,10 +231,10 @@ def test_method_or_option_peftlab_lacks(llama, saved):
     _edit_config(saved, peft_type="POLY")
     with pytest.raises(AdapterFileError, match="cannot rebuild.*'POLY'.*backend='peft'"):
         peftlab.load_adapter(llama, saved)
-    _edit_config(saved, peft_type="LORA", alpha_pattern={"q_proj": 32})
-    with pytest.raises(AdapterFileError, match="alpha_pattern.*backend='peft'"):
+    _edit_config(saved, peft_type="LORA", use_qalora=True)
+    with pytest.raises(AdapterFileError, match="use_qalora.*backend='peft'"):
         peftlab.load_adapter(llama, saved)
-    _edit_config(saved, alpha_pattern={}, layers_to_transform=[0])
+    _edit_config(saved, use_qalora=False, layers_to_transform=[0])
     with pytest.raises(AdapterFileError, match="layers_to_transform"):
         peftlab.load_adapter(llama, saved)
     # a DoRA config over plain LoRA tensors: either "no DoRA" or "magnitude vectors missing"

@@ -326,7 +326,7 @@ def test_eva_components_are_the_top_principal_directions(bases):
     assert abs(A[0] @ V[0]) > 0.99  # the first principal direction itself
 
 
-def test_eva_saves_its_ranks_for_peft_and_refuses_what_it_cannot(bases, tmp_path):
+def test_eva_saves_its_ranks_for_peft_and_loads_back_as_a_lora_with_them(bases, tmp_path):
     from peft import PeftModel
 
     torch.manual_seed(0)
@@ -340,8 +340,11 @@ def test_eva_saves_its_ranks_for_peft_and_refuses_what_it_cannot(bases, tmp_path
     assert saved["init_lora_weights"] is True and sorted(saved["rank_pattern"].values()) == [3, 3, 5, 5]
     with torch.no_grad():
         close(PeftModel.from_pretrained(copy.deepcopy(bases["llama"]), str(folder)).eval()(**inputs).logits, expected)
-    with pytest.raises(peftlab.errors.AdapterFileError, match=r"rank_pattern"):  # the reference LoRA has one r
-        peftlab.load_adapter(copy.deepcopy(bases["llama"]), folder)
+    loaded = peftlab.load_adapter(copy.deepcopy(bases["llama"]), folder)  # a LoRA with EVA's ranks
+    assert {n: layer.adapters["default"].r for n, layer in adapted_layers(loaded).items()} == {
+        n: layer.adapters["default"].r for n, layer in adapted_layers(model).items()}
+    with torch.no_grad():
+        close(loaded.eval()(**inputs).logits, expected)
 
 
 def test_eva_refuses_missing_data_and_too_few_tokens(bases):
@@ -356,3 +359,74 @@ def test_eva_refuses_missing_data_and_too_few_tokens(bases):
     assert not adapted_layers(plain)
     with pytest.raises(ConfigError, match=r"rank_pattern / alpha_pattern are EVA's output"):
         peftlab.adapt(copy.deepcopy(bases["llama"]), "eva", data=short, rank_pattern={"q_proj": 2})
+
+
+# ---- LoRA's rank_pattern / alpha_pattern (what a saved EVA adapter says) ----------------------
+PATTERNS = {"rank_pattern": {"layers.0.self_attn.q_proj": 2, "v_proj": 6}, "alpha_pattern": {"v_proj": 3.0}}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_equal_peft_outputs_gradients_and_files(bases, use_rslora, tmp_path):
+    from peft import PeftModel
+
+    ours, theirs = pair(bases, "llama", "lora", use_rslora=use_rslora, **PATTERNS)
+    ranks = {n: layer.adapters["default"].r for n, layer in adapted_layers(ours).items()}
+    assert ranks == {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 4,
+                     "model.layers.0.self_attn.v_proj": 6, "model.layers.1.self_attn.v_proj": 6}
+    for name, layer in adapted_layers(ours).items():
+        adapter, theirs_layer = layer.adapters["default"], peft_layer(theirs, name)
+        assert adapter.scaling == pytest.approx(theirs_layer.scaling["default"])
+    randomise(ours)
+    copy_reference_to_peft(ours, theirs)
+    inputs = batch("llama")
+    loss_ours, loss_theirs = ours.eval()(**inputs).loss, theirs.eval()(**inputs).loss
+    close(loss_ours, loss_theirs)
+    loss_ours.backward(), loss_theirs.backward()
+    for name, layer in adapted_layers(ours).items():
+        close(layer.adapters["default"].lora_B.grad, peft_layer(theirs, name).lora_B["default"].weight.grad)
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        folder = peftlab.save_adapter(ours, tmp_path / "ours")
+        assert peftlab.io.read_adapter_config(folder)["rank_pattern"] == PATTERNS["rank_pattern"]
+        close(PeftModel.from_pretrained(copy.deepcopy(bases["llama"]), str(folder)).eval()(**inputs).logits, expected)
+        theirs.save_pretrained(str(tmp_path / "theirs"))
+        close(peftlab.load_adapter(copy.deepcopy(bases["llama"]), tmp_path / "theirs").eval()(**inputs).logits,
+              expected)
+
+
+def test_bad_patterns_are_refused_clearly():
+    from peftlab.methods.lora import LoRAConfig
+
+    with pytest.raises(ConfigError, match=r"rank_pattern has invalid entries \{'v_proj': 0\}"):
+        LoRAConfig(rank_pattern={"v_proj": 0})
+    with pytest.raises(ConfigError, match="alpha_pattern=.* Expected a dict"):
+        LoRAConfig(alpha_pattern=[("v_proj", 2.0)])
+    with pytest.raises(ConfigError, match="target_parameters is not supported"):
+        LoRAConfig(rank_pattern={"v_proj": 2}, target_parameters=("mlp.experts.gate_up_proj",))
+
+
+# ---- the data a data-driven start gets where peftlab trains (Lab, study, command line) ---------
+def test_start_data_is_the_first_batches_of_the_training_run(bases):
+    from peftlab.models import load_model
+    from peftlab.train import frame_data, start_data
+
+    model, tokenizer = load_model("tiny-llama")
+    data = peftlab.load_dataset("chatterbot-qa")
+    assert start_data(model, "lora", data, tokenizer, max_length=32, batch_size=4) == {}
+    start = start_data(model, "eva", data, tokenizer, max_length=32, batch_size=4, seed=3)["data"]
+    expected = frame_data(model, data, None, tokenizer, 32, 3).micro_batches(0, 4, 4, torch.device("cpu"))
+    assert len(start) == 4 and all(torch.equal(a[k], b[k]) for a, b in zip(start, expected) for k in a)
+    rows = start_data(model, "corda", data, tokenizer, max_length=32, batch_size=4, seed=3)["data"]
+    assert len(rows) == 16 and {b["input_ids"].shape[0] for b in rows} == {1}  # CorDA reads one row a batch
+    assert torch.equal(rows[1]["input_ids"][0, :int(rows[1]["attention_mask"].sum())],
+                       start[0]["input_ids"][1][start[0]["attention_mask"][1].bool()])
+
+
+def test_a_data_driven_start_runs_in_a_study_cell_with_no_special_case(tmp_path):
+    from peftlab.study import StudyConfig, run_study
+
+    config = StudyConfig(model="tiny-bert", methods=("eva", "corda"),
+                         lrs=(("eva", (1e-2,)), ("corda", (1e-2,))), seeds=(0,), steps=2, batch_size=2,
+                         max_length=32, validation_rows=8, test_rows=8, forgetting_rows=2)
+    cells = run_study(config, tmp_path, in_child=False, log=None)["cells"]
+    assert [(c["method"], c["status"]) for c in cells] == [("eva", "ok"), ("corda", "ok")]

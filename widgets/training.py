@@ -97,6 +97,7 @@ class TrainingRun:
     def _run(self, choice: plan.Choice) -> None:
         """The thread: load, measure the base, adapt, train live, measure the adapted, report."""
         import peftlab
+        from peftlab.train import start_data
 
         self.result = None
         task = self.task_for(choice.task)
@@ -107,7 +108,9 @@ class TrainingRun:
             self.base_eval, self.eval_after, self.base_answers, self.adapted_answers = None, None, [], []
             if task is not None:
                 self._measure_base(choice, task, model, tokenizer)
-            model = peftlab.adapt(model, choice.method, backend=choice.backend, **choice.hyperparameters())
+            start = start_data(model, choice.method, data if task is None else task.training_data(), tokenizer,
+                               max_length=choice.max_length, batch_size=choice.batch_size)
+            model = peftlab.adapt(model, choice.method, backend=choice.backend, **choice.hyperparameters(), **start)
             count = peftlab.count_parameters(model)
             self.model, self.tokenizer, self.count = model, tokenizer, count
             self.progress.description = "step 0"

@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.metrics import count_parameters
     from peftlab.methods import get_method
     from peftlab.report import write_report
-    from peftlab.train import train
+    from peftlab.train import start_data, train
 
     # Check the cheap things first, so a typo fails before a model is loaded.
     task = apply_task_defaults(args)
@@ -78,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"(it has {list(dataset)}). Drop --eval.")
     eval_before = peftlab.evaluate(model, task, tokenizer=tokenizer, progress=not args.no_progress) if task else None
     torch.manual_seed(args.seed)  # the adapter's initial weights
+    hp.update(start_data(model, spec.name, dataset, tokenizer, max_length=args.seq_len, batch_size=args.batch_size,
+                         seed=args.seed))
     model = adapt(model, spec.name, backend=args.backend, **hp)
     params = count_parameters(model)
 

@@ -245,8 +245,6 @@ def _peft_type(raw: dict) -> str:
 # peftlab's reference LoRA does not reproduce: loading such a file must fail, not drift silently.
 _LORA_FEATURES_NOT_IN_REFERENCE = {
     "use_dora": (False, "DoRA (use_dora=true)"),
-    "rank_pattern": ({}, "per-layer ranks (rank_pattern)"),
-    "alpha_pattern": ({}, "per-layer alphas (alpha_pattern)"),
     "layers_to_transform": (None, "a subset of layers (layers_to_transform)"),
     "exclude_modules": (None, "excluded modules (exclude_modules)"),
     "bias": ("none", "trained biases (bias)"),

@@ -15,7 +15,9 @@ its ``r`` (:func:`low_rank_activations`).
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from torch import Tensor, nn
@@ -35,6 +37,17 @@ class AdapterConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def for_layer(self, name: str) -> AdapterConfig:
+        """The config the layer called ``name`` gets: this one, unless the method has per-layer
+        settings (LoRA's rank_pattern / alpha_pattern)."""
+        return self
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first of ``patterns`` that names the layer ``name``, as peft 0.21.2 matches rank_pattern
+    and alpha_pattern keys (``get_pattern_key``): the key as a regex, ending ``name`` at a dot."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
 
 
 def in_base_layout(delta: Tensor, transposed: bool) -> Tensor:

@@ -31,8 +31,9 @@ peft refuses it on embeddings and with inits other than its default.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,8 @@ from peftlab.inject import (CONV_LAYERS, Adapter, ConvShape, check_zero_padding,
                             embed_scale, is_conv1d, layer_dims)
 from peftlab.inject.gather import LowRank
 from peftlab.methods.base import (AdapterConfig, LayerActivations, SavedActivations,
-                                  check_rank, check_range, is_count, low_rank_activations, trains_dropout)
+                                  check_rank, check_range, is_count, low_rank_activations, pattern_key,
+                                  trains_dropout)
 from peftlab.methods.lora_init import WEIGHT_INITS, check_init, init_family, init_from_weight
 
 
@@ -67,8 +69,13 @@ class LoRAConfig(AdapterConfig):
     # bare parameters to adapt, e.g. ("mlp.experts.gate_up_proj",) of a mixture-of-experts
     # block (peft's target_parameters); see methods/param_lora.py
     target_parameters: tuple[str, ...] | None = None
+    # per-layer rank and alpha (peft's names and matching, methods/base.py pattern_key):
+    # {"layers.0.self_attn.q_proj": 16, "v_proj": 4}; a layer no key names keeps r / alpha
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_patterns()
         tokens = self.trainable_token_indices
         if isinstance(tokens, dict):
             object.__setattr__(self, "trainable_token_indices", {k: tuple(v) for k, v in tokens.items()})
@@ -97,6 +104,32 @@ class LoRAConfig(AdapterConfig):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_layer(self, name: str) -> LoRAConfig:
+        """This config with the rank and alpha that rank_pattern / alpha_pattern give the layer."""
+        if not (self.rank_pattern or self.alpha_pattern):
+            return self
+        r_key, alpha_key = pattern_key(self.rank_pattern, name), pattern_key(self.alpha_pattern, name)
+        return dataclasses.replace(self, r=self.rank_pattern[r_key] if r_key is not None else self.r,
+                                   alpha=self.alpha_pattern[alpha_key] if alpha_key is not None else self.alpha,
+                                   rank_pattern={}, alpha_pattern={})
+
+    def _check_patterns(self) -> None:
+        for name, pattern, check in (("rank_pattern", self.rank_pattern, lambda v: is_count(v)),
+                                     ("alpha_pattern", self.alpha_pattern,
+                                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)):
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{name}={pattern!r} is invalid. Expected a dict {{layer name or regex: value}}, "
+                                  f"e.g. {name}={{'v_proj': {16 if name == 'rank_pattern' else 32}}}.")
+            bad = {k: v for k, v in pattern.items() if not isinstance(k, str) or not check(v)}
+            if bad:
+                wanted = "a positive integer rank" if name == "rank_pattern" else "a positive alpha"
+                raise ConfigError(f"{name} has invalid entries {bad}. Expected {{layer name or regex: {wanted}}}.")
+            object.__setattr__(self, name, dict(pattern))
+        if (self.rank_pattern or self.alpha_pattern) and self.target_parameters:
+            raise ConfigError("rank_pattern / alpha_pattern with target_parameters is not supported: the "
+                              "patterns apply to layers, the parameter LoRAs take r and alpha. Expected one of "
+                              "the two; try separate adapters.")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,7 @@ def build_lora_ga(model: nn.Module, config: LoraGAConfig, adapter_name: str) -> 
     grads = mean_gradients(model, names, batches)
 
     def make(name: str, base: nn.Module) -> LoRA:
-        adapter = LoRA(base, config)
+        adapter = LoRA(base, config.for_layer(name))
         if name in grads:  # a layer no batch reached keeps LoRA's usual start (as in peft)
             init_from_weight(base, adapter, "lora_ga", grad=grads[name], ga=config.ga_settings)
         return adapter
@@ -144,6 +144,7 @@ class CordaConfig(LoRAConfig):
     init: str = "corda"
     corda_method: str = "ipm"  # "ipm": the r largest triplets of W C; "kpm": the r smallest
     data: Any = field(default=None, compare=False, repr=False)  # rows, one per batch, for model(**batch)
+    rows_per_batch: ClassVar[int] = 1  # what peftlab.train.start_data hands it
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,7 +194,7 @@ def build_corda(model: nn.Module, config: CordaConfig, adapter_name: str) -> Non
     covariances = input_covariances(model, names, batches)
 
     def make(name: str, base: nn.Module) -> LoRA:
-        adapter = LoRA(base, config)
+        adapter = LoRA(base, config.for_layer(name))
         init_from_weight(base, adapter, "corda", covariance=covariances[name], mode=config.corda_method)
         return adapter
 

@@ -49,9 +49,8 @@ class EvaConfig(LoRAConfig):
     whiten: bool = False  # divide each component by the square root of its singular value
     adjust_scaling_factors: bool = True  # alpha_l = alpha · r_l / r: the same scaling on every layer
     data: Any = field(default=None, compare=False, repr=False)  # batches for model(**batch)
-    # filled in by prepare_eva, as peft fills them in: {layer: its rank / alpha} where not r / alpha
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # rank_pattern / alpha_pattern (LoRA's fields) are filled in by prepare_eva, as peft fills them:
+    # {layer: its rank / alpha} where not r / alpha
     eva_state: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)  # {layer: A0}
 
     def __post_init__(self) -> None:

@@ -89,6 +89,12 @@ class Method:
     needs: tuple[str, ...] = ()  # hooks the method cannot work without
     hooks_from: str | None = None  # the module that registers them (named in the error when missing)
 
+    @property
+    def learns_from_data(self) -> bool:
+        """Whether the method's start is computed from a few batches (its config's ``data``:
+        EVA, LoRA-GA, CorDA); callers that train pass them (peftlab.train.start_data)."""
+        return "data" in self.config.field_names()
+
     def targets_for(self, model: nn.Module) -> str | tuple[str, ...]:
         """This method's default targets for the model's architecture ("all-linear" if unknown)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -117,7 +123,7 @@ def layer_method(adapter: type[Adapter], conv: type[Adapter] | None = None,
         # adapt() has already replaced targets=None by the method's default for this model
         names = find_targets(model, config.targets, accept=lambda m: any(k.can_adapt(m) for k in kinds),
                              exclude=config.modules_to_save or (), expected=expected)
-        inject(model, names, lambda _name, base: pick(base)(base, config), adapter_name)
+        inject(model, names, lambda name, base: pick(base)(base, config.for_layer(name)), adapter_name)
 
     return build
 

@@ -30,11 +30,12 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
     import torch
 
     import peftlab
-    from peftlab.train import model_device
+    from peftlab.train import model_device, start_data
 
     task = study_task(config)
     model, tokenizer = _load(config, task, seed)
     probe = _ForgettingProbe(model, tokenizer, task, config.forgetting_rows)
+    train_rows = task.training_data(f"train[:-{config.validation_rows}]")
     torch.manual_seed(seed)  # the adapter's initial weights
     if method == FULL:
         for p in model.parameters():
@@ -43,9 +44,11 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
         from peftlab.methods import get_method
 
         kwargs = {"r": config.rank} if "r" in get_method(method).config.field_names() else {}
+        kwargs.update(start_data(model, method, train_rows, tokenizer, max_length=config.max_length,
+                                  batch_size=config.batch_size, seed=seed))
         model = peftlab.adapt(model, method, backend=config.backend, **kwargs)
     params = peftlab.count_parameters(model)
-    result = peftlab.train(model, task.training_data(f"train[:-{config.validation_rows}]"), tokenizer=tokenizer,
+    result = peftlab.train(model, train_rows, tokenizer=tokenizer,
                            steps=config.steps, lr=lr, batch_size=config.batch_size,
                            max_length=config.max_length, warmup_ratio=config.warmup_ratio, seed=seed,
                            progress=False)

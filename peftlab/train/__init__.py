@@ -65,7 +65,7 @@ from typing import Any
 from peftlab.evaluation import evaluate as evaluate_task  # noqa: F401
 from peftlab.memory import peak_memory_mb, reset_peak_memory
 from peftlab.train.batches import (IGNORE_INDEX, EpochOrder, TrainData, check_labels, collate_rows, fit_context,
-                                   frame_data, is_classification, pad_token_id, prepare_dataset)
+                                   frame_data, is_classification, pad_token_id, prepare_dataset, start_data)
 from peftlab.train.checkpoints import find_checkpoint, rng_state
 from peftlab.train.device import model_device
 from peftlab.train.loop import callback_name, train
@@ -87,4 +87,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["train", "evaluate", "TrainResult", "lr_factor", "STOP_REASONS", "find_checkpoint"]
+__all__ = ["train", "evaluate", "TrainResult", "lr_factor", "STOP_REASONS", "find_checkpoint", "start_data"]

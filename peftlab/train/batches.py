@@ -66,6 +66,28 @@ def frame_data(model: nn.Module, data: Any, eval_data: Any, tokenizer: Any, max_
                      pad_id=pad_token_id(tokenizer, model), order=EpochOrder(len(dataset), seed))
 
 
+START_BATCHES = 4  # batches a data-driven LoRA start sees (EVA, LoRA-GA, CorDA): peft's examples use a few
+
+
+def start_data(model: nn.Module, method: str, data: Any, tokenizer: Any, *, max_length: int, batch_size: int,
+               n_batches: int = START_BATCHES, seed: int = 0) -> dict[str, list[dict[str, Tensor]]]:
+    """``{"data": batches}`` for ``peftlab.adapt(model, method, **...)`` where the method learns its
+    start from data, else ``{}``: the first ``n_batches`` batches of the run that
+    ``train(model, data, ..., seed=seed)`` makes (the same tokenization, order and padding), so the
+    Lab, the study and the command line start EVA, LoRA-GA and CorDA from the data they then train on.
+    ``data`` is what train() takes (a dataset, or a task's training data); ``model`` the base model.
+    A method whose config says ``rows_per_batch`` (CorDA: 1) gets the same rows in batches of that size."""
+    from peftlab.methods import get_method
+    from peftlab.train.device import model_device
+
+    spec = get_method(method)
+    if not spec.learns_from_data:
+        return {}
+    framed = frame_data(model, data, None, tokenizer, fit_context(model, max_length), seed)
+    rows = getattr(spec.config, "rows_per_batch", None) or batch_size  # CorDA reads one row at a time
+    return {"data": framed.micro_batches(0, rows, n_batches * batch_size // rows, model_device(model))}
+
+
 def fit_context(model: nn.Module, max_length: int) -> int:
     """``max_length`` capped at the model's context (``max_position_embeddings``), with a warning:
     BERT-style absolute positions fail past it, RoPE models silently leave what they learned."""
