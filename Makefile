@@ -49,7 +49,12 @@ browser-deps:
 PYTEST := TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --nbval --nbval-current-env \
   --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
-# `make test` runs two passes. Pass 1: everything, on this CPU's own instruction set and threads.
+# `make test` runs two passes, each spread over WORKERS pytest workers (pytest-xdist; one file per
+# worker at a time, so a notebook's cells share one kernel), one thread each: the cores stay busy
+# where single-threaded Python, kernel start-ups and small matmuls would leave one idle, and since
+# the notebooks are recorded with every thread (tools/nb.py), pass 1 also proves that their stored
+# outputs do not depend on the thread count. `make test WORKERS=1` runs the files one by one.
+# Pass 1: everything, on this CPU's own instruction set.
 # Pass 2 (portability): a representative subset again with PyTorch, oneDNN and MKL forced onto
 # another instruction set (AVX2 on x86, PyTorch's plain kernels on ARM) and one thread, so a
 # machine with AVX-512 proves the suite passes on one without (README, "Runs on any machine").
@@ -57,8 +62,11 @@ PYTEST := TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --nbval --nbval-curren
 # method's contract, NF4, the memory ledger, training) and the lessons that train, generate or
 # quantise. `make test PORTABILITY=0` runs pass 1 only.
 PORTABILITY ?= 1
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PARALLEL := $(if $(filter-out 0 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 FORCED_ISA := $(if $(filter x86_64 amd64,$(shell uname -m)),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,ATEN_CPU_CAPABILITY=default)
-PORTABLE_ENV := $(FORCED_ISA) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PEFTLAB_PORTABILITY_PASS=1
+PORTABLE_ENV := $(FORCED_ISA) $(ONE_THREAD) PEFTLAB_PORTABILITY_PASS=1
 PORTABILITY_TESTS := tests/test_portability.py tests/test_fused.py tests/test_lora_parity.py \
   tests/test_contract.py tests/test_methods_additive.py tests/test_methods_orthogonal.py \
   tests/test_methods_weight.py tests/test_nf4.py tests/test_loftq.py tests/test_qlora_trap.py \
@@ -70,10 +78,10 @@ PORTABILITY_TESTS := tests/test_portability.py tests/test_fused.py tests/test_lo
   notebooks/08_soft_prompts.ipynb notebooks/11_many_adapters.ipynb
 
 test: install browser-deps
-	$(PYTEST) tests notebooks $(if $(MARKERS),-m "$(MARKERS)") $(ARGS)
+	$(ONE_THREAD) $(PYTEST) $(PARALLEL) notebooks tests $(if $(MARKERS),-m "$(MARKERS)") $(ARGS)
 ifeq ($(PORTABILITY),1)
 	@echo "== pass 2 (portability): $(PORTABLE_ENV)"
-	$(PORTABLE_ENV) $(PYTEST) $(PORTABILITY_TESTS) -m "not browser" -q
+	$(PORTABLE_ENV) $(PYTEST) $(PARALLEL) $(PORTABILITY_TESTS) -m "not browser" -q
 endif
 
 # Learner notebooks: the lessons with their answers blanked, nbgrader's way (tools/student.py writes
