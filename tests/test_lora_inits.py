@@ -265,6 +265,57 @@ def test_train_uses_loraplus_groups_and_checks_the_ratio(bases):
         peftlab.train(model, rows, steps=1, loraplus_lr_ratio=0.5, progress=False)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lorafa_steps_equal_peft_lorafa_optimizer(bases, weight_decay, monkeypatch):
+    """Three steps of our LoRA-FA optimiser on the reference LoRA and of peft's on peft's LoRA,
+    from the same weights: the same B after each (peft's bf16 autocast of the projection off)."""
+    import peft.optimizers.lorafa as peft_lorafa
+    from peft.optimizers import create_lorafa_optimizer
+
+    from peftlab.train.lorafa import lorafa_optimizer
+
+    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
+    ours, theirs = pair(bases, "llama", "lora")
+    randomise(ours)  # B != 0, so A's rows matter
+    copy_reference_to_peft(ours, theirs)
+    optimizers = (lorafa_optimizer(ours, 1e-2, weight_decay),
+                  create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=1e-2, weight_decay=weight_decay))
+    a_before = {n: layer.adapters["default"].lora_A.detach().clone() for n, layer in adapted_layers(ours).items()}
+    for seed in range(3):
+        inputs = batch("llama", seed=seed)
+        for model, optimizer in zip((ours, theirs), optimizers):
+            model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        for name, layer in adapted_layers(ours).items():
+            adapter, theirs_layer = layer.adapters["default"], peft_layer(theirs, name)
+            assert not adapter.lora_A.requires_grad and torch.equal(adapter.lora_A, a_before[name])
+            close(adapter.lora_B, theirs_layer.lora_B["default"].weight)
+
+
+def test_train_with_lorafa_freezes_a_learns_b_and_saves_both(bases, tmp_path):
+    rows = _dataset([{"input_ids": b["input_ids"][0].tolist()} for b in data_for("llama") for _ in range(2)])
+    torch.manual_seed(0)
+    model = peftlab.adapt(copy.deepcopy(bases["llama"]), "lora", r=4)
+    a_before = {n: layer.adapters["default"].lora_A.detach().clone() for n, layer in adapted_layers(model).items()}
+    result = peftlab.train(model, rows, steps=4, batch_size=2, lr=1e-2, lora_fa=True, progress=False)
+    assert result.stop_reason == "completed" and result.settings["lora_fa"] is True
+    assert result.losses[-1] < result.losses[0]
+    for name, layer in adapted_layers(model).items():
+        assert torch.equal(layer.adapters["default"].lora_A, a_before[name])
+        assert layer.adapters["default"].lora_B.abs().max() > 0
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        folder = peftlab.save_adapter(model, tmp_path / "fa")  # A is frozen, and saved all the same
+        close(peftlab.load_adapter(copy.deepcopy(bases["llama"]), folder).eval()(**inputs).logits, expected)
+    with pytest.raises(ConfigError, match="lora_fa=True freezes A"):
+        peftlab.train(model, rows, steps=1, lora_fa=True, loraplus_lr_ratio=16, progress=False)
+    with pytest.raises(ConfigError, match="no LoRA adapter"):
+        peftlab.train(peftlab.adapt(copy.deepcopy(bases["llama"]), "ia3"), rows, steps=1, lora_fa=True,
+                      progress=False)
+
+
 def _dataset(rows: list[dict]):
     from datasets import Dataset
 

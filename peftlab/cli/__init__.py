@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     t.add_argument("--loraplus-lr-ratio", type=float,
                    help="LoRA+: B's learning rate = this x --lr (e.g. 16; default: off)")
+    t.add_argument("--lora-fa", action="store_true", help="LoRA-FA: A frozen, B's gradient projected (LoRA methods)")
     t.add_argument("--seed", type=int, default=0, help="seed of data order, init and dropout (default: 0)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")

@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, dataset, task=task, tokenizer=tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         max_length=args.seq_len, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
-        loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None),
+        loraplus_lr_ratio=getattr(args, "loraplus_lr_ratio", None), lora_fa=getattr(args, "lora_fa", False),
         gradient_checkpointing=args.grad_checkpointing, bf16=args.bf16, seed=args.seed,
         out_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, resume_from=args.resume,
         eval_data=eval_data, eval_every=args.eval_every, progress=not args.no_progress,

@@ -39,6 +39,7 @@ from peftlab.train.batches import TrainData, fit_context, frame_data
 from peftlab.train.checkpoints import load_checkpoint, rng_state, save_checkpoint
 from peftlab.train.device import bf16_usable, disable_checkpointing, enable_checkpointing, model_device
 from peftlab.train.loss import count_targets, evaluate, logits_of, lr_factor, method_loss, run_step_hooks, summed_loss
+from peftlab.train.lorafa import lorafa_optimizer
 from peftlab.train.loraplus import loraplus_param_groups
 from peftlab.train.settings import Callback, StopFlag, TrainResult, TrainSettings
 
@@ -69,6 +70,7 @@ def train(
     eval_every: int | None = None,
     progress: bool = True,
     loraplus_lr_ratio: float | None = None,
+    lora_fa: bool = False,
     report_to: str | Sequence[str] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (its adapter) for ``steps`` optimizer steps.
@@ -101,6 +103,8 @@ def train(
         progress: show a tqdm progress bar (``TQDM_DISABLE=1`` also hides it).
         loraplus_lr_ratio: LoRA+ (https://arxiv.org/abs/2402.12354): every B-like tensor learns at
             ``loraplus_lr_ratio * lr`` (peft's groups: peftlab/train/loraplus.py); None: one lr.
+        lora_fa: LoRA-FA (https://arxiv.org/abs/2308.03303): every LoRA's A is frozen and B's
+            gradient projected, as peft's LoRA-FA optimiser does (peftlab/train/lorafa.py).
         report_to: log the config, the adapter's parameter count and every step's metrics to
             "trackio" (a local store; ``peftlab runs`` lists it), "tensorboard" (under
             ``out_dir/runs``), "all", or a list of them (peftlab/tracking.py); None: nowhere.
@@ -110,7 +114,7 @@ def train(
         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, out_dir=out_dir,
         checkpoint_every=checkpoint_every, resume_from=resume_from, eval_every=eval_every, progress=progress,
-        loraplus_lr_ratio=loraplus_lr_ratio,
+        loraplus_lr_ratio=loraplus_lr_ratio, lora_fa=lora_fa,
     )
     task = _resolve_task(task)
     data = _training_data(data, task)
@@ -193,15 +197,18 @@ def _set_up(model: nn.Module, data: Any, settings: TrainSettings, max_length: in
     bf16 = bf16_usable(settings.bf16, device, stacklevel=4)  # _set_up <- train <- the caller
     keep_4bit_trainable(model)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(
             "The model has no trainable parameters, so there is nothing to train. Expected an "
             "adapted model; try model = peftlab.adapt(model, 'lora') first."
         )
-    groups = params if settings.loraplus_lr_ratio is None else loraplus_param_groups(
-        model, settings.lr, settings.loraplus_lr_ratio, settings.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.lora_fa:  # freezes A first: params are what stays trainable
+        optimizer = lorafa_optimizer(model, settings.lr, settings.weight_decay)
+    else:
+        groups = [p for p in model.parameters() if p.requires_grad] if settings.loraplus_lr_ratio is None \
+            else loraplus_param_groups(model, settings.lr, settings.loraplus_lr_ratio, settings.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
     steps, warmup_steps = settings.steps, int(settings.warmup_ratio * settings.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, steps))
 

@@ -51,6 +51,7 @@ class TrainSettings:
     eval_every: int | None  # measure eval_data / the task every that many steps (and after the last)
     progress: bool  # show a tqdm progress bar
     loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = ratio x lr (train/loraplus.py); None: off
+    lora_fa: bool = False  # LoRA-FA: A frozen, B's gradient projected (train/lorafa.py)
 
     def check(self) -> None:
         """Refuse a setting the loop cannot run with, before any data is tokenized."""
@@ -62,6 +63,11 @@ class TrainSettings:
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer or None.")
         check_loraplus_ratio(self.loraplus_lr_ratio)
+        if not isinstance(self.lora_fa, bool):
+            raise ConfigError(f"lora_fa={self.lora_fa!r} is invalid. Expected True (A frozen, LoRA-FA) or False.")
+        if self.lora_fa and self.loraplus_lr_ratio is not None:
+            raise ConfigError("lora_fa=True freezes A, so LoRA+'s ratio of B's lr to A's has nothing to act on. "
+                              "Expected one of them; try loraplus_lr_ratio=None with lora_fa=True.")
         lr = self.lr
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"lr={lr!r} is invalid. Expected a positive number; try 2e-4 for LoRA.")
