@@ -162,15 +162,19 @@ def estimate(choice: Choice, num_labels: int | None = None) -> Estimate:
     import peftlab  # the facade's adapt: it registers the method hooks (X-LoRA) as training's does
     from peftlab.api import make_config
     from peftlab.inject import candidate_modules, find_targets
-    from peftlab.methods import get_method, layer_parameter_count
+    from peftlab.methods import get_method, layer_parameter_count, shapes_stand_in
 
     base = meta_model(choice.model, num_labels)
     model = copy.deepcopy(base)
     notes: list[str] = []
     closed_form = False
+    method, hyperparameters = shapes_stand_in(choice.method, choice.hyperparameters())
+    if get_method(choice.method).params_per_layer is None and method != choice.method:  # EVA
+        notes.append(f"{choice.method}: counted as {method} at rank r on every target; it moves rank between "
+                     f"layers from the data ({get_method(choice.method).formula}).")
     try:
         with _warnings_as_notes(notes):
-            peftlab.adapt(model, choice.method, **choice.hyperparameters())
+            peftlab.adapt(model, method, **hyperparameters)
         count = peftlab.count_parameters(model)
     except (NotImplementedError, RuntimeError) as exc:
         if "meta" not in str(exc):

@@ -299,3 +299,19 @@ def test_voila_and_colab_get_static_figures(monkeypatch):
     assert not live.voila() and live.prefer_static() is live.colab()
     monkeypatch.setenv("SERVER_SOFTWARE", "voila/0.5.13")  # what Voila puts in its kernels' environment
     assert live.voila() and live.prefer_static()
+
+
+def test_the_lab_trains_a_data_driven_start_from_its_own_data():
+    """EVA learns its start from a few batches: the Lab hands it the first batches of its run."""
+    from peftlab.widgets import Lab
+
+    lab = Lab(task=None, model="tiny-llama", steps=2, batch_size=2, max_length=64, redraw_every_s=0.0)
+    lora = _trainable(lab)
+    for method in ("pissa", "olora", "loftq", "lora_ga", "corda", "eva"):  # LoRA's shapes, previewed on meta
+        lab.method_w.value = method
+        lab.update_preview()
+        assert _trainable(lab) == lora, method
+    assert "moves rank between layers" in " ".join(lab.estimate.notes)  # EVA's count is a budget
+    assert lab.on_train() and lab.wait(120), "training did not finish"
+    assert "peftlab-ok" in lab.message.value, lab.message.value
+    assert lab.runs[-1]["method"] == "eva" and lab.runs[-1]["steps"] == 2

@@ -200,12 +200,10 @@ def meta_model(config, dtype: torch.dtype, method: str | None, r: int | None, ta
         else:
             from peftlab import xlora_io  # noqa: F401 (registers X-LoRA's method hooks)
             from peftlab.api import adapt
-            from peftlab.methods import get_method
+            from peftlab.methods import get_method, shapes_stand_in
 
+            method, hp = shapes_stand_in(method, hp)  # same shapes, its own init: nothing read on meta
             spec = get_method(method)
-            if spec.shapes_like is not None:  # same shapes; the stand-in starts from its own init
-                spec = get_method(spec.shapes_like)  # the init's own settings (EVA's rho, LoRA-GA's data) go
-                method, hp = spec.name, {k: v for k, v in hp.items() if k != "init" and k in spec.config.field_names()}
             # pass r and targets only to methods that take them (IA3, BitFit and prompts have no rank)
             takes = {f.name for f in fields(spec.config)}
             extra = {"r": r} if "r" in takes and r is not None else {}

@@ -17,7 +17,7 @@ from peftlab.methods.registry import (ATTENTION_QV, CONV_HINT, DECODER_ARCHITECT
                                       Method, layer_method, layer_parameter_count, method_hook)
 
 __all__ = ["ATTENTION_QV", "CONV_HINT", "DECODER_ARCHITECTURES", "FORMULA_ARCHITECTURES", "HOOKS", "METHODS", "Method",
-           "build_lora", "get_method", "layer_method", "layer_parameter_count", "list_methods", "lora_init_method",
+           "build_lora", "get_method", "shapes_stand_in", "layer_method", "layer_parameter_count", "list_methods", "lora_init_method",
            "method_hook", "register_hooks"]
 
 METHODS: dict[str, Method] = {**CLASSIC_METHODS, **RECENT_METHODS}
@@ -40,6 +40,18 @@ def get_method(name: str) -> Method:
             f"{', '.join(METHODS)}. See peftlab.list_methods() for what each does."
         )
     return METHODS[key]
+
+
+def shapes_stand_in(name: str, hyperparameters: dict) -> tuple[str, dict]:
+    """(method, hyperparameters) that build the same shapes as ``name`` without reading weight
+    values or data (its ``shapes_like``: LoRA for PiSSA, EVA, LoftQ...), for a model on the meta
+    device; the init's own settings (EVA's rho, LoRA-GA's data) are left out. Others: as given."""
+    spec = get_method(name)
+    if spec.shapes_like is None:
+        return spec.name, hyperparameters
+    stand_in = get_method(spec.shapes_like)
+    takes = stand_in.config.field_names()
+    return stand_in.name, {k: v for k, v in hyperparameters.items() if k != "init" and k in takes}
 
 
 def list_methods() -> list[dict]:
