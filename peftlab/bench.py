@@ -35,6 +35,11 @@ How it is measured, and why:
   ``prepare_model_for_kbit_training`` (which would up-cast norms and turn on gradient
   checkpointing) so that every variant does the same work.
 
+- Against the machine: each step's matmul FLOPs are counted from the shapes and divided by its
+  median time (GFLOP/s), and a 2048³ matmul in the same dtype, measured in the same run before any
+  model loads, gives the peak they are a fraction of (peftlab/bench_peak.py). The table names the
+  CPU, AVX-512 or not, and the kernels PyTorch uses (forced ones too).
+
 This is a benchmark, not a test: figures depend on the machine and its load (the table prints the
 load average on Linux). Writes ``--out`` (default ``bench.html``: plotly charts, one per dtype)
 and ``bench.json`` next to it.
@@ -94,6 +99,10 @@ class BenchRow:
     loss: float | None = None
     trainable: int | None = None
     times: list[float] = field(default_factory=list)
+    gflop: float | None = None  # matmul work of one step, counted from the shapes (bench_peak.py)
+    gflops: float | None = None  # gflop / median_s
+    peak_gflops: float | None = None  # the dtype's peak GEMM rate, measured in the same run
+    peak_fraction: float | None = None  # gflops / peak_gflops
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,15 +172,20 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
 
     from peftlab.progress import progress_bar
 
+    from peftlab.bench_peak import PEAK_SIZE, peak_gflops
+
     rows: list[BenchRow] = []
     device = _bench_device()
     bar = progress_bar(len(config.dtypes) * config.repeats, desc="bench", unit="round")  # quiet in CI
     for dtype_name in config.dtypes:
         dtype = getattr(torch, DTYPES[dtype_name])
+        gemm_peak = peak_gflops(dtype, device)  # before any model: the machine alone
+        if log:
+            log(f"[{dtype_name}] peak GEMM ({PEAK_SIZE}³ matmul): {gemm_peak:,.1f} GFLOP/s")
         steps: dict[str, Callable[[], float]] = {}
         by_variant: dict[str, BenchRow] = {}
         for variant in config.only:
-            row = BenchRow(dtype_name, variant)
+            row = BenchRow(dtype_name, variant, peak_gflops=gemm_peak)
             by_variant[variant] = row
             reason = unavailable_reason(variant)
             if reason:
@@ -179,6 +193,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
                 continue
             try:
                 steps[variant], row.trainable = _build_step(variant, config, dtype)
+                row.gflop = steps[variant].flops / 1e9
             except Exception as err:  # one broken variant must not sink the benchmark
                 row.status = f"failed: {type(err).__name__}: {_first_line(err)}"
             if log:
@@ -214,6 +229,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             row.min_s = min(row.times)
             row.peak_mb = max(max(peaks[variant]), 0.0)
             row.total_mb = row.resident_mb + row.peak_mb
+            row.gflops = row.gflop / row.median_s
+            row.peak_fraction = row.gflops / gemm_peak
             if log:
                 log(f"[{dtype_name}] {variant}: peak +{row.peak_mb:,.0f} MB above {row.resident_mb:,.0f} MB")
         rows.extend(by_variant[v] for v in config.only)
@@ -290,6 +307,9 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
                           device=device if quantization is None else None)
     model.train()
     torch.manual_seed(config.seed)
+    from peftlab.bench_peak import step_flops
+
+    flops = step_flops(model, variant, config.batch, config.seq_len, config.rank)
     if variant in ("full", "frozen"):
         for p in model.parameters():
             p.requires_grad_(variant == "full")
@@ -320,6 +340,7 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
         return float(loss.detach())
 
     step.model = model  # keep the model alive as long as the step
+    step.flops = flops
     return step, count_parameters(model).trainable
 
 
@@ -405,19 +426,21 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
 
 def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
     """An aligned text table, one line per (dtype, variant), then the ratios and the context."""
-    header = ("dtype", "variant", "step s (median)", "min s", "peak MB", "total MB", "trainable", "loss")
+    header = ("dtype", "variant", "step s (median)", "min s", "GFLOP/s", "of peak", "peak MB", "total MB",
+              "trainable", "loss")
     lines = []
     for r in rows:
         if r.status != "ok":
-            lines.append((r.dtype, r.variant, r.status, "", "", "", "", ""))
+            lines.append((r.dtype, r.variant, r.status) + ("",) * (len(header) - 3))
             continue
-        lines.append((r.dtype, r.variant, f"{r.median_s:.3f}", f"{r.min_s:.3f}", f"{r.peak_mb:,.0f}",
+        rate = ("", "") if r.gflops is None else (f"{r.gflops:,.1f}", f"{r.peak_fraction:.0%}")
+        lines.append((r.dtype, r.variant, f"{r.median_s:.3f}", f"{r.min_s:.3f}", *rate, f"{r.peak_mb:,.0f}",
                       f"{r.total_mb:,.0f}", f"{r.trainable:,}", f"{r.loss:.4f}"))
     ok_lines = [line for r, line in zip(rows, lines) if r.status == "ok"]
     widths = [max([len(h)] + [len(line[i]) for line in ok_lines]
                   + ([len(line[i]) for line in lines] if i < 2 else [])) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    text = [_context_line(config), fmt(header), "  ".join("-" * w for w in widths)]
+    text = [_context_line(config, rows), fmt(header), "  ".join("-" * w for w in widths)]
     for line in lines:
         text.append(fmt(line) if not line[2].startswith(("unavail", "failed"))
                     else f"{line[0].ljust(widths[0])}  {line[1].ljust(widths[1])}  {line[2]}")
@@ -436,16 +459,24 @@ def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
     return "\n".join(text)
 
 
-def _context_line(config: BenchConfig) -> str:
+def _peaks(rows: Sequence[BenchRow]) -> dict[str, float]:
+    return {r.dtype: r.peak_gflops for r in rows if r.peak_gflops is not None}
+
+
+def _context_line(config: BenchConfig, rows: Sequence[BenchRow] = ()) -> str:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     load = ""
     if hasattr(os, "getloadavg"):
         load = ", load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    from peftlab.bench_peak import PEAK_SIZE, machine_line
+
+    peaks = ", ".join(f"{d} {g:,.1f}" for d, g in _peaks(rows).items())
     return (f"{config.model}, batch {config.batch} x {config.seq_len} tokens, LoRA r={config.rank} "
             f"alpha={2 * config.rank} all-linear, fused AdamW; {config.repeats} interleaved rounds x "
-            f"{config.steps} step(s); {device}{load}")
+            f"{config.steps} step(s); {device}{load}\n{machine_line()}"
+            + (f"; peak GEMM ({PEAK_SIZE}³ matmul, GFLOP/s): {peaks}" if peaks else ""))
 
 
 def write_outputs(rows: Sequence[BenchRow], config: BenchConfig, out: Path) -> None:
@@ -466,7 +497,10 @@ def write_outputs(rows: Sequence[BenchRow], config: BenchConfig, out: Path) -> N
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>peftlab bench train</title></head>"
             "<body>" + "".join(parts) + "<pre>" + _escape(table) + "</pre></body></html>")
     out.write_text(html)
+    from peftlab.bench_peak import machine_line
+
     data = {"config": asdict(config), "rows": [asdict(r) for r in rows], "ratios": ratios(rows),
+            "machine": machine_line(), "peak_gflops": _peaks(rows),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     out.with_name("bench.json").write_text(json.dumps(data, indent=1))
 

@@ -30,12 +30,15 @@ def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
         assert row["median_s"] > 0 and len(row["times"]) == 1
         assert row["peak_mb"] >= 0 and row["total_mb"] >= row["resident_mb"] > 0
         assert row["loss"] == pytest.approx(10.8, abs=0.5)  # a random model: ~ln(49152)
+        assert row["gflops"] == pytest.approx(row["gflop"] / row["median_s"])
+        assert row["peak_fraction"] == pytest.approx(row["gflops"] / row["peak_gflops"]) and row["peak_gflops"] > 0
     by = {r["variant"]: r for r in rows}
     assert by["full"]["trainable"] > 100 * by["ref-lora"]["trainable"] and by["frozen"]["trainable"] == 0
     assert by["ref-lora"]["trainable"] == by["peft-lora"]["trainable"] == by["bnb-qlora"]["trainable"]
     for name in VARIANTS:
         assert name in printed
-    assert "load average" in printed and "peak MB" in printed
+    assert "load average" in printed and "peak MB" in printed and "GFLOP/s" in printed and "of peak" in printed
+    assert "PyTorch kernels" in printed and "peak GEMM" in printed and data["machine"] in printed
     if fused_ok:
         assert "fused-lora / peft-lora" in printed and "fused-lora / frozen" in printed and data["ratios"]
     html = out.read_text()
@@ -82,3 +85,21 @@ def test_ratios_and_table_from_rows():
     assert r["total"] == pytest.approx(1100 / 1400)
     text = format_table(rows, BenchConfig(model="tiny-llama"))
     assert "unavailable: no fused" in text and "time 0.75x (paired 0.75x)" in text and "peak 0.25x" in text
+
+
+def test_step_flops_count_the_shapes():
+    """tiny-llama: 2 layers, d = 64, 4 heads x 16, k/v 64 -> 32, MLP 64 -> 128 -> 64, vocab 49152."""
+    from peftlab.bench_peak import step_flops
+    from peftlab.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    c = model.config
+    d, f, kv, v = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim, c.vocab_size
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * f  # q, k, v, o, gate, up, down
+    batch, seq, r = 2, 8, 4
+    f_lin = 2 * batch * seq * (c.num_hidden_layers * per_layer + d * v)
+    f_att = 4 * batch * seq ** 2 * c.num_attention_heads * c.head_dim * c.num_hidden_layers
+    lora_dims = c.num_hidden_layers * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + f) + (f + d))
+    assert step_flops(model, "frozen", batch, seq, r) == 2 * f_lin + 3 * f_att
+    assert step_flops(model, "full", batch, seq, r) == 3 * f_lin + 3 * f_att
+    assert step_flops(model, "peft-lora", batch, seq, r) == 2 * f_lin + 3 * f_att + 3 * 2 * batch * seq * r * lora_dims
