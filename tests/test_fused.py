@@ -149,8 +149,10 @@ def test_swiglu_mlp_is_fused(llama, monkeypatch):
 @pytest.fixture(autouse=True)
 def onednn_for_every_size(monkeypatch):
     """The tiny test models sit below ONEDNN_MIN_MACS; run their matmuls through oneDNN anyway
-    (where this machine has it), so the parity tests cover the kernels the benchmark times."""
+    (where this machine has it, whatever the speed rule picks), so the parity tests cover the kernels
+    the benchmark times."""
     monkeypatch.setattr(fused, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(fused, "USE_ONEDNN", True)
 
 
 def test_dense_linear_equals_f_linear(monkeypatch):
@@ -161,6 +163,7 @@ def test_dense_linear_equals_f_linear(monkeypatch):
     op = matmul._onednn_linear()
     if op is not None:
         monkeypatch.setattr(matmul, "_onednn_linear", lambda: lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(fused, "USE_ONEDNN", True)
     x, w, b, dy = torch.randn(2, 5, 24), torch.randn(40, 24), torch.randn(40), torch.randn(7, 40)
     assert_close(fused.dense_linear(x, w, b), F.linear(x, w, b), "x W^T + b")
     assert_close(fused.dense_linear(dy, w.T), dy @ w, "dy W")
@@ -168,6 +171,23 @@ def test_dense_linear_equals_f_linear(monkeypatch):
     xb, wb = x.bfloat16(), w.bfloat16()
     assert torch.equal(fused.dense_linear(xb, wb), F.linear(xb, wb))
     assert len(calls) == (0 if op is None else 3)  # fp32 with rows: oneDNN ran
+
+
+@pytest.mark.parametrize(("capability", "onednn_isa", "expected"),
+                         [("AVX512", None, True), ("AVX512", "AVX2", False), ("AVX2", None, False),
+                          ("DEFAULT", None, False), ("AVX512", "AVX512_CORE_AMX", True)])
+def test_onednn_where_its_avx512_kernels_run(monkeypatch, capability, onednn_isa, expected):
+    """The default picks oneDNN by the rule peftlab bench train justifies (matmul.py's table)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    matmul.onednn_is_faster.cache_clear()
+    try:
+        assert matmul.onednn_is_faster() is expected
+    finally:
+        matmul.onednn_is_faster.cache_clear()
 
 
 def test_parity_without_onednn(llama, monkeypatch):

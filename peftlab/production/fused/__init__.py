@@ -41,8 +41,9 @@ keeps only x and one float per row.
 
 The matmuls. On x86 CPUs the Functions' float32 matmuls go through oneDNN (bundled with PyTorch as
 "mkldnn") instead of MKL's sgemm, which PyTorch uses for ``@``: on the shapes of a small Llama it
-measured 10-60% faster, the LM head most of all (:func:`dense_linear`; ``USE_ONEDNN = False``
-turns it off). Together with the loss, this is where the fused step wins back what LoRA's thin
+measured 10-60% faster where its AVX-512 kernels run, the LM head most of all, and slower than MKL
+with AVX2 only: the default follows that rule (:func:`dense_linear`, ``onednn_is_faster``;
+``USE_ONEDNN = True / False`` forces it). Together with the loss, this is where the fused step wins back what LoRA's thin
 matmuls cost: on a 2-core CPU the base model's own matmuls are ~75% of a training step.
 
 Installed by :func:`fuse`: each ``AdaptedLayer`` becomes a :class:`FusedAdaptedLayer` (same
