@@ -243,11 +243,22 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_llama):
     assert not model2.is_activation_checkpointing  # switched back off afterwards
 
 
-def test_bf16_autocast_runs(tiny_llama):
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_runs(tiny_llama, monkeypatch, native):
+    """bf16 as asked; on a CPU without native bfloat16 a warning says it will be slow, and why."""
+    import warnings
+
+    import peftlab.train.device as device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
     model, _ = tiny_llama
     fp32 = train(lora(model), lm_rows(), steps=1, **FAST).losses[0]
     model2, _ = peftlab.load_model("tiny-llama")
-    result = train(lora(model2), lm_rows(), steps=2, bf16=True, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(lora(model2), lm_rows(), steps=2, bf16=True, **FAST)
+    slow = [w for w in caught if "no native bfloat16" in str(w.message)]
+    assert len(slow) == (0 if native else 1) and (native or slow[0].filename == __file__)
     assert all(math.isfinite(x) for x in result.losses)
     assert result.losses[0] == pytest.approx(fp32, abs=0.05)  # bf16 rounding, same model
     assert all(p.dtype == torch.float32 for p in adapter_state(model2).values())

@@ -20,12 +20,31 @@ def model_device(model: nn.Module) -> torch.device:
 
 def bf16_usable(bf16: bool, device: torch.device, stacklevel: int = 3) -> bool:
     """``bf16``, unless the GPU has no bfloat16: then False, with a warning that points
-    ``stacklevel`` frames up (3: the line that called this function's caller)."""
+    ``stacklevel`` frames up (3: the line that called this function's caller). On a CPU without
+    native bfloat16 arithmetic bf16 stays as asked, with a warning that it will be slow."""
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         warnings.warn("This GPU has no bfloat16 support; training in fp32 instead (bf16=False).",
                       stacklevel=stacklevel)
         return False
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("This CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX on x86, BF16 on ARM, "
+                      "with PyTorch's kernels allowed to use it), so bf16 matmuls are emulated and usually "
+                      "run slower than fp32; training in bf16 as asked. Pass bf16=False for speed.",
+                      stacklevel=stacklevel)
     return bf16
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively and PyTorch may use it: x86 with AVX512-BF16 or
+    AMX-BF16 and AVX-512 kernels (not forced lower), or ARM with the BF16 extension."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+    return "bf16" in flags  # ARM's Features line
 
 
 def enable_checkpointing(model: nn.Module) -> bool:
