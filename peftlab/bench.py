@@ -10,6 +10,7 @@ Variants (same model, same random tokens, same rank, all linear layers, fused Ad
                  embeddings, nothing trains -- the least any adapter can cost (fused LoRA's target)
     full         full fine-tuning: every weight trains (the baseline adapters are meant to beat)
     peft-lora    Hugging Face peft LoRA
+    compiled-peft-lora  the same under torch.compile (what a user tries first; compiled in the warm-up)
     ref-lora     peftlab's reference LoRA (peftlab/methods/lora.py)
     fused-lora   peftlab's fused LoRA kernels + fused cross-entropy (peftlab/production/fused/)
     bnb-qlora    peft LoRA on a bitsandbytes NF4 (double-quant) base: the QLoRA recipe
@@ -63,11 +64,11 @@ from typing import Any
 
 from peftlab.errors import ConfigError, closest
 
-VARIANTS = ("frozen", "full", "peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
+VARIANTS = ("frozen", "full", "peft-lora", "compiled-peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # pairs shown as ratios: fused vs peft (the targets), fused vs the frozen base, reference vs peft
 RATIO_PAIRS = (("fused-lora", "peft-lora"), ("fused-qlora", "bnb-qlora"), ("fused-lora", "frozen"),
-               ("ref-lora", "peft-lora"))
+               ("fused-lora", "compiled-peft-lora"), ("compiled-peft-lora", "peft-lora"), ("ref-lora", "peft-lora"))
 
 
 @dataclass(frozen=True)
@@ -285,11 +286,19 @@ def unavailable_reason(variant: str) -> str | None:
 
     if variant.startswith("fused") and "fused" not in BACKENDS:
         return "peftlab.adapt has no backend='fused' in this version"
-    if variant in ("peft-lora", "bnb-qlora") and importlib.util.find_spec("peft") is None:
+    if variant in ("peft-lora", "compiled-peft-lora", "bnb-qlora") and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
+    if variant.startswith("compiled") and _bench_device().type == "cpu" and not _has_cxx():
+        return "torch.compile needs a C++ compiler on a CPU (g++ or clang++); none was found"
     if variant.endswith("qlora") and importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed"
     return None
+
+
+def _has_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
 
 
 def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], float], int]:
@@ -314,7 +323,8 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
         for p in model.parameters():
             p.requires_grad_(variant == "full")
     else:
-        backend = {"peft-lora": "peft", "bnb-qlora": "peft", "ref-lora": "reference"}.get(variant, "fused")
+        backend = {"peft-lora": "peft", "compiled-peft-lora": "peft", "bnb-qlora": "peft",
+                   "ref-lora": "reference"}.get(variant, "fused")
         model = adapt(model, "lora", backend=backend, r=config.rank, alpha=2.0 * config.rank,
                       targets="all-linear")
     model_device = next(model.parameters()).device
@@ -326,13 +336,14 @@ def _build_step(variant: str, config: BenchConfig, dtype) -> tuple[Callable[[], 
     if params:  # PyTorch's fused AdamW kernel where it has one: the optimiser is not what is compared
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=model_device.type in ("cpu", "cuda") or None)
     embed = model.get_input_embeddings()
+    forward = torch.compile(model) if variant.startswith("compiled") else model  # compiles on the first step
 
     def step() -> float:
         if optimizer is None:  # frozen: the gradient goes down to the input embeddings only
             embeds = embed(input_ids).detach().requires_grad_()
             loss = model(inputs_embeds=embeds, labels=input_ids).loss
         else:
-            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss = forward(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()

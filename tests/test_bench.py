@@ -8,6 +8,8 @@ import pytest
 
 from peftlab import bench
 from peftlab.bench import VARIANTS, BenchConfig, BenchRow, format_table, parse_options, ratios
+
+UNCOMPILED = tuple(v for v in VARIANTS if not v.startswith("compiled"))
 from peftlab.cli import main as cli_main
 from peftlab.errors import ConfigError
 
@@ -15,12 +17,13 @@ from peftlab.errors import ConfigError
 def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
     out = tmp_path / "charts" / "bench.html"
     status = cli_main(["bench", "train", "--model", "tiny-llama", "--repeats", "1", "--batch", "1",
-                       "--seq-len", "16", "--rank", "4", "--dtypes", "fp32", "--out", str(out)])
+                       "--seq-len", "16", "--rank", "4", "--dtypes", "fp32", "--out", str(out),
+                       "--only", ",".join(UNCOMPILED)])
     assert status == 0
     printed = capsys.readouterr().out
     data = json.loads((out.parent / "bench.json").read_text())
     rows = data["rows"]
-    assert [r["variant"] for r in rows] == list(VARIANTS)  # every row, in order
+    assert [r["variant"] for r in rows] == list(UNCOMPILED)  # every row asked for, in order
     fused_ok = "fused" in __import__("peftlab.api", fromlist=["BACKENDS"]).BACKENDS
     for row in rows:
         if row["variant"].startswith("fused") and not fused_ok:
@@ -35,7 +38,7 @@ def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
     by = {r["variant"]: r for r in rows}
     assert by["full"]["trainable"] > 100 * by["ref-lora"]["trainable"] and by["frozen"]["trainable"] == 0
     assert by["ref-lora"]["trainable"] == by["peft-lora"]["trainable"] == by["bnb-qlora"]["trainable"]
-    for name in VARIANTS:
+    for name in UNCOMPILED:
         assert name in printed
     assert "load average" in printed and "peak MB" in printed and "GFLOP/s" in printed and "of peak" in printed
     assert "PyTorch kernels" in printed and "peak GEMM" in printed and data["machine"] in printed
@@ -43,6 +46,24 @@ def test_bench_train_end_to_end_on_tiny_llama(tmp_path, capsys):
         assert "fused-lora / peft-lora" in printed and "fused-lora / frozen" in printed and data["ratios"]
     html = out.read_text()
     assert "plotly" in html.lower() and "peak memory" in html and "ref-lora" in html
+
+
+def test_the_compiled_variant_is_peft_lora_under_torch_compile(monkeypatch):
+    """Wiring only (a real compile of even the tiny model takes most of a minute, twice: the
+    benchmark's own run compiles it): torch.compile wraps the peft model, the step is peft-lora's."""
+    import torch
+
+    from peftlab import bench
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    config = BenchConfig(model="tiny-llama", batch=1, seq_len=16, rank=4)
+    step, trainable = bench._build_step("compiled-peft-lora", config, torch.float32)
+    plain, plain_trainable = bench._build_step("peft-lora", config, torch.float32)
+    assert len(compiled) == 1 and compiled[0] is step.model and type(step.model).__name__ == "PeftModelForCausalLM"
+    assert trainable == plain_trainable and step() == pytest.approx(plain())
+    monkeypatch.setattr(bench, "_has_cxx", lambda: False)
+    assert "C++ compiler" in bench.unavailable_reason("compiled-peft-lora")
 
 
 def test_options_are_checked_before_anything_loads():
