@@ -27,7 +27,7 @@ from torch import nn
 
 from peftlab import inject
 from peftlab.errors import ConfigError, closest
-from peftlab.methods import METHODS, Method, get_method, method_hook
+from peftlab.methods import METHODS, Method, get_method, method_for, method_hook
 from peftlab.methods.base import AdapterConfig
 from peftlab.routing import enable_adapter_names
 from peftlab.state import AdapterRecord, Snapshot, active_record, add_record, records  # noqa: F401 (public here too)
@@ -58,7 +58,7 @@ def adapt(
         The adapted model: the same object for "reference" and "fused", a ``peft.PeftModel``
         for "peft".
     """
-    spec = get_method(method)
+    spec = method_for(method, hyperparameters)  # "lora" with init="eva": the eva method
     config = make_config(spec, model, **hyperparameters)
     if backend == "fused":
         from peftlab.production import fused

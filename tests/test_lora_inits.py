@@ -177,11 +177,15 @@ def test_saved_adapter_is_a_lora_on_the_residual_both_ways(bases, arch, method, 
 
 
 def test_data_inits_refuse_to_start_without_data(bases):
+    from peftlab.methods.lora import LoRAConfig
+
     model = bases["llama"]
     with pytest.raises(ConfigError, match=r"learns its start from data, and none was given.*data=batches"):
         peftlab.adapt(copy.deepcopy(model), "lora_ga")
+    with pytest.raises(ConfigError, match=r"learns its start from data, and none was given.*init='lora_ga'"):
+        peftlab.adapt(copy.deepcopy(model), "lora", init="lora_ga")  # the lora_ga method, reached from lora
     with pytest.raises(ConfigError, match=r"method 'lora' has no field for.*'lora_ga', data=batches"):
-        peftlab.adapt(copy.deepcopy(model), "lora", init="lora_ga")
+        peftlab.methods.build_lora(copy.deepcopy(model), LoRAConfig(init="lora_ga"), "default")
     with pytest.raises(ConfigError, match=r"is empty"):
         peftlab.adapt(copy.deepcopy(model), "lora_ga", data=[])
     with pytest.raises(ConfigError, match=r"not a sequence of batches"):
@@ -481,3 +485,16 @@ def test_a_data_driven_start_runs_in_a_study_cell_with_no_special_case(tmp_path)
                          max_length=32, validation_rows=8, test_rows=8, forgetting_rows=2)
     cells = run_study(config, tmp_path, in_child=False, log=None)["cells"]
     assert [(c["method"], c["status"]) for c in cells] == [("eva", "ok"), ("corda", "ok")]
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "corda"])
+def test_lora_with_a_data_init_is_that_method(bases, init):
+    hp = hyperparameters(init, "llama")
+    torch.manual_seed(0)
+    direct = peftlab.adapt(copy.deepcopy(bases["llama"]), init, **hp)
+    torch.manual_seed(0)
+    via_lora = peftlab.adapt(copy.deepcopy(bases["llama"]), "lora", init=init, **hp)
+    assert type(peftlab.api.active_record(via_lora)[1].config).__name__ == type(
+        peftlab.api.active_record(direct)[1].config).__name__
+    for (name, a), (_, b) in zip(direct.named_parameters(), via_lora.named_parameters()):
+        assert torch.equal(a, b), name

@@ -17,7 +17,7 @@ from peftlab.methods.registry import (ATTENTION_QV, CONV_HINT, DECODER_ARCHITECT
                                       Method, layer_method, layer_parameter_count, method_hook)
 
 __all__ = ["ATTENTION_QV", "CONV_HINT", "DECODER_ARCHITECTURES", "FORMULA_ARCHITECTURES", "HOOKS", "METHODS", "Method",
-           "build_lora", "get_method", "shapes_stand_in", "layer_method", "layer_parameter_count", "list_methods", "lora_init_method",
+           "build_lora", "get_method", "method_for", "shapes_stand_in", "layer_method", "layer_parameter_count", "list_methods", "lora_init_method",
            "method_hook", "register_hooks"]
 
 METHODS: dict[str, Method] = {**CLASSIC_METHODS, **RECENT_METHODS}
@@ -40,6 +40,16 @@ def get_method(name: str) -> Method:
             f"{', '.join(METHODS)}. See peftlab.list_methods() for what each does."
         )
     return METHODS[key]
+
+
+def method_for(name: str, hyperparameters: dict) -> Method:
+    """The method ``adapt(model, name, **hyperparameters)`` builds: ``name``'s, except that LoRA with
+    an init that learns from data (``init="eva"``, ``"lora_ga"``, ``"corda"``) is the method of that
+    name, whose config carries the data and the init's settings."""
+    spec = get_method(name)
+    init = hyperparameters.get("init")
+    chosen = METHODS.get(init) if spec.name == "lora" and isinstance(init, str) else None
+    return chosen if chosen is not None and chosen.learns_from_data and chosen.shapes_like == "lora" else spec
 
 
 def shapes_stand_in(name: str, hyperparameters: dict) -> tuple[str, dict]:

@@ -73,8 +73,8 @@ def check_data(data: object, init: str) -> list:
         raise ConfigError(
             f"LoRA init={init!r} learns its start from data, and none was given. Expected a few batches "
             "(dicts such as {'input_ids': ..., 'attention_mask': ..., 'labels': ...}); try "
-            f"peftlab.adapt(model, {init!r}, data=batches). (method 'lora' with init={init!r} has no data "
-            "field: use the method of that name.)"
+            f"peftlab.adapt(model, {init!r}, data=batches) (or peftlab.adapt(model, 'lora', init={init!r}, "
+            "data=batches))."
         )
     if isinstance(data, dict) or not isinstance(data, Iterable):
         raise ConfigError(f"data={type(data).__name__} is not a sequence of batches. Expected a list (or a "
