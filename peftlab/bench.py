@@ -460,7 +460,7 @@ def format_table(rows: Sequence[BenchRow], config: BenchConfig) -> str:
         text.append("")
         text.append("ratios from this run (< 1: the first is faster / smaller):")
         for r in rat:
-            text.append(f"  {r['dtype']:<5} {r['pair']:<26} time {r['time']:.2f}x (paired "
+            text.append(f"  {r['dtype']:<5} {r['pair']:<38} time {r['time']:.2f}x (paired "
                         f"{r['paired']:.2f}x)   peak {r['peak']:.2f}x   total {r['total']:.2f}x")
     text.append("")
     text.append("peak MB: above what was resident before the step; total MB: resident + peak "
