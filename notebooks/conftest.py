@@ -33,6 +33,9 @@ _LOCAL_PATHS = [(re.escape(str(REPO)) + r"/", "<REPO>/"),
                 (re.escape(str(Path(tempfile.gettempdir()).resolve())) + r"/[\w./-]+", "<TMPPATH>")]
 
 
+_STORE_VARIABLES = ("TRACKIO_DIR", "PEFTLAB_RUNS_DIR")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Each notebook's kernel gets its own empty run store (trackio, the Lab's runs table), set
@@ -41,7 +44,21 @@ def pytest_runtest_setup(item):
     notebook = getattr(item, "parent", None)
     if notebook is not None and getattr(notebook, "_peftlab_store", None) is None:
         notebook._peftlab_store = tempfile.mkdtemp(prefix="peftlab-runs-")
+        notebook._peftlab_env = {k: os.environ.get(k) for k in _STORE_VARIABLES}
         os.environ["TRACKIO_DIR"] = os.environ["PEFTLAB_RUNS_DIR"] = notebook._peftlab_store
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After a notebook's last cell the process gets back the store it had (tests/conftest.py's):
+    a test file that runs after a notebook in the same pytest worker finds its own store."""
+    notebook = getattr(item, "parent", None)
+    saved = getattr(notebook, "_peftlab_env", None)
+    if saved is not None and getattr(nextitem, "parent", None) is not notebook:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _grouped(cell, outputs) -> dict[str, list]:
