@@ -24,6 +24,7 @@ LESSONS = student.lessons()
 PREAMBLE = """
 import math
 import torch
+import torch.nn.functional as F
 from torch import nn
 import peftlab
 from peftlab import exercises

@@ -2,7 +2,7 @@
 
     peftlab train --model smollm2-135m --data chatterbot-qa --method lora --rank 8 --steps 30 --out DIR
     peftlab info [--brief] [--json]
-    peftlab bench train|spectra|learn|serve [options...]
+    peftlab bench train|spectra|learn|serve|deploy [options...]
     peftlab study --out DIR                   # methods x learning rates x seeds on one task
     peftlab export RUN_DIR --to script.py     # a transformers + peft script for accelerate launch
     peftlab runs [--compare RUN RUN ...]      # runs stored by `train --report-to trackio`
@@ -93,11 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
     b = sub.add_parser("bench", help="benchmarks: training step speed, spectra of ΔW, time to learn a task, "
-                       "serving many adapters",
+                       "serving many adapters, inference latency of unmerged adapters",
                        description="Run a benchmark. Words after WHAT are passed on to it.")
-    b.add_argument("what", choices=("train", "spectra", "learn", "serve"), help="which benchmark: a training step's "
-                   "speed and memory, spectra of ΔW, the time to learn the default task, or generating for a "
-                   "mixed batch of adapters")
+    b.add_argument("what", choices=("train", "spectra", "learn", "serve", "deploy"),
+                   help="which benchmark: a training step's speed and memory, spectra of ΔW, the time to learn "
+                   "the default task, generating for a mixed batch of adapters, or the inference latency of "
+                   "adapters left unmerged")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
 
     s = sub.add_parser("study", help="compare methods on a task: methods x learning rates x seeds, resumable",

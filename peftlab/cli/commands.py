@@ -91,6 +91,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from peftlab import bench_serve
 
         return bench_serve.main(args)
+    if args.what == "deploy":
+        from peftlab import bench_deploy
+
+        return bench_deploy.main(args)
     if importlib.util.find_spec("peftlab.bench") is None:
         raise ConfigError(
             f"`peftlab bench {args.what}` needs the module peftlab.bench, which this installation "

@@ -20,6 +20,8 @@ from peftlab.exercises import (
     lesson13_method_shootout,
     lesson14_the_lab,
     lesson15_notebook_to_cluster,
+    lesson16_dpo_with_an_adapter,
+    lesson17_deploying_and_serving,
 )
 from peftlab.exercises.exercise import Exercise
 
