@@ -106,3 +106,33 @@ def test_bad_study_options_are_one_clear_line(tmp_path, capsys):
     assert "METHOD=LR" in capsys.readouterr().err
     with pytest.raises(Exception, match="No study"):
         load_study(tmp_path / "missing.json")
+
+
+def test_a_method_entry_carries_its_own_settings(tmp_path):
+    from peftlab.study.specs import parse_spec
+
+    spec = parse_spec("lora:r=64:rslora:alpha=32:targets=query+value:loraplus=16:batch=8:steps=5")
+    assert spec.method == "lora"
+    assert spec.adapt == {"r": 64, "use_rslora": True, "alpha": 32.0, "targets": ("query", "value")}
+    assert spec.train == {"loraplus_lr_ratio": 16.0, "batch_size": 8, "steps": 5}
+    assert parse_spec("lora:targets=all-linear").adapt == {"targets": "all-linear"}
+    assert parse_spec("full:batch=2").train == {"batch_size": 2}
+    for bad, match in (("lora:alpa=4", "Did you mean 'alpha'"), ("lora:r=0", "must be positive"), ("lora:r=a", "integer"),
+                       ("lora:rslora=1", "bare rslora"), ("full:r=4", "full fine-tuning has no adapter"),
+                       ("ia3:r=4", "ia3 has no setting 'r'"), ("lorra:r=4", "Did you mean 'lora'")):
+        with pytest.raises(ConfigError, match=match):
+            parse_spec(bad)
+
+    # two entries of one method are two rows, each trained with its settings; --lr names the entry
+    config = StudyConfig(**{**CONFIG.__dict__, "methods": ("lora:r=2", "lora:r=8:rslora:steps=2"),
+                            "lrs": (("lora:r=8:rslora:steps=2", (2e-2,)),), "seeds": (0,)})
+    assert config.lrs_of("lora:r=2") == config.lrs_of("lora")  # an entry without --lr sweeps its method's rates
+    config = StudyConfig(**{**config.__dict__, "lrs": config.lrs + (("lora:r=2", (1e-2,)),)})
+    study = run_study(config, tmp_path, in_child=False, log=None)
+    small, large = study["cells"]
+    assert (small["method"], small["lr"], len(small["losses"])) == ("lora:r=2", 1e-2, 3)
+    assert (large["lr"], len(large["losses"])) == (2e-2, 2)
+    assert large["trainable_params"] > small["trainable_params"]  # r 8 vs 2 on the same targets (the head alike)
+    assert [row["method"] for row in summarize(study)] == ["lora:r=2", "lora:r=8:rslora:steps=2"]
+    assert main(["study", "--methods", "lora:r=8", "--lr", "lora:r=8=1e-3", "--seeds", "0", "--steps", "0",
+                 "--out", str(tmp_path / "x")]) == 2  # --lr read with the spec's own "=" (steps=0 is refused after)

@@ -12,6 +12,7 @@ import statistics
 from typing import Any
 
 from peftlab.study.config import FULL, StudyConfig, study_task
+from peftlab.study.specs import parse_spec
 
 
 def measure_base(config: StudyConfig) -> dict[str, Any]:
@@ -32,26 +33,27 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
     import peftlab
     from peftlab.train import model_device, start_data
 
+    spec = parse_spec(method)  # "lora", or "lora:r=64:rslora" with its own settings
+    training = {"steps": config.steps, "batch_size": config.batch_size, **spec.train}
     task = study_task(config)
     model, tokenizer = _load(config, task, seed)
     probe = _ForgettingProbe(model, tokenizer, task, config.forgetting_rows)
     train_rows = task.training_data(f"train[:-{config.validation_rows}]")
     torch.manual_seed(seed)  # the adapter's initial weights
-    if method == FULL:
+    if spec.method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         from peftlab.methods import get_method
 
-        kwargs = {"r": config.rank} if "r" in get_method(method).config.field_names() else {}
-        kwargs.update(start_data(model, method, train_rows, tokenizer, max_length=config.max_length,
-                                  batch_size=config.batch_size, seed=seed))
-        model = peftlab.adapt(model, method, backend=config.backend, **kwargs)
+        kwargs = {"r": config.rank} if "r" in get_method(spec.method).config.field_names() else {}
+        kwargs.update(spec.adapt)
+        kwargs.update(start_data(model, spec.method, train_rows, tokenizer, max_length=config.max_length,
+                                  batch_size=training["batch_size"], seed=seed))
+        model = peftlab.adapt(model, spec.method, backend=config.backend, **kwargs)
     params = peftlab.count_parameters(model)
-    result = peftlab.train(model, train_rows, tokenizer=tokenizer,
-                           steps=config.steps, lr=lr, batch_size=config.batch_size,
-                           max_length=config.max_length, warmup_ratio=config.warmup_ratio, seed=seed,
-                           progress=False)
+    result = peftlab.train(model, train_rows, tokenizer=tokenizer, lr=lr, max_length=config.max_length,
+                           warmup_ratio=config.warmup_ratio, seed=seed, progress=False, **training)
     losses = result.losses
     cell = {"method": method, "lr": lr, "seed": seed,
             "status": "ok" if result.stop_reason == "completed" else result.stop_reason,

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"how the model sees the task (default: {d.framing})")
     p.add_argument("--model", help="model (default: the task's)")
     p.add_argument("--methods", default=",".join(d.methods),
-                   help=f"comma-separated methods, '{FULL}' for full fine-tuning (default: {','.join(d.methods)})")
+                   help=f"comma-separated methods, '{FULL}' for full fine-tuning, each optionally with its own "
+                   "settings, e.g. lora:r=64:rslora or lora:targets=all-linear:loraplus=16 (peftlab.study.specs; "
+                   f"default: {','.join(d.methods)})")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR,LR",
                    help="learning rates swept for one method (repeatable; default: a sweep per method)")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated seeds (default: 0,1,2)")
@@ -45,8 +47,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
     lrs = []
     for item in args.lr:
-        method, sep, rates = item.partition("=")
-        if not sep:
+        method, sep, rates = item.rpartition("=")  # a spec's own settings hold "=" too: lora:r=64=1e-3,4e-3
+        if not sep or not method:
             raise ConfigError(f"--lr {item!r}: expected METHOD=LR[,LR...], e.g. --lr lora=1e-3,4e-3.")
         lrs.append((method.strip(), numbers(rates, float, f"--lr {method}")))
     return StudyConfig(task=args.task, framing=args.framing, model=args.model,

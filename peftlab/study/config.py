@@ -9,8 +9,7 @@ from typing import Any
 
 from peftlab.errors import ConfigError, closest
 from peftlab.provenance import jsonable
-
-FULL = "full"  # full fine-tuning: every weight trains
+from peftlab.study.specs import FULL, parse_spec
 GRID_KEYS = ("methods", "lrs", "seeds")  # may change when a study is resumed: the grid grows or shrinks
 VERSION = 1  # of the study.json layout
 
@@ -48,7 +47,8 @@ class StudyConfig:
     warmup_ratio: float = 0.1
 
     def lrs_of(self, method: str) -> tuple[float, ...]:
-        return dict(self.lrs).get(method) or DEFAULT_LRS.get(method, OTHER_LRS)
+        """The rates swept for a method entry (a spec like ``lora:r=64`` takes its method's default)."""
+        return dict(self.lrs).get(method) or DEFAULT_LRS.get(method.split(":")[0].strip(), OTHER_LRS)
 
     def cells(self) -> list[tuple[str, float, int]]:
         """Every (method, lr, seed), seeds innermost: a cut-short study has whole sweeps first."""
@@ -69,13 +69,8 @@ def study_task(config: StudyConfig):
 
 def check_config(config: StudyConfig) -> None:
     """Refuse a bad configuration (unknown method, empty grid, ...) before anything trains."""
-    from peftlab.methods import METHODS
-
-    known = (FULL, *METHODS)
     for method in config.methods:
-        if method not in known:
-            raise ConfigError(f"No method is called {method!r}.{closest(method, known)} "
-                              f"Expected {FULL!r} or one of {', '.join(METHODS)}.")
+        parse_spec(method)  # a method name, or a spec with its settings (peftlab/study/specs.py)
     for method, rates in config.lrs:
         if method not in config.methods:
             raise ConfigError(f"--lr names {method!r}, which is not among the study's methods "
