@@ -62,7 +62,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import ConfigError, closest
+from peftlab.bench_options import at_least_one, known_items
+from peftlab.errors import ConfigError
 
 VARIANTS = ("frozen", "full", "peft-lora", "compiled-peft-lora", "ref-lora", "fused-lora", "bnb-qlora", "fused-qlora")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -128,23 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(options: Sequence[str]) -> BenchConfig:
     opts = build_parser().parse_args(list(options))
-    dtypes = tuple(d.strip() for d in opts.dtypes.split(",") if d.strip())
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ConfigError(f"--dtypes: {d!r} is not known.{closest(d, DTYPES)} Expected a "
-                              f"comma-separated list of {', '.join(DTYPES)}.")
-    only = VARIANTS
-    if opts.only:
-        only = tuple(v.strip() for v in opts.only.split(",") if v.strip())
-        for v in only:
-            if v not in VARIANTS:
-                raise ConfigError(f"--only: {v!r} is not a variant.{closest(v, VARIANTS)} Expected "
-                                  f"some of: {', '.join(VARIANTS)}.")
-    for name in ("batch", "seq_len", "rank", "repeats", "steps"):
-        if getattr(opts, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
-    if not dtypes or not only:
-        raise ConfigError("--dtypes and --only must name at least one item each.")
+    dtypes = known_items(opts.dtypes, DTYPES, "--dtypes")
+    only = known_items(opts.only, VARIANTS, "--only") if opts.only is not None else VARIANTS
+    at_least_one(opts, ("batch", "seq_len", "rank", "repeats", "steps"))
     return BenchConfig(model=opts.model, batch=opts.batch, seq_len=opts.seq_len, rank=opts.rank,
                        dtypes=dtypes, repeats=opts.repeats, steps=opts.steps, only=only,
                        out=opts.out, seed=opts.seed)

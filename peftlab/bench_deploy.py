@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peftlab.errors import ConfigError, closest
+from peftlab.bench_options import at_least_one, known_items
 
 VARIANTS = ("base", "lora-merged", "lora", "peft-lora", "ia3", "bottleneck", "bottleneck-fused", "prefix_tuning")
 MODES = ("forward", "generate")
@@ -82,20 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(options: Sequence[str]) -> DeployConfig:
     opts = build_parser().parse_args(list(options))
-    only = VARIANTS
-    if opts.only:
-        only = tuple(v.strip() for v in opts.only.split(",") if v.strip())
-        for v in only:
-            if v not in VARIANTS:
-                raise ConfigError(f"--only: {v!r} is not a variant.{closest(v, VARIANTS)} Expected some of: "
-                                  f"{', '.join(VARIANTS)}.")
-        if "base" not in only:
-            only = ("base",) + only  # every time is a multiple of the base model's
-    for name in ("batch", "prompt_len", "new_tokens", "repeats"):
-        if getattr(opts, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
+    only = known_items(opts.only, VARIANTS, "--only") if opts.only else VARIANTS
+    if "base" not in only:
+        only = ("base",) + only  # every time is a multiple of the base model's
+    at_least_one(opts, ("batch", "prompt_len", "new_tokens", "repeats"))
     return DeployConfig(model=opts.model, batch=opts.batch, prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
-                        repeats=opts.repeats, only=only or VARIANTS, out=opts.out, seed=opts.seed)
+                        repeats=opts.repeats, only=only, out=opts.out, seed=opts.seed)
 
 
 def main(args: argparse.Namespace) -> int:

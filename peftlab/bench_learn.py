@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import ConfigError, closest
+from peftlab.bench_options import at_least_one, known_items
 from peftlab.provenance import environment, write_json
 
 BACKENDS = ("reference", "peft", "fused")
@@ -95,25 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_options(options) -> LearnConfig:
     opts = build_parser().parse_args(list(options))
 
-    def names(text: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
-        items = tuple(x.strip() for x in text.split(",") if x.strip())
-        for item in items:
-            if item not in known:
-                raise ConfigError(f"{flag}: {item!r} is not known.{closest(item, known)} Expected some of "
-                                  f"{', '.join(known)}.")
-        if not items:
-            raise ConfigError(f"{flag} must name at least one of {', '.join(known)}.")
-        return items
-
-    for flag in ("max_steps", "eval_every"):
-        if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(opts, flag)}).")
+    at_least_one(opts, ("max_steps", "eval_every"))
     from peftlab.tasks import load_task
 
     load_task(opts.task, opts.framing)  # a bad task fails before any model loads
     return LearnConfig(task=opts.task, framing=opts.framing, target=opts.target,
-                       backends=names(opts.backends, BACKENDS, "--backends"),
-                       dtypes=names(opts.dtypes, DTYPES, "--dtypes"), max_steps=opts.max_steps,
+                       backends=known_items(opts.backends, BACKENDS, "--backends"),
+                       dtypes=known_items(opts.dtypes, DTYPES, "--dtypes"), max_steps=opts.max_steps,
                        eval_every=opts.eval_every, seed=opts.seed, out=opts.out)
 
 

@@ -38,7 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peftlab.errors import ConfigError, closest
+from peftlab.bench_options import at_least_one, known_items
+from peftlab.errors import ConfigError
 
 VARIANTS = ("merged", "peft", "reference", "fused", "per-request")
 
@@ -100,19 +101,11 @@ def _counts(text: str, flag: str) -> tuple[int, ...]:
 
 def parse_options(options: Sequence[str]) -> ServeConfig:
     opts = build_parser().parse_args(list(options))
-    only = VARIANTS
-    if opts.only:
-        only = tuple(v.strip() for v in opts.only.split(",") if v.strip())
-        for v in only:
-            if v not in VARIANTS:
-                raise ConfigError(f"--only: {v!r} is not a variant.{closest(v, VARIANTS)} Expected some of: "
-                                  f"{', '.join(VARIANTS)}.")
-    for name in ("rank", "prompt_len", "new_tokens", "repeats"):
-        if getattr(opts, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
+    only = known_items(opts.only, VARIANTS, "--only") if opts.only else VARIANTS
+    at_least_one(opts, ("rank", "prompt_len", "new_tokens", "repeats"))
     return ServeConfig(model=opts.model, batches=_counts(opts.batches, "--batches"),
                        adapters=_counts(opts.adapters, "--adapters"), rank=opts.rank, prompt_len=opts.prompt_len,
-                       new_tokens=opts.new_tokens, repeats=opts.repeats, only=only or VARIANTS, out=opts.out,
+                       new_tokens=opts.new_tokens, repeats=opts.repeats, only=only, out=opts.out,
                        seed=opts.seed)
 
 

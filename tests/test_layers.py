@@ -24,7 +24,7 @@ LAYERS = (
     ("io",),
     ("xlora_io",),  # X-LoRA's experts on disk and in peft (hooks registered into the methods)
     ("memory", "metrics", "spectra", "evaluation", "plots", "tasks", "preview", "doctor", "deploy"),  # analysis
-    ("train", "bench", "bench_learn", "bench_peak", "bench_serve", "bench_deploy", "export", "cli", "study", "report", "exercises", "tracking"),
+    ("train", "bench", "bench_learn", "bench_peak", "bench_serve", "bench_deploy", "bench_options", "export", "cli", "study", "report", "exercises", "tracking"),
     ("__init__",),  # the facade: `import peftlab`
     ("widgets",),
 )

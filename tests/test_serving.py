@@ -291,7 +291,7 @@ def test_bench_serve_runs_every_variant_and_writes_its_provenance(tmp_path):
 
     from peftlab import bench_serve
 
-    with pytest.raises(ConfigError, match="--only: 'fusd' is not a variant. Did you mean 'fused'"):
+    with pytest.raises(ConfigError, match="--only: 'fusd' is not known. Did you mean 'fused'"):
         bench_serve.parse_options(["--only", "fusd"])
     with pytest.raises(ConfigError, match="--adapters '0' is invalid"):
         bench_serve.parse_options(["--adapters", "0"])
