@@ -29,8 +29,8 @@ def _cells(path: Path) -> tuple[str, list[str]]:
     return markdown, ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
 
 
-def test_the_course_has_its_eighteen_lessons():
-    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(18)]
+def test_the_course_has_its_nineteen_lessons():
+    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(19)]
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)

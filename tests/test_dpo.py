@@ -232,3 +232,17 @@ def test_lesson16_checkers_accept_right_answers_and_refuse_wrong_ones(capsys, mo
     assert not exercises.check("dpo_loss", no_reference)
     out = capsys.readouterr().out
     assert out.count("✓") == 2 and "Hint" in out
+
+
+def test_checkpointing_and_dropout_change_nothing_but_memory(tiny_llama, pairs):
+    base, tokenizer = tiny_llama
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same initial A
+        model = peftlab.adapt(copy.deepcopy(base), "lora", r=4, alpha=8, targets=TARGETS, dropout=0.3)
+        runs.append(dpo.train_dpo(model, pairs, tokenizer, steps=3, lr=5e-2, batch_size=2, beta=0.5,
+                                  gradient_checkpointing=checkpointing))
+        assert model.training is False and not getattr(model, "is_gradient_checkpointing", False)
+        assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}  # given back
+    assert runs[0].losses[0] == pytest.approx(math.log(2), abs=1e-6)  # dropout off: policy == reference at B = 0
+    assert runs[0].losses == pytest.approx(runs[1].losses, abs=1e-5)

@@ -22,6 +22,7 @@ from peftlab.exercises import (
     lesson15_notebook_to_cluster,
     lesson16_dpo_with_an_adapter,
     lesson17_deploying_and_serving,
+    lesson18_choosing_rank_alpha_lr,
 )
 from peftlab.exercises.exercise import Exercise
 

@@ -41,7 +41,7 @@ from peftlab.api import set_disabled
 from peftlab.errors import ConfigError, DataError
 from peftlab.state import records
 from peftlab.train.batches import EpochOrder, pad_token_id
-from peftlab.train.device import model_device
+from peftlab.train.device import disable_checkpointing, enable_checkpointing, model_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,21 +209,31 @@ def tokenize_pairs(tokenizer: Any, pairs: Any) -> list[dict[str, list[int]]]:
 
 
 @torch.no_grad()
-def preference_accuracy(model: nn.Module, pairs: Any, tokenizer: Any, batch_size: int = 4) -> dict[str, float]:
-    """How often the model ranks chosen above rejected: ``{"accuracy": share of pairs with
-    log π(y_w|x) > log π(y_l|x), "margin": mean of that log-prob difference, "n": pairs}``."""
+def pair_logps(model: nn.Module, pairs: Any, tokenizer: Any, batch_size: int = 4,
+               reference: bool = False) -> tuple[Tensor, Tensor]:
+    """(log π(y_w|x), log π(y_l|x)) of every pair, each (P,), ``batch_size`` pairs at a time (a batch's
+    logits are rows x tokens x the vocabulary: 48 pairs at once would take 2 GB); ``reference``: the
+    model with its adapters off (:func:`reference_logps`)."""
     tokens, device = tokenize_pairs(tokenizer, pairs), model_device(model)
     pad_id, was_training = pad_token_id(tokenizer, model), model.training
     model.eval()
-    margins = []
+    chosen, rejected = [], []
     try:
         for start in range(0, len(tokens), batch_size):
             batch = {k: v.to(device) for k, v in collate_pairs(tokens[start:start + batch_size], pad_id).items()}
-            chosen, rejected = sequence_logps(model, batch).chunk(2)
-            margins.append(chosen - rejected)
+            c, r = (reference_logps if reference else sequence_logps)(model, batch).chunk(2)
+            chosen.append(c)
+            rejected.append(r)
     finally:
         model.train(was_training)
-    margin = torch.cat(margins)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_accuracy(model: nn.Module, pairs: Any, tokenizer: Any, batch_size: int = 4) -> dict[str, float]:
+    """How often the model ranks chosen above rejected: ``{"accuracy": share of pairs with
+    log π(y_w|x) > log π(y_l|x), "margin": mean of that log-prob difference, "n": pairs}``."""
+    chosen, rejected = pair_logps(model, pairs, tokenizer, batch_size)
+    margin = chosen - rejected
     return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(), "n": len(margin)}
 
 
@@ -248,12 +258,16 @@ class DPOResult:
 
 
 def train_dpo(model: nn.Module, pairs: Any, tokenizer: Any, *, steps: int = 20, lr: float = 1e-3,
-              batch_size: int = 4, beta: float = 0.1, seed: int = 0,
+              batch_size: int = 4, beta: float = 0.1, seed: int = 0, gradient_checkpointing: bool = False,
               on_step: Callable[[dict], None] | None = None) -> DPOResult:
     """Train the model's adapter with the DPO loss: ``steps`` AdamW steps of ``batch_size`` pairs,
     drawn in a seeded order (as :func:`peftlab.train`), the reference being the same model with its
     adapter off. Only the parameters that require gradients (the adapter's) move. ``on_step`` gets
-    each applied step's record (a live plot, a log)."""
+    each applied step's record (a live plot, a log).
+
+    Dropout is off throughout (every ``nn.Dropout`` at p = 0, TRL's ``disable_dropout``), so policy
+    and reference differ by the adapter alone. ``gradient_checkpointing`` recomputes activations in
+    the backward pass (transformers models only): far less memory, about a third more time."""
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
@@ -268,7 +282,11 @@ def train_dpo(model: nn.Module, pairs: Any, tokenizer: Any, *, steps: int = 20, 
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     order, result, was_training = EpochOrder(len(tokens), seed), DPOResult(model), model.training
-    model.eval()  # dropout off: policy and reference differ by the adapter alone
+    dropouts = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    for module in dropouts:
+        module.p = 0.0  # dropout off: policy and reference differ by the adapter alone
+    model.train()  # transformers checkpoints activations only in training mode
+    checkpointing_was_off = gradient_checkpointing and enable_checkpointing(model)
     try:
         for step in range(steps):
             rows = order.rows(step * batch_size, batch_size)
@@ -293,10 +311,14 @@ def train_dpo(model: nn.Module, pairs: Any, tokenizer: Any, *, steps: int = 20, 
     except KeyboardInterrupt:  # the steps applied so far are kept, and so is their history
         result.reason = "interrupted"
     finally:
+        if checkpointing_was_off:
+            disable_checkpointing(model)
+        for module, p in dropouts.items():
+            module.p = p
         model.train(was_training)
     return result
 
 
 __all__ = ["preference_pairs", "tokenize_pair", "tokenize_pairs", "collate_pairs", "completion_logps", "sequence_logps",
-           "reference_logps", "dpo_loss", "DPOOutput", "batch_loss", "preference_accuracy", "train_dpo",
+           "reference_logps", "dpo_loss", "DPOOutput", "batch_loss", "pair_logps", "preference_accuracy", "train_dpo",
            "DPOResult"]
