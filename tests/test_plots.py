@@ -264,3 +264,28 @@ def test_magnitude_direction_fits_a_slope_per_method():
     points = [t for t in fig.data if t.mode == "markers"]
     np.testing.assert_allclose(points[1].y, [-1.0, -2.0, -3.0])
     assert points[0].xaxis == "x" and points[1].xaxis == "x2"
+
+
+def test_the_renderers_chatter_stays_out_of_the_cell(monkeypatch, capsys):
+    import logging
+    import sys
+    import warnings
+
+    import plotly.graph_objects as go
+
+    from peftlab.plots import notebook
+
+    monkeypatch.setattr(notebook, "_NO_PNG", [])
+
+    def noisy_to_image(self, **kwargs):  # what kaleido and choreographer do on a busy machine
+        warnings.warn("Unhandled message type", RuntimeWarning)
+        logging.getLogger("choreographer").warning("browser slow to start")
+        print("chromium: something", file=sys.stderr)
+        return b"\x89PNG"
+
+    monkeypatch.setattr(go.Figure, "to_image", noisy_to_image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped would raise here
+        assert notebook.static_png(go.Figure()) == "iVBORw=="
+    assert capsys.readouterr().err == ""
+    assert logging.getLogger("choreographer").level == logging.NOTSET  # given back

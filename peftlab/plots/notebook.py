@@ -39,17 +39,34 @@ _NO_PNG: list[str] = []  # why this process cannot render PNGs, once found out (
 
 
 def static_png(fig: go.Figure) -> str | None:
-    """The figure as a base64 PNG (kaleido + Chromium), or None where they cannot run here."""
+    """The figure as a base64 PNG (kaleido + Chromium), or None where they cannot run here.
+
+    The renderer's own chatter (kaleido's and choreographer's warnings and log lines, which a busy
+    machine brings out: a slow browser start, an unhandled devtools message) is kept out of the
+    notebook: the PNG is made or it is left out, and a cell's output is the same on any machine."""
     import base64
+    import contextlib
+    import io
+    import logging
+    import warnings
 
     if _NO_PNG:
         return None
+    loggers = [logging.getLogger(name) for name in ("kaleido", "choreographer", "logistro")]
+    levels = [logger.level for logger in loggers]
     try:
-        image = fig.to_image(format="png", scale=PNG_SCALE, width=fig.layout.width or 800,
-                             height=fig.layout.height or 450)
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            image = fig.to_image(format="png", scale=PNG_SCALE, width=fig.layout.width or 800,
+                                 height=fig.layout.height or 450)
     except Exception as err:  # no kaleido, no Chromium, or one that cannot start: no static copy
         _NO_PNG.append(f"{type(err).__name__}: {err}")
         return None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return base64.b64encode(image).decode("ascii")
 
 
