@@ -42,6 +42,7 @@ from peftlab.errors import ConfigError, DataError
 from peftlab.state import records
 from peftlab.train.batches import EpochOrder, pad_token_id
 from peftlab.train.device import disable_checkpointing, enable_checkpointing, model_device
+from peftlab.train.settings import check_counts, check_lr
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,11 +269,8 @@ def train_dpo(model: nn.Module, pairs: Any, tokenizer: Any, *, steps: int = 20, 
     Dropout is off throughout (every ``nn.Dropout`` at p = 0, TRL's ``disable_dropout``), so policy
     and reference differ by the adapter alone. ``gradient_checkpointing`` recomputes activations in
     the backward pass (transformers models only): far less memory, about a third more time."""
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr={lr!r} is invalid. Expected a positive number; try 1e-3 for LoRA with DPO.")
+    check_counts(steps=steps, batch_size=batch_size)
+    check_lr(lr, "1e-3 for LoRA with DPO")
     dpo_loss(*(torch.zeros(1),) * 4, beta=beta)  # refuse a bad beta before any work
     tokens, device, pad_id = tokenize_pairs(tokenizer, pairs), model_device(model), pad_token_id(tokenizer, model)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -25,6 +25,19 @@ STOP_REASONS = ("completed", "stopped", "nan", "interrupted", "callback_error")
 Callback = Callable[[dict, nn.Module], Any]
 
 
+def check_counts(**counts: Any) -> None:
+    """Refuse any of ``counts`` (name=value) that is not a positive integer."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
+
+
+def check_lr(lr: Any, suggestion: str) -> None:
+    """Refuse a learning rate that is not a positive finite number; ``suggestion`` is what to try."""
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr={lr!r} is invalid. Expected a positive number; try {suggestion}.")
+
+
 class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
@@ -55,10 +68,7 @@ class TrainSettings:
 
     def check(self) -> None:
         """Refuse a setting the loop cannot run with, before any data is tokenized."""
-        for name, value in (("steps", self.steps), ("batch_size", self.batch_size),
-                            ("grad_accum", self.grad_accum)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer.")
+        check_counts(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum)
         for name, value in (("checkpoint_every", self.checkpoint_every), ("eval_every", self.eval_every)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name}={value!r} is invalid. Expected a positive integer or None.")
@@ -68,9 +78,7 @@ class TrainSettings:
         if self.lora_fa and self.loraplus_lr_ratio is not None:
             raise ConfigError("lora_fa=True freezes A, so LoRA+'s ratio of B's lr to A's has nothing to act on. "
                               "Expected one of them; try loraplus_lr_ratio=None with lora_fa=True.")
-        lr = self.lr
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ConfigError(f"lr={lr!r} is invalid. Expected a positive number; try 2e-4 for LoRA.")
+        check_lr(self.lr, "2e-4 for LoRA")
         if not (0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"warmup_ratio={self.warmup_ratio!r} is invalid. Expected a number in [0, 1); "
                               "try 0.1.")
