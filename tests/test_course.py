@@ -29,8 +29,8 @@ def _cells(path: Path) -> tuple[str, list[str]]:
     return markdown, ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
 
 
-def test_the_course_has_its_nineteen_lessons():
-    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(19)]
+def test_the_course_has_its_twenty_lessons():
+    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(20)]
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)

@@ -136,3 +136,33 @@ def test_a_method_entry_carries_its_own_settings(tmp_path):
     assert [row["method"] for row in summarize(study)] == ["lora:r=2", "lora:r=8:rslora:steps=2"]
     assert main(["study", "--methods", "lora:r=8", "--lr", "lora:r=8=1e-3", "--seeds", "0", "--steps", "0",
                  "--out", str(tmp_path / "x")]) == 2  # --lr read with the spec's own "=" (steps=0 is refused after)
+
+
+def test_updates_record_what_training_did_to_the_weights(tmp_path):
+    """--updates: each cell's ΔW on the named layers, read the same way for an adapter and for
+    full fine-tuning (compared with the weights before training)."""
+    config = StudyConfig(**{**CONFIG.__dict__, "methods": ("lora:r=2", "full"), "seeds": (0,),
+                            "lrs": (("lora:r=2", (1e-2,)), ("full", (1e-3,))), "updates": ("query", "value"),
+                            "reduce_intruders": (0.5, 0.0)})
+    study = run_study(config, tmp_path, in_child=False, log=None)
+    lora, full = study["cells"]
+    assert sorted(lora["updates"]) == sorted(full["updates"]) and len(lora["updates"]) == 4  # 2 layers x q, v
+    for name, report in lora["updates"].items():
+        assert report["norm"] > 0 and report["effective_rank"] <= 2.0 + 1e-6  # rank 2: at most 2 directions
+        assert len(report["singular_values"]) == 2 and 0 <= report["intruders"] <= 10
+        assert len(report["similarity"]) == 10 and all(0.0 <= s <= 1.0 + 1e-6 for s in report["similarity"])
+        assert report["rank_90"] <= 2
+    ranks = [r["effective_rank"] for r in full["updates"].values()]
+    assert min(ranks) > 2.0  # full fine-tuning's update spreads over many directions
+    assert all(len(r["singular_values"]) > 2 for r in full["updates"].values())
+    assert "--updates query,value --reduce-intruders 0.5,0" in study["provenance"]["command"]
+    # --reduce-intruders: the LoRA cell measured again after each reduction; full fine-tuning has no adapter
+    assert sorted(lora["reduced"]) == ["0", "0.5"] and "reduced" not in full
+    for after in lora["reduced"].values():
+        assert 0 <= after["intruders"] <= 10 * after["matrices"] and after["matrices"] <= 4
+        assert 0.0 <= after["test_accuracy"] <= 1.0 and after["forgetting"] >= 0.0
+    with pytest.raises(ConfigError, match="reduce-intruders takes shares"):
+        run_study(StudyConfig(**{**config.__dict__, "reduce_intruders": (1.5,)}), tmp_path / "x", in_child=False, log=None)
+    # a study recorded without updates cannot be resumed with them (its cells lack them)
+    with pytest.raises(ConfigError, match="updates"):
+        run_study(StudyConfig(**{**config.__dict__, "updates": ()}), tmp_path, in_child=False, log=None)

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_notebook
+from nbkit import Cells  # tools/nbkit.py (this folder is on the path of a script run from it)
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH = ROOT / "notebooks" / "13_method_shootout.ipynb"
@@ -17,23 +18,8 @@ old = nbformat.read(PATH, 4)
 _first = old.cells[1].source
 INSTALL = _first[:_first.rindex("check=True)\n") + len("check=True)\n")]  # the Colab install lines, unchanged
 
-cells = []
-
-
-def md(text: str) -> None:
-    cells.append(new_markdown_cell(text.strip()))
-
-
-def code(text: str, tags: tuple[str, ...] = (), solution: str | None = None, stub: str | None = None) -> None:
-    cell = new_code_cell(text.strip())
-    if tags:
-        cell.metadata["tags"] = list(tags)
-    if solution:  # an exercise: nbgrader's solution-cell metadata (tools/student.py blanks the answer)
-        cell.metadata["nbgrader"] = {"grade": False, "grade_id": solution, "locked": False,
-                                     "schema_version": 3, "solution": True}
-    if stub:  # what the learner version holds instead of the answer
-        cell.metadata["peftlab"] = {"stub": stub}
-    cells.append(cell)
+cells = Cells()
+md, code = cells.md, cells.code
 
 
 md("""

@@ -23,6 +23,7 @@ from peftlab.exercises import (
     lesson16_dpo_with_an_adapter,
     lesson17_deploying_and_serving,
     lesson18_choosing_rank_alpha_lr,
+    lesson19_learning_and_forgetting,
 )
 from peftlab.exercises.exercise import Exercise
 

@@ -21,7 +21,7 @@ from peftlab.plots.comparisons import bars, curves, loss_curves, magnitude_direc
 from peftlab.plots.costs import (benchmark_bars, memory_ledger, parameter_budget, quantization_errors,
                                  serving_throughput)
 from peftlab.plots.notebook import PNG_SCALE, show, static_png
-from peftlab.plots.studies import study_costs, study_lr_sweep, study_tradeoff
+from peftlab.plots.studies import study_costs, study_learning_forgetting, study_lr_sweep, study_tradeoff
 from peftlab.plots.style import COLORSCALE, MIB, PALETTE, TEMPLATE
 from peftlab.plots.training import ema, loss_curve, metric_curve, task_metric_curve
 from peftlab.plots.updates import (dora_changes, rank_allocation, spectra_heatmap, spectrum_evolution,
@@ -51,6 +51,7 @@ __all__ = [
     "spectra_heatmap",
     "spectrum_evolution",
     "study_costs",
+    "study_learning_forgetting",
     "study_lr_sweep",
     "study_tradeoff",
     "subspace_similarity_heatmap",

@@ -83,3 +83,32 @@ def study_lr_sweep(cells: Sequence[Mapping[str, Any]], metric: str,
            f"validation {metric}")
     fig.update_xaxes(type="log")
     return fig
+
+
+def study_learning_forgetting(cells: Sequence[Mapping[str, Any]], metric: str, base: float | None = None,
+                              labels: Mapping[str, str] | None = None, title: str | None = None) -> go.Figure:
+    """Forgetting against the test metric, one line per method through its learning rates (mean over
+    seeds, each point labelled with its rate): Biderman et al. 2024's learning-forgetting plane.
+    Better is lower forgetting and, for perplexity, lower metric (bottom left); ``base`` marks the
+    untrained model's metric, ``labels`` renames methods."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    methods = list(dict.fromkeys(c["method"] for c in cells if c.get("status") == "ok"))
+    for i, method in enumerate(methods):
+        mine = [c for c in cells if c["method"] == method and c.get("status") == "ok"]
+        lrs = sorted({float(c["lr"]) for c in mine})
+        at = [[c for c in mine if float(c["lr"]) == lr] for lr in lrs]
+        x = [float(np.mean([c[f"test_{metric}"] for c in group])) for group in at]
+        y = [float(np.mean([c["forgetting"] for c in group])) for group in at]
+        name = (labels or {}).get(method, method)
+        fig.add_scatter(x=as_array(x), y=as_array(y), mode="lines+markers+text", name=name,
+                        text=[f"{lr:.2g}" for lr in lrs], textposition="top center",
+                        line={"color": PALETTE[i % len(PALETTE)], "width": 2}, marker={"size": 9},
+                        hovertemplate=f"{name}<br>lr %{{text}}<br>test {metric} %{{x:.3f}}<br>"
+                                      "forgetting %{y:.4f}<extra></extra>")
+    if base is not None:
+        fig.add_vline(x=base, line={"dash": "dot", "color": "gray"}, annotation_text="untrained")
+    fig.add_hline(y=0.0, line={"dash": "dot", "color": "gray"})
+    return styled(fig, title or f"Forgetting against test {metric}, one line per method through its learning rates",
+                  f"test {metric}", "forgetting")

@@ -34,6 +34,9 @@ The analyses follow the papers:
 - effective rank: Roy & Vetterli, "The effective rank: a measure of effective dimensionality",
   EUSIPCO 2007 (entropy of the normalised singular values), and the energy threshold rank;
 - stable rank: ||ΔW||_F^2 / ||ΔW||_2^2 (Rudelson & Vershynin, 2007);
+- intruder dimensions (Shuttleworth et al. 2024, https://arxiv.org/abs/2410.21228): leading
+  singular vectors of W + ΔW unlike any of W's, found and scaled down as peft's
+  ``reduce_intruder_dimension`` does (:mod:`peftlab.spectra.intruders`);
 - subspace similarity φ(A1, A2, i, j) = ||U_i^T V_j||_F^2 / min(i, j) and the amplification
   factor ||ΔW||_F / ||U^T W V||_F: LoRA paper sections 7.2 and 7.3, Hu et al. 2021,
   https://arxiv.org/abs/2106.09685.
@@ -42,8 +45,11 @@ The analyses follow the papers:
 from __future__ import annotations
 
 from peftlab.spectra.bench import bench_spectra, format_bench_spectra
+from peftlab.spectra.changes import snapshot, weight_changes
 from peftlab.spectra.history import SpectrumHistory
+from peftlab.spectra.intruders import Intruders, find_intruders, intruder_dimensions, reduce_intruders
 from peftlab.spectra.layers import PARTS, adapter_singular_values, adapter_update, spectrum
+from peftlab.spectra.reports import update_report
 from peftlab.spectra.subspaces import Amplification, amplification, subspace_similarity
 from peftlab.spectra.summaries import effective_rank, energy_share, stable_rank
 from peftlab.spectra.svd import (Update, factored_svd, factored_svdvals, hadamard_factors, kronecker_singular_values,
@@ -51,6 +57,7 @@ from peftlab.spectra.svd import (Update, factored_svd, factored_svdvals, hadamar
 
 __all__ = [
     "Amplification",
+    "Intruders",
     "SpectrumHistory",
     "Update",
     "adapter_singular_values",
@@ -61,12 +68,18 @@ __all__ = [
     "energy_share",
     "factored_svd",
     "factored_svdvals",
+    "find_intruders",
     "format_bench_spectra",
     "hadamard_factors",
+    "intruder_dimensions",
     "kronecker_singular_values",
+    "reduce_intruders",
+    "snapshot",
     "spectrum",
     "stable_rank",
     "subspace_similarity",
     "svd_of",
     "svdvals_of",
+    "update_report",
+    "weight_changes",
 ]

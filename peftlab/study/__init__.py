@@ -17,6 +17,14 @@ weights in a fresh child process, then measures:
                      measure of Hugging Face peft's method comparison). An encoder classifier:
                      1 - the mean cosine similarity of its sentence embeddings (mean-pooled last
                      hidden states) of BBC News text before and after training
+    updates          (with ``--updates q_proj,v_proj``) each of those layers' weight change ΔW: its
+                     largest singular values, effective and stable rank, norm, and the intruder
+                     dimensions of W + ΔW (``peftlab.spectra.update_report``): the same for an
+                     adapter's update and for full fine-tuning's, which is compared with a copy
+                     of the weights taken before training
+    reduced          (with ``--reduce-intruders 0.75,0``, LoRA cells) for each lambda: the intruder
+                     dimensions scaled by it (peft's ``reduce_intruder_dimension``), how many,
+                     and the test metric and forgetting measured again
     trainable_params, peak_memory_mb (the child's peak RSS during training, or CUDA allocated:
     the same measurement for every method), step_time_s (median), the loss curve
 

@@ -2,7 +2,9 @@
 
 ``measure_base`` scores the untrained model; ``run_cell`` trains from the same pretrained weights
 and records the validation and test metric, forgetting, parameters, memory and time (see the
-package docstring, :mod:`peftlab.study`).
+package docstring, :mod:`peftlab.study`); with ``updates``, what training did to those layers'
+weights (:func:`peftlab.spectra.update_report`); with ``reduce_intruders``, a LoRA cell measured
+again after its intruder dimensions are scaled down (:func:`peftlab.spectra.reduce_intruders`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ def measure_base(config: StudyConfig) -> dict[str, Any]:
     """The untrained model's metrics (its classifier head, if any, is freshly initialised)."""
     task = study_task(config)
     model, tokenizer = _load(config, task, seed=0)
+    if config.updates:
+        from peftlab.spectra import snapshot
+
+        snapshot(model, config.updates)  # refuses layer names the model does not have, before any cell
     return _scores(model, task, tokenizer, config)
 
 
-def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model: bool = False):
+def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model: bool = False,
+             gradient_checkpointing: bool = False):
     """Train one cell from the pretrained weights and measure it (see the module docstring).
 
     Returns the cell's record; with ``keep_model``, ``(record, model, tokenizer)`` (a lesson reruns
-    a cell live and then inspects the trained model).
+    a cell live and then inspects the trained model). ``gradient_checkpointing`` recomputes
+    activations in the backward pass: the same steps in less memory (a lesson within 2 GB).
     """
     import torch
 
@@ -34,10 +42,16 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
     from peftlab.train import model_device, start_data
 
     spec = parse_spec(method)  # "lora", or "lora:r=64:rslora" with its own settings
-    training = {"steps": config.steps, "batch_size": config.batch_size, **spec.train}
+    training = {"steps": config.steps, "batch_size": config.batch_size, **spec.train,
+                "gradient_checkpointing": gradient_checkpointing}
     task = study_task(config)
     model, tokenizer = _load(config, task, seed)
     probe = _ForgettingProbe(model, tokenizer, task, config.forgetting_rows)
+    before = None
+    if config.updates and spec.method == FULL:  # an adapter keeps W; full fine-tuning overwrites it
+        from peftlab.spectra import snapshot
+
+        before = snapshot(model, config.updates)
     train_rows = task.training_data(f"train[:-{config.validation_rows}]")
     torch.manual_seed(seed)  # the adapter's initial weights
     if spec.method == FULL:
@@ -67,6 +81,12 @@ def run_cell(config: StudyConfig, method: str, lr: float, seed: int, keep_model:
         scores = _scores(model, task, tokenizer, config)
         cell.update({f"{part}_{task.metric}": scores[part][task.metric] for part in ("valid", "test")})
         cell["forgetting"] = probe.after(model)
+        if config.updates:
+            from peftlab.spectra import update_report
+
+            cell["updates"] = update_report(model, before, layers=config.updates)
+        if config.reduce_intruders and spec.method == "lora":
+            cell["reduced"] = _reduced(model, task, tokenizer, config, probe)
     return (cell, model, tokenizer) if keep_model else cell
 
 
@@ -112,6 +132,24 @@ class _ForgettingProbe:
                 out.append((hidden * mask).sum(1) / mask.sum(1))
         model.train(was_training)
         return torch.cat(out).float()
+
+
+def _reduced(model, task, tokenizer, config: StudyConfig, probe: _ForgettingProbe) -> dict[str, dict[str, Any]]:
+    """For each lambda of ``config.reduce_intruders``: the intruders scaled (a new adapter, made
+    active), the test metric and forgetting measured, then the trained adapter active again."""
+    import peftlab
+    from peftlab.compose import delete_adapter, set_adapter
+    from peftlab.spectra import reduce_intruders
+
+    out = {}
+    for mitigation in config.reduce_intruders:
+        counts = reduce_intruders(model, mitigation=mitigation, adapter_name="default", new_adapter_name="reduced")
+        test = peftlab.evaluate(model, task, tokenizer=tokenizer, limit=config.test_rows)[task.metric]
+        out[f"{mitigation:g}"] = {"intruders": sum(counts.values()), "matrices": sum(c > 0 for c in counts.values()),
+                                  f"test_{task.metric}": test, "forgetting": probe.after(model)}
+        set_adapter(model, "default")
+        delete_adapter(model, "reduced")
+    return out
 
 
 def _load(config: StudyConfig, task, seed: int):

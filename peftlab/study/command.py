@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=d.backend, choices=("reference", "peft", "fused"),
                    help="which implementation of each method (default: reference)")
     p.add_argument("--test-rows", type=int, help="test rows scored (default: the task's eval_limit, 200)")
+    p.add_argument("--updates", default="", metavar="LAYER,LAYER",
+                   help="linear layers (names or suffixes, e.g. q_proj,v_proj) whose weight change each cell "
+                   "records: the spectrum of ΔW, its effective rank and intruder dimensions (default: none)")
+    p.add_argument("--reduce-intruders", default="", metavar="LAMBDA,LAMBDA",
+                   help="after each LoRA cell: scale its intruder dimensions by each lambda (peft's "
+                   "reduce_intruder_dimension) and measure the test metric and forgetting again (default: none)")
     p.add_argument("--out", required=True, help="folder for study.json, study.csv and study.html")
 
 
@@ -55,7 +61,9 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                        lrs=tuple(lrs), seeds=numbers(args.seeds, int, "--seeds"), steps=args.steps,
                        batch_size=args.batch_size, max_length=args.seq_len, rank=args.rank,
-                       backend=args.backend, test_rows=args.test_rows)
+                       backend=args.backend, test_rows=args.test_rows,
+                       updates=tuple(u.strip() for u in args.updates.split(",") if u.strip()),
+                       reduce_intruders=numbers(args.reduce_intruders, float, "--reduce-intruders"))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -45,6 +45,13 @@ class StudyConfig:
     test_rows: int | None = None  # None: the task's eval_limit (200 rows)
     forgetting_rows: int = 64
     warmup_ratio: float = 0.1
+    # linear layers (names or suffixes, as for targets) whose weight change each cell measures:
+    # the spectrum of ΔW, its effective rank and its intruder dimensions (peftlab.spectra.update_report)
+    updates: tuple[str, ...] = ()
+    # after a LoRA cell is measured: its intruder dimensions scaled by each of these lambdas
+    # (peftlab.spectra.reduce_intruders, peft's reduce_intruder_dimension) and the test metric
+    # and forgetting measured again, e.g. (0.75, 0.0)
+    reduce_intruders: tuple[float, ...] = ()
 
     def lrs_of(self, method: str) -> tuple[float, ...]:
         """The rates swept for a method entry (a spec like ``lora:r=64`` takes its method's default)."""
@@ -77,6 +84,9 @@ def check_config(config: StudyConfig) -> None:
                               f"({', '.join(config.methods)}).")
         if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
             raise ConfigError(f"Learning rates of {method!r} must be positive numbers, got {rates}.")
+    if any(not 0.0 <= m <= 1.0 for m in config.reduce_intruders):
+        raise ConfigError(f"--reduce-intruders takes shares in [0, 1] of each intruder kept, got "
+                          f"{config.reduce_intruders}; e.g. --reduce-intruders 0.75,0 (peft's default is 0.75).")
     if not config.seeds:
         raise ConfigError("A study needs at least one seed (--seeds 0,1,2).")
     for name in ("steps", "batch_size", "max_length", "validation_rows", "forgetting_rows"):
@@ -97,4 +107,13 @@ def config_command(config: StudyConfig) -> str:
               "--seq-len", str(config.max_length), "--rank", str(config.rank), "--backend", config.backend]
     for method, rates in config.lrs:
         words += ["--lr", f"{method}={','.join(f'{r:g}' for r in rates)}"]
+    if config.updates:
+        words += ["--updates", ",".join(config.updates)]
+    if config.reduce_intruders:
+        words += ["--reduce-intruders", ",".join(f"{m:g}" for m in config.reduce_intruders)]
     return shlex.join(words)
+
+
+def recorded_as(study_config: dict[str, Any], key: str) -> Any:
+    """A key of a stored study's configuration; one the study predates has its default value."""
+    return study_config[key] if key in study_config else jsonable(asdict(StudyConfig()))[key]

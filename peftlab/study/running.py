@@ -14,7 +14,7 @@ from typing import Any
 from peftlab.errors import ConfigError
 from peftlab.provenance import environment
 from peftlab.study.cells import measure_base, run_cell
-from peftlab.study.config import GRID_KEYS, VERSION, StudyConfig, check_config, config_command
+from peftlab.study.config import GRID_KEYS, VERSION, StudyConfig, check_config, config_command, recorded_as
 from peftlab.study.results import config_metric, load_study, save_study
 
 
@@ -37,7 +37,7 @@ def run_study(
     study = load_study(path) if path.exists() else None
     wanted = config.as_dict()
     if study is not None:
-        changed = sorted(k for k in wanted if k not in GRID_KEYS and study["config"].get(k) != wanted[k])
+        changed = sorted(k for k in wanted if k not in GRID_KEYS and recorded_as(study["config"], k) != wanted[k])
         if changed:
             raise ConfigError(f"{path} holds a study whose cells were trained differently (different "
                               f"{', '.join(changed)}). Expected the same options to resume it (methods, "
