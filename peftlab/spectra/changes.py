@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from peftlab.errors import ConfigError
 from peftlab.inject import matches
-from peftlab.spectra.layers import _layers, base_weight, layer_update
+from peftlab.spectra.layers import base_weight, layer_update, layers_with_update
 from peftlab.spectra.svd import Update, working_copy
 
 
@@ -49,7 +49,7 @@ def weight_changes(
     :func:`snapshot`); ΔW is the weight now minus the weight then.
     """
     if before is None:
-        for name, layer, chosen in _layers(model, None, layers):
+        for name, layer, chosen in layers_with_update(model, None, layers):
             yield name, base_weight(layer), layer_update(layer, chosen)
         return
     modules = dict(model.named_modules())

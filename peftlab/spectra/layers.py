@@ -113,7 +113,7 @@ def _direction_update(layer: nn.Module, name: str) -> Update | None:
 PARTS = ("weight", "direction")
 
 
-def _layers(
+def layers_with_update(
     model: nn.Module, adapter_name: str | None, layers: str | Sequence[str] | None
 ) -> Iterator[tuple[str, nn.Module, str]]:
     """(module name, adapted layer, adapter name) for every layer carrying the adapter."""
@@ -158,7 +158,7 @@ def spectrum(
         raise ConfigError(f"Unknown part={part!r}. Expected one of {PARTS}: 'weight' (W' - W0) or "
                           "'direction' (DoRA's low-rank direction update s·B A).")
     out = {}
-    for name, layer, chosen in _layers(model, adapter_name, layers):
+    for name, layer, chosen in layers_with_update(model, adapter_name, layers):
         direction = _direction_update(layer, chosen) if part == "direction" else None
         if direction is not None:
             values = factored_svdvals(*direction)
